@@ -1,0 +1,101 @@
+"""The Pipeline's tasks on tiny models trained in conftest: behaviour, not just shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CAPTIONS, COLOR_QUESTION
+
+from vlm import Pipeline
+from vlm.mapper import PrefixMapper
+
+
+def test_prefix_shape(trained, images):
+    prefix = trained.prefix(list(images.values()))
+    assert prefix.shape == (3, 4, trained.lm.config.hidden_size)
+
+
+def test_caption_returns_the_right_sentence(trained, images):
+    assert trained.caption(list(images.values())) == CAPTIONS
+
+
+def test_batched_and_unbatched_captions_are_identical(trained, images):
+    batched = trained.caption(list(images.values()), batch_size=3)
+    single = [trained.caption(image)[0] for image in images.values()]
+    assert batched == single == CAPTIONS
+
+
+def test_beam_search_and_sampling(trained, images):
+    assert trained.caption(list(images.values()), num_beams=3) == CAPTIONS
+    torch.manual_seed(0)
+    sampled = trained.caption(list(images.values()), do_sample=True, temperature=0.7, top_p=0.9)
+    assert all(isinstance(s, str) and s for s in sampled)
+
+
+def test_answer_free_form_and_with_choices(trained, images):
+    pictures = list(images.values())
+    expected = [c.split()[2] for c in CAPTIONS]
+    assert trained.answer(pictures, COLOR_QUESTION) == expected
+    results = trained.answer(
+        pictures, COLOR_QUESTION, ["red", "blue", "yellow"], return_scores=True
+    )
+    for (best, scores), want in zip(results, expected, strict=True):
+        assert best == want
+        assert abs(sum(scores.values()) - 1) < 1e-5
+        assert max(scores, key=scores.get) == want
+
+
+def test_answer_batched_questions_of_different_lengths(trained, images):
+    """Left padding must not change answers: batched == one at a time."""
+    pictures = list(images.values())
+    questions = [COLOR_QUESTION, "  " + COLOR_QUESTION, COLOR_QUESTION]
+    assert trained.answer(pictures, questions) == [
+        trained.answer([p], [q])[0] for p, q in zip(pictures, questions, strict=True)
+    ]
+
+
+def test_classify_probabilities_and_ranking(trained, images):
+    results = trained.classify(list(images.values()), CAPTIONS, templates=["{}"])
+    for caption, probs in zip(CAPTIONS, results, strict=True):
+        assert abs(sum(probs.values()) - 1) < 1e-5
+        assert next(iter(probs)) == caption
+    assert len(trained._class_weights) >= 1  # cached per label set
+    with pytest.raises(ValueError):
+        trained.classify(list(images.values()), [" ", ""])
+
+
+def test_classify_dedupes_labels(trained, images):
+    probs = trained.classify(list(images.values())[:1], CAPTIONS + CAPTIONS[:1], ["{}"])[0]
+    assert sorted(probs) == sorted(CAPTIONS)
+
+
+def test_few_shot_continuation_returns_text(trained, images):
+    red, blue, yellow = images.values()
+    text = trained.continue_sequence([red, "a large red square\n", blue], max_new_tokens=8)
+    assert isinstance(text, str) and text
+
+
+def test_save_and_load_round_trip(trained, saved_pipeline, images):
+    loaded = Pipeline.from_pretrained(saved_pipeline, device="cpu")
+    pictures = list(images.values())
+    assert torch.allclose(loaded.prefix(pictures), trained.prefix(pictures), atol=1e-6)
+    assert loaded.caption(pictures) == trained.caption(pictures)
+    assert loaded.classify(pictures, CAPTIONS, ["{}"]) == trained.classify(
+        pictures, CAPTIONS, ["{}"]
+    )
+
+
+def test_loaded_pipeline_is_frozen(saved_pipeline):
+    loaded = Pipeline.from_pretrained(saved_pipeline, device="cpu")
+    assert not any(p.requires_grad for p in loaded.lm.parameters())
+    assert not any(p.requires_grad for p in loaded.encoder.model.parameters())
+    assert not loaded.lm.training
+
+
+def test_mapper_hub_mixin_round_trip(tmp_path):
+    mapper = PrefixMapper("transformer", 16, 32, 3, clip_length=2, num_layers=1, num_heads=4)
+    mapper.save_pretrained(tmp_path)
+    again = PrefixMapper.from_pretrained(tmp_path)
+    x = torch.randn(2, 16)
+    assert again.config == mapper.config
+    assert torch.equal(again(x), mapper(x))

@@ -1,0 +1,178 @@
+"""`python -m vlm …`: caption, classify, answer, index, search, train and eval from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "shapeworld"
+
+
+def _model(args):
+    from .pipeline import Pipeline
+
+    return Pipeline.from_pretrained(args.model)
+
+
+def _files(paths: list[str]) -> list[Path]:
+    from .images import list_images
+
+    files = list_images(paths)
+    if not files:
+        raise SystemExit("no image files found in " + " ".join(paths))
+    return files
+
+
+def _emit(args, rows: list[dict], text: callable) -> None:
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(text(row))
+
+
+def cmd_caption(args) -> None:
+    pipeline, files = _model(args), _files(args.images)
+    captions = pipeline.caption(
+        files, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
+    rows = [{"image": str(f), "caption": c} for f, c in zip(files, captions, strict=True)]
+    _emit(args, rows, lambda r: f"{r['image']}\t{r['caption']}")
+
+
+def cmd_classify(args) -> None:
+    pipeline, files = _model(args), _files(args.images)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    results = pipeline.classify(files, labels)
+    rows = [{"image": str(f), "labels": r} for f, r in zip(files, results, strict=True)]
+
+    def text(row):
+        best = list(row["labels"].items())[: args.top]
+        return row["image"] + "\t" + ", ".join(f"{k} {v:.3f}" for k, v in best)
+
+    _emit(args, rows, text)
+
+
+def cmd_answer(args) -> None:
+    pipeline, files = _model(args), _files(args.images)
+    choices = [c for c in args.choices.split(",")] if args.choices else None
+    results = pipeline.answer(files, args.question, choices, return_scores=True)
+    rows = [
+        {"image": str(f), "question": args.question, "answer": a, "scores": s}
+        for f, (a, s) in zip(files, results, strict=True)
+    ]
+    _emit(args, rows, lambda r: f"{r['image']}\t{r['answer']}")
+
+
+def cmd_index(args) -> None:
+    from .search import SearchIndex
+
+    pipeline = _model(args)
+    out = Path(args.out)
+    index = (
+        SearchIndex.load(out, pipeline.encoder)
+        if (out / "manifest.json").exists()
+        else SearchIndex(pipeline.encoder, factory=args.factory)
+    )
+    added = index.add(args.images, batch_size=args.batch_size)
+    index.save(out)
+    for item, reason in index.skipped:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    print(f"added {added} images; {len(index)} in {out}")
+
+
+def cmd_search(args) -> None:
+    from .search import SearchIndex
+
+    pipeline = _model(args)
+    index = SearchIndex.load(args.index, pipeline.encoder)
+    hits = index.search(args.query, k=args.k)
+    rows = [dataclasses.asdict(h) for h in hits]
+    _emit(args, rows, lambda r: f"{r['score']:.4f}\t{r['item']}")
+
+
+def cmd_train(args) -> None:
+    from .train import STAGES, TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    options["out"] = Path(args.out)
+    options["stages"] = tuple(args.stages.split(",")) if args.stages else STAGES
+    if args.bundle:
+        options["bundle"] = Path(args.bundle)
+    train(TrainConfig(**options))
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate_shapeworld, format_table
+
+    pipeline = _model(args)
+    results = evaluate_shapeworld(pipeline, n=args.n, seed=args.seed, split=args.split)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str, images: bool = True):
+        sub = commands.add_parser(name, help=help)
+        sub.set_defaults(func=func)
+        sub.add_argument("--model", default=DEFAULT_MODEL, help="preset, folder or hub id")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        if images:
+            sub.add_argument("images", nargs="+", help="image files or folders")
+        return sub
+
+    sub = command("caption", cmd_caption, "caption images")
+    sub.add_argument("--max-new-tokens", type=int, default=30)
+    sub.add_argument("--num-beams", type=int, default=1)
+    sub.add_argument("--sample", action="store_true", help="nucleus sampling")
+    sub.add_argument("--temperature", type=float, default=1.0)
+    sub.add_argument("--top-p", type=float, default=0.9)
+    sub = command("classify", cmd_classify, "zero-shot classification")
+    sub.add_argument("--labels", required=True, help="comma-separated labels")
+    sub.add_argument("--top", type=int, default=3)
+    sub = command("answer", cmd_answer, "answer a question about images")
+    sub.add_argument("--question", required=True)
+    sub.add_argument("--choices", help="comma-separated answers to choose from")
+    sub = command("index", cmd_index, "build or extend a search index")
+    sub.add_argument("--out", required=True, help="index folder")
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--factory", default="Flat", help="FAISS index_factory string")
+    sub = command("search", cmd_search, "search an index by text or image", images=False)
+    sub.add_argument("index", help="index folder")
+    sub.add_argument("query", help="text, or the path of an image")
+    sub.add_argument("-k", type=int, default=5)
+
+    sub = commands.add_parser("train", help="train a model (stages clip, lm, prefix)")
+    sub.set_defaults(func=cmd_train)
+    sub.add_argument("dataset", nargs="?", default="shapeworld")
+    sub.add_argument("--out", required=True, help="run folder (checkpoints, logs, parts)")
+    sub.add_argument("--bundle", help="where to save the final pipeline")
+    sub.add_argument("--stages", help="comma-separated subset of clip,lm,prefix")
+    sub.add_argument("--size", choices=["small", "tiny"])
+    sub.add_argument("--resume", action="store_true", default=None)
+    for name, kind in [
+        ("seed", int), ("batch_size", int), ("checkpoint_every", int),
+        ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
+        ("lm_steps", int), ("lm_lr", float), ("lm_examples", int),
+        ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
+    ]:  # fmt: skip
+        sub.add_argument("--" + name.replace("_", "-"), type=kind)
+
+    sub = commands.add_parser("eval", help="evaluate a model")
+    sub.set_defaults(func=cmd_eval)
+    sub.add_argument("dataset", choices=["shapeworld"])
+    sub.add_argument("--model", default=DEFAULT_MODEL)
+    sub.add_argument("--n", type=int, default=1000, help="scenes per measure")
+    sub.add_argument("--seed", type=int, default=1234)
+    sub.add_argument("--split", default="train", choices=["train", "held_out", "any"])
+    sub.add_argument("--json", action="store_true")
+
+    args = parser.parse_args(argv)
+    args.func(args)

@@ -1,0 +1,31 @@
+"""The one place that decides where models run and in which precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def default_device() -> torch.device:
+    """CUDA when present (unless VLM_DEVICE says otherwise), else CPU."""
+    requested = os.environ.get("VLM_DEVICE")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for inference on `device` (a no-op on CPU)."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

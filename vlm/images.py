@@ -1,0 +1,118 @@
+"""Turn whatever a user hands us (a path, bytes, a PIL image, an array) into a safe RGB image."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse images whose header claims more pixels than this before decoding them (decompression
+# bombs). 64 MP covers any camera photo; override with VLM_MAX_IMAGE_PIXELS.
+MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own guard, as a second line of defence
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic"}
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says why, for the user."""
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite transparent images over white, so transparent pixels don't turn black."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (16-bit, CMYK, palette, alpha) to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8), mode="L")
+    image = _flatten_alpha(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(f"{name}: the file is empty")
+        stream = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: the file is empty")
+        stream = io.BytesIO(path.read_bytes())
+    try:
+        image = Image.open(stream)
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{name}: the image is too large ({error})") from None
+    except UnidentifiedImageError:
+        suffix = Path(name).suffix.lower()
+        hint = " (HEIC needs the pillow-heif plugin)" if suffix in (".heic", ".heif") else ""
+        raise ImageError(f"{name}: not an image Pillow can read{hint}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{name}: the image is too large ({width}×{height} pixels; "
+            f"the limit is {MAX_IMAGE_PIXELS:,} pixels)"
+        )
+    return image
+
+
+def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
+    """Open `source` as an RGB PIL image: EXIF rotation applied, first frame of animations,
+    alpha flattened onto white, 16-bit scaled. Raises ImageError with a readable message."""
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.dtype != np.uint8:
+            array = np.clip(array * (255 if array.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+        return _to_rgb(Image.fromarray(array))
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        label = name or ("image bytes" if isinstance(source, bytes) else Path(source).name)
+        image = _open(source, label)
+    try:
+        if getattr(image, "is_animated", False):
+            image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        image.load()
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        label = name or getattr(image, "filename", "") or "image"
+        raise ImageError(f"{label}: the image data is damaged or truncated ({error})") from None
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True for file names with a common image extension."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand folders into the image files below them (sorted), keep files as they are."""
+    found: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found.extend(p for p in sorted(entry.rglob("*")) if p.is_file() and is_image_path(p))
+        else:
+            found.append(entry)
+    return found

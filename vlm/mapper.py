@@ -1,0 +1,124 @@
+"""The prefix mapper: CLIP image embedding -> k vectors in the frozen LM's embedding space.
+
+Two kinds, as in ClipCap (Mokady et al. 2021), with ClipCap's parameter names, so that its
+published checkpoints load as they are (their keys minus the `clip_project.` prefix):
+
+- `mlp`: Linear -> Tanh -> Linear to k * d_lm            (keys `model.0.*`, `model.2.*`)
+- `transformer`: the embedding is projected to `clip_length` tokens, k learned constant tokens
+  are appended, a pre-norm transformer runs over both and the last k positions are the prefix
+  (keys `linear.*`, `prefix_const`, `transformer.layers.{i}.*`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+MAPPER_KINDS = ("mlp", "transformer")
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention with ClipCap's parameter names (no bias on q and kv)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_queries = nn.Linear(dim, dim, bias=False)
+        self.to_keys_values = nn.Linear(dim, 2 * dim, bias=False)
+        self.project = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        q = self.to_queries(x).view(b, n, h, c // h).transpose(1, 2)
+        k, v = self.to_keys_values(x).view(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.project(out.transpose(1, 2).reshape(b, n, c))
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class _Layer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_layers: int, mlp_ratio: float):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(dim, num_heads, mlp_ratio) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["clipcap"]):
+    """Maps a CLIP embedding [B, clip_dim] to a visual prefix [B, prefix_length, lm_dim].
+
+    `normalize_input` L2-normalises the embedding first (ClipCap's transformer checkpoint
+    does; its MLP checkpoint reads the raw `encode_image` output)."""
+
+    def __init__(
+        self,
+        kind: str = "mlp",
+        clip_dim: int = 512,
+        lm_dim: int = 768,
+        prefix_length: int = 10,
+        hidden_dim: int | None = None,
+        clip_length: int = 10,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 2.0,
+        normalize_input: bool = False,
+    ):
+        super().__init__()
+        if kind not in MAPPER_KINDS:
+            raise ValueError(f"unknown mapper kind {kind!r}; expected one of {MAPPER_KINDS}")
+        self.config = dict(
+            kind=kind, clip_dim=clip_dim, lm_dim=lm_dim, prefix_length=prefix_length,
+            hidden_dim=hidden_dim, clip_length=clip_length, num_layers=num_layers,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, normalize_input=normalize_input,
+        )  # fmt: skip
+        self.kind = kind
+        self.prefix_length = prefix_length
+        self.lm_dim = lm_dim
+        self.clip_length = clip_length
+        self.normalize_input = normalize_input
+        if kind == "mlp":
+            hidden = hidden_dim or lm_dim * prefix_length // 2
+            self.model = nn.Sequential(
+                nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, lm_dim * prefix_length)
+            )
+        else:
+            self.linear = nn.Linear(clip_dim, clip_length * lm_dim)
+            self.prefix_const = nn.Parameter(torch.randn(prefix_length, lm_dim))
+            self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if self.normalize_input:
+            embedding = F.normalize(embedding, dim=-1)
+        if self.kind == "mlp":
+            return self.model(embedding).view(-1, self.prefix_length, self.lm_dim)
+        tokens = self.linear(embedding).view(-1, self.clip_length, self.lm_dim)
+        constant = self.prefix_const.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.transformer(torch.cat([tokens, constant], dim=1))[:, self.clip_length :]

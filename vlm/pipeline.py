@@ -1,0 +1,355 @@
+"""Pipeline: the one object that owns the encoder, the frozen LM and the prefix mapper.
+
+Everything the app and the CLI do goes through it: captions, zero-shot labels, answers,
+few-shot continuations, search indexes and heatmaps. A pipeline saves to and loads from a
+folder (`config.json`, `mapper.safetensors`, `encoder/`, `lm/`), like a diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .device import autocast, default_device
+from .encoder import Encoder
+from .images import ImageInput, load_image
+from .mapper import PrefixMapper
+
+CONFIG_NAME = "config.json"
+MAPPER_WEIGHTS = "mapper.safetensors"
+
+# A part of an interleaved sequence: an image (its visual prefix goes there) or text.
+Part = ImageInput | str
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """What `config.json` in a pipeline folder holds."""
+
+    encoder: dict  # {"model": open_clip name or "local-dir:encoder", "pretrained": tag or path}
+    mapper: dict  # PrefixMapper keyword arguments
+    lm: str = "lm"  # a subfolder of the pipeline folder, or a hub id
+    name: str = ""
+    caption_prompt: str = ""  # text between the prefix and the caption (ClipCap: none)
+    question_template: str = "Question: {question} Answer:"
+    stop: list[str] = dataclasses.field(default_factory=list)  # extra strings that end a text
+    templates: list[str] | None = None  # zero-shot prompts; None: OpenAI's 80 ImageNet ones
+    label_sets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PipelineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Pipeline:
+    """A CLIP-style encoder + a frozen causal LM + a learned visual prefix mapper."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        lm: torch.nn.Module,
+        tokenizer,
+        mapper: PrefixMapper,
+        config: PipelineConfig,
+        device: torch.device | str | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.encoder = encoder
+        self.encoder.model.to(self.device)
+        self.lm = lm.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.mapper = mapper.to(self.device).eval()
+        self.config = config
+        self._class_weights: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._stop_ids = [self.tokenizer.eos_token_id] + [
+            ids[0] for s in config.stop if len(ids := self._token_ids(s)) == 1
+        ]
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None) -> Pipeline:
+        """Load a preset name (see `vlm.presets`), a saved folder or a hub repo id."""
+        from .presets import PRESETS
+
+        name = str(name_or_path)
+        if name in PRESETS:
+            return PRESETS[name].load(device)
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name))
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: not a saved vlm pipeline")
+        config = PipelineConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        encoder = Encoder.load(config.encoder, root=folder)
+        lm_source = folder / config.lm if (folder / config.lm).is_dir() else config.lm
+        lm = AutoModelForCausalLM.from_pretrained(lm_source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(lm_source)
+        mapper = PrefixMapper(**config.mapper)
+        mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
+        return cls(encoder, lm, tokenizer, mapper, config, device)
+
+    @classmethod
+    def from_clipcap(cls, checkpoint: str | os.PathLike, **kwargs) -> Pipeline:
+        """Load a ClipCap checkpoint as published (see `vlm.clipcap.load_clipcap`)."""
+        from .clipcap import load_clipcap
+
+        return load_clipcap(checkpoint, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None):
+        """Write a folder that `from_pretrained` loads; `dtype` (e.g. fp16) shrinks the files."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.config, lm="lm", mapper=self.mapper.config)
+        if self.encoder.is_local:
+            self.encoder.save(directory / "encoder", dtype=dtype)
+            config.encoder = {"model": "local-dir:encoder"}
+        _save_lm(self.lm, directory / "lm", dtype)
+        self.tokenizer.save_pretrained(directory / "lm")
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+                 for k, v in self.mapper.state_dict().items()}  # fmt: skip
+        save_file(state, directory / MAPPER_WEIGHTS)
+        (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    # ------------------------------------------------------------------ the visual prefix
+
+    def _images(self, images: Sequence[ImageInput] | ImageInput) -> list[Image.Image]:
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
+            images = [images]
+        return [load_image(image) for image in images]
+
+    @torch.inference_mode()
+    def prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Visual prefix embeddings [B, k, d_lm] for the images."""
+        embedding = self.encoder.encode_images(self._images(images))
+        with autocast(self.device):
+            return self.mapper(embedding).float()
+
+    # ------------------------------------------------------------------ text through the LM
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _embed_parts(self, parts: Sequence[Part | torch.Tensor]) -> torch.Tensor:
+        """One sequence of LM input embeddings [L, d] from images, prefixes and text."""
+        table = self.lm.get_input_embeddings()
+        pieces = []
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                pieces.append(part.to(self.device, table.weight.dtype))
+            elif isinstance(part, str):
+                if part:
+                    ids = torch.tensor(self._token_ids(part), device=self.device)
+                    pieces.append(table(ids))
+            else:
+                pieces.append(self.prefix([part])[0].to(table.weight.dtype))
+        return torch.cat(pieces)
+
+    def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack [L_i, d] embeddings into [B, L, d] padded on the left, plus attention mask."""
+        length = max(s.shape[0] for s in sequences)
+        embeds = sequences[0].new_zeros(len(sequences), length, sequences[0].shape[1])
+        mask = torch.zeros(len(sequences), length, dtype=torch.long, device=self.device)
+        for i, s in enumerate(sequences):
+            embeds[i, length - s.shape[0] :] = s
+            mask[i, length - s.shape[0] :] = 1
+        return embeds, mask
+
+    def _trim(self, text: str) -> str:
+        for stop in self.config.stop:  # keep the stop string itself, as ClipCap does
+            if stop in text:
+                text = text[: text.index(stop) + len(stop)]
+        return text.strip()
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        sequences: list[torch.Tensor],
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Continue each embedded sequence with the frozen LM's own `generate` (KV cache)."""
+        embeds, mask = self._left_pad(sequences)
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
+        with autocast(self.device):
+            tokens = self.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                eos_token_id=self._stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                **options,
+            )
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [self._trim(text) for text in texts]
+
+    @torch.inference_mode()
+    def _score(self, sequences: list[torch.Tensor], continuations: list[str]) -> torch.Tensor:
+        """Sum of the LM's log-probabilities of each continuation after its sequence."""
+        ids = [self._token_ids(c) for c in continuations]
+        table = self.lm.get_input_embeddings()
+        full = [
+            torch.cat([s, table(torch.tensor(i, device=self.device))])
+            for s, i in zip(sequences, ids, strict=True)
+        ]
+        embeds, mask = self._left_pad(full)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(self.device):
+            logits = self.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+            ).logits
+        logprobs = logits.float().log_softmax(-1)
+        scores = []
+        for row, token_ids in enumerate(ids):
+            n = len(token_ids)
+            target = torch.tensor(token_ids, device=self.device)
+            predicted = logprobs[row, -n - 1 : -1]  # the position before each token predicts it
+            scores.append(predicted.gather(1, target[:, None]).sum())
+        return torch.stack(scores)
+
+    # ------------------------------------------------------------------ tasks
+
+    def caption(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        *,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """A caption for each image (greedy by default; beam search or nucleus sampling)."""
+        images = self._images(images)
+        captions: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            prefixes = self.prefix(chunk)
+            sequences = [self._embed_parts([p, self.config.caption_prompt]) for p in prefixes]
+            captions += self._generate(
+                sequences, max_new_tokens, num_beams, do_sample, temperature, top_p
+            )
+        return captions
+
+    def _question_sequences(self, images, questions) -> list[torch.Tensor]:
+        images = self._images(images)
+        if isinstance(questions, str):
+            questions = [questions] * len(images)
+        if len(questions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        prefixes = self.prefix(images)
+        return [
+            self._embed_parts([p, self.config.question_template.format(question=q.strip())])
+            for p, q in zip(prefixes, questions, strict=True)
+        ]
+
+    def answer(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        questions: Sequence[str] | str,
+        choices: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int = 10,
+        return_scores: bool = False,
+    ):
+        """Answer a question about each image, Frozen-style (prefix + "Question: … Answer:").
+
+        With `choices`, picks the choice the LM finds most likely after the prefix and the
+        question; `return_scores=True` then gives (answer, {choice: probability}) pairs."""
+        sequences = self._question_sequences(images, questions)
+        if not choices:
+            answers = self._generate(sequences, max_new_tokens=max_new_tokens)
+            return [(a, {}) for a in answers] if return_scores else answers
+        choices = list(dict.fromkeys(c.strip() for c in choices if c.strip()))
+        results = []
+        for sequence in sequences:
+            scores = self._score([sequence] * len(choices), [" " + c for c in choices])
+            probs = scores.softmax(-1).tolist()
+            best = choices[int(scores.argmax())]
+            results.append((best, dict(zip(choices, probs, strict=True))))
+        return results if return_scores else [best for best, _ in results]
+
+    def continue_sequence(self, parts: Sequence[Part], *, max_new_tokens: int = 20, **kw) -> str:
+        """Few-shot, Frozen-style: interleaved images and text, continued by the frozen LM.
+
+        e.g. [img1, "a small red circle\\n", img2, "a large blue star\\n", query_image]."""
+        if not parts:
+            raise ValueError("nothing to continue: give at least one image or text")
+        return self._generate([self._embed_parts(parts)], max_new_tokens=max_new_tokens, **kw)[0]
+
+    def templates(self) -> list:
+        """Zero-shot prompt templates: the preset's own, else OpenAI's ImageNet ensemble."""
+        return list(self.config.templates or open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+    def class_weights(self, labels: Sequence[str], templates: Sequence | None = None):
+        """Prompt-ensembled, normalised text embeddings [D, C] for labels, cached per set."""
+        key = (tuple(labels), tuple(templates or self.templates()))
+        if key not in self._class_weights:
+            with autocast(self.device):
+                weights = open_clip.build_zero_shot_classifier(
+                    self.encoder.model, self.encoder.tokenizer, key[0], key[1],
+                    num_classes_per_batch=max(1, 512 // len(key[1])), device=self.device,
+                )  # fmt: skip
+            self._class_weights[key] = weights.float()
+            while len(self._class_weights) > 16:
+                self._class_weights.popitem(last=False)
+        self._class_weights.move_to_end(key)
+        return self._class_weights[key]
+
+    def classify(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+    ) -> list[dict[str, float]]:
+        """CLIP zero-shot: for each image, {label: probability} over the labels, best first."""
+        labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
+        if not labels:
+            raise ValueError("give at least one label")
+        weights = self.class_weights(labels, templates)
+        features = self.encoder.encode_images(self._images(images), normalize=True)
+        probs = (self.encoder.logit_scale * features @ weights).softmax(-1).cpu()
+        return [
+            dict(sorted(zip(labels, row.tolist(), strict=True), key=lambda kv: -kv[1]))
+            for row in probs
+        ]
+
+    def build_index(self, images_or_paths, batch_size: int = 32, **kwargs):
+        """A text/image search index over images or image files (see `vlm.search`)."""
+        from .search import SearchIndex
+
+        index = SearchIndex(self.encoder, **kwargs)
+        index.add(images_or_paths, batch_size=batch_size)
+        return index
+
+    def explain(self, image: ImageInput, text: str):
+        """Where in the image `text` matches: a [grid, grid] patch–text similarity map."""
+        return self.encoder.patch_similarity(self._images(image)[0], text)
+
+
+def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:
+    """save_pretrained, optionally in a smaller dtype, leaving the live model as it was."""
+    original = next(lm.parameters()).dtype
+    lm.to(dtype or original)
+    try:
+        lm.save_pretrained(directory)
+    finally:
+        lm.to(original)

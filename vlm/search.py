@@ -1,0 +1,263 @@
+"""Text-image search: normalised CLIP image embeddings in a FAISS inner-product index.
+
+An index folder holds `manifest.json`, which names the FAISS file and the items file of the
+current version. Saving writes new versions of both (fsynced), then atomically replaces the
+manifest, so a crash at any moment leaves the previous index loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from .encoder import Encoder
+from .images import ImageError, ImageInput, list_images, load_image
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class IndexLoadError(ValueError):
+    """An index folder that cannot be read (missing, damaged or from another model)."""
+
+
+@dataclasses.dataclass
+class Hit:
+    """One search result: which item, its position in the index and its cosine score."""
+
+    item: str
+    position: int
+    score: float
+
+
+def _content_hash(source: ImageInput) -> str:
+    if isinstance(source, Image.Image):
+        data = source.tobytes() + repr((source.mode, source.size)).encode()
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        data = Path(source).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decode + preprocess in DataLoader workers, overlapped with the encoder."""
+
+    def __init__(self, sources: Sequence[ImageInput], preprocess):
+        self.sources = sources
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.sources[i])), ""
+        except (ImageError, OSError) as error:
+            return i, None, str(error)
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    errors = [(i, e) for i, x, e in batch if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, errors
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class SearchIndex:
+    """Images embedded by `encoder`, searchable by text or by image.
+
+    `factory` is a FAISS index_factory string: "Flat" (exact) by default; e.g. "HNSW32"
+    for large collections."""
+
+    def __init__(self, encoder: Encoder, factory: str = "Flat", num_workers: int | None = None):
+        self.encoder = encoder
+        self.factory = factory
+        self.num_workers = num_workers
+        self.index = faiss.index_factory(encoder.embed_dim, factory, faiss.METRIC_INNER_PRODUCT)
+        self.items: list[str] = []  # what each vector is: a file path or a given name
+        self.hashes: list[str] = []  # content hashes, to skip duplicates
+        self.skipped: list[tuple[str, str]] = []  # (item, reason) from the last add()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(
+        self,
+        images_or_paths: Iterable[ImageInput] | str | os.PathLike,
+        batch_size: int = 32,
+        names: Sequence[str] | None = None,
+        progress=None,
+    ) -> int:
+        """Embed and add images (PIL images, paths, folders). Unreadable files and duplicates
+        are skipped and listed in `self.skipped`. Returns how many were added."""
+        if isinstance(images_or_paths, (str, os.PathLike)):
+            images_or_paths = [images_or_paths]
+        sources = list(images_or_paths)
+        if all(isinstance(s, (str, os.PathLike)) for s in sources):
+            sources = list_images(sources)
+        labels = list(names) if names is not None else [
+            str(s) if isinstance(s, (str, os.PathLike)) else f"image-{len(self) + i}"
+            for i, s in enumerate(sources)
+        ]  # fmt: skip
+        self.skipped = []
+        seen = set(self.hashes)
+        unique, unique_labels, unique_hashes = [], [], []
+        for source, label in zip(sources, labels, strict=True):
+            try:
+                digest = _content_hash(source)
+            except OSError as error:
+                self.skipped.append((label, str(error)))
+                continue
+            if digest in seen:
+                self.skipped.append((label, "duplicate of an image already in the index"))
+                continue
+            seen.add(digest)
+            unique.append(source)
+            unique_labels.append(label)
+            unique_hashes.append(digest)
+        files = all(isinstance(s, (str, os.PathLike)) for s in unique)
+        workers = (
+            self.num_workers
+            if self.num_workers is not None
+            else (
+                min(4, max(1, (os.cpu_count() or 2) - 1))
+                if files and len(unique) > batch_size
+                else 0
+            )
+        )
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(unique, self.encoder.preprocess), batch_size=batch_size,
+            num_workers=workers, collate_fn=_collate,
+        )  # fmt: skip
+        added = 0
+        for positions, pixels, errors in loader:
+            for i, error in errors:
+                self.skipped.append((unique_labels[i], error))
+            if pixels is None:
+                continue
+            vectors = self.encoder.encode_pixels(pixels, normalize=True).cpu().numpy()
+            self._add_vectors(vectors)
+            self.items += [unique_labels[i] for i in positions]
+            self.hashes += [unique_hashes[i] for i in positions]
+            added += len(positions)
+            if progress is not None:
+                progress(added, len(unique))
+        return added
+
+    def _add_vectors(self, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.index.is_trained:
+            self.index.train(vectors)
+        self.index.add(vectors)
+
+    def embed_query(self, query: str | ImageInput) -> np.ndarray:
+        """The normalised embedding of a text or an image query, [1, D]."""
+        if isinstance(query, str) and not Path(query).is_file():
+            if not query.strip():
+                raise ValueError("the query is empty")
+            vector = self.encoder.encode_text([query.strip()])
+        else:
+            vector = self.encoder.encode_images([load_image(query)], normalize=True)
+        return vector.cpu().numpy().astype(np.float32)
+
+    def search(self, query: str | ImageInput, k: int = 5) -> list[Hit]:
+        """The k items most similar to a text or image query, best first."""
+        if len(self) == 0:
+            return []
+        scores, positions = self.index.search(self.embed_query(query), min(k, len(self)))
+        return [
+            Hit(self.items[p], int(p), float(s))
+            for s, p in zip(scores[0], positions[0], strict=True)
+            if p >= 0
+        ]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save atomically: a crash mid-save leaves the previous version loadable."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        version = uuid.uuid4().hex[:12]
+        index_name, items_name = f"index-{version}.faiss", f"items-{version}.json"
+        _write_atomic(directory / index_name, faiss.serialize_index(self.index).tobytes())
+        items = {"items": self.items, "hashes": self.hashes}
+        _write_atomic(directory / items_name, json.dumps(items).encode())
+        manifest = {
+            "format": FORMAT_VERSION, "index": index_name, "items": items_name,
+            "factory": self.factory, "dim": self.encoder.embed_dim, "count": len(self),
+            "encoder": self.encoder.spec,
+        }  # fmt: skip
+        previous = _read_manifest(directory) if (directory / MANIFEST).exists() else None
+        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(directory)
+        if previous:  # the old version is unreachable now; remove its files
+            for key in ("index", "items"):
+                (directory / previous[key]).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, encoder: Encoder) -> SearchIndex:
+        """Load an index saved by `save`; raises a clear error if it is damaged."""
+        directory = Path(directory)
+        manifest = _read_manifest(directory)
+        if manifest.get("dim") != encoder.embed_dim:
+            raise IndexLoadError(
+                f"{directory}: the index holds {manifest.get('dim')}-d vectors but this model "
+                f"makes {encoder.embed_dim}-d ones; it was built with another model"
+            )
+        try:
+            raw = np.frombuffer((directory / manifest["index"]).read_bytes(), dtype=np.uint8)
+            index = faiss.deserialize_index(raw)
+            items = json.loads((directory / manifest["items"]).read_text())
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise IndexLoadError(f"{directory}: the index files are damaged ({error})") from None
+        if index.ntotal != len(items["items"]) or index.d != encoder.embed_dim:
+            raise IndexLoadError(f"{directory}: the index files do not match each other")
+        loaded = cls(encoder, manifest.get("factory", "Flat"))
+        loaded.index, loaded.items, loaded.hashes = index, items["items"], items["hashes"]
+        return loaded
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise IndexLoadError(f"{directory}: no search index here ({MANIFEST} is missing)") from None
+    except (OSError, ValueError) as error:
+        raise IndexLoadError(f"{directory}: {MANIFEST} is damaged ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise IndexLoadError(f"{directory}: {MANIFEST} is not a vlm search index manifest")
+    return manifest
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
