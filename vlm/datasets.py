@@ -1,0 +1,169 @@
+"""Training data for the three stages, as endless streams of examples.
+
+Each dataset gives three streams: (image, caption) pairs for the contrastive CLIP stage, text
+lines for the LM stage, and (image, text) pairs for the prefix stage, where the text is what
+the frozen LM must read after the visual prefix (a caption or "Question: … Answer: …").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import shapeworld as sw
+
+# The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
+# and "Question: … Answer:" for an answer, so one frozen LM and one mapper do both.
+CAPTION_PROMPT = "Caption:"
+
+
+def _valid(scene: sw.Scene) -> bool:
+    """Objects inside the image, clear of each other, left/right obvious (as sample_scene)."""
+    placed: list[tuple[float, float, float]] = []
+    for o in scene.objects:
+        r = o.radius * sw.BOUND
+        if not (r + sw.PAD <= o.x <= 1 - r - sw.PAD and r + sw.PAD <= o.y <= 1 - r - sw.PAD):
+            return False
+        if not sw._fits(o.x, o.y, r, placed):
+            return False
+        placed.append((o.x, o.y, r))
+    return True
+
+
+def _twin(scene: sw.Scene, rng: random.Random) -> sw.Scene:
+    """A hard negative for `scene`: the same objects rearranged, recoloured or resized, so
+    that the contrastive loss must learn binding and order, not just a bag of attributes."""
+    objects = list(scene.objects)
+    for _ in range(20):
+        kind = rng.random()
+        new = [dataclasses.replace(o) for o in objects]
+        if len(new) > 1 and kind < 0.4:  # swap positions of two objects (order changes)
+            i, j = rng.sample(range(len(new)), 2)
+            a, b = new[i], new[j]
+            new[i] = dataclasses.replace(a, x=b.x, y=b.y)
+            new[j] = dataclasses.replace(b, x=a.x, y=a.y)
+        elif len(new) > 1 and kind < 0.6:  # swap colours of two objects (binding changes)
+            i, j = rng.sample(range(len(new)), 2)
+            new[i] = dataclasses.replace(objects[i], color=objects[j].color)
+            new[j] = dataclasses.replace(objects[j], color=objects[i].color)
+        else:  # change one attribute of one object
+            i = rng.randrange(len(new))
+            field = rng.choice(["color", "shape", "size"])
+            values = {"color": list(sw.COLORS), "shape": list(sw.SHAPES), "size": list(sw.SIZES)}
+            value = rng.choice([v for v in values[field] if v != getattr(new[i], field)])
+            if field == "size" and value == "large":
+                continue  # growing an object could make it overlap; pick another change
+            new[i] = dataclasses.replace(new[i], **{field: value})
+        twin = sw.Scene(tuple(new))
+        names = {(o.color, o.shape) for o in twin.objects}
+        if (
+            _valid(twin)
+            and sw.describe(twin) != sw.describe(scene)
+            and not names & set(sw.HELD_OUT)
+        ):
+            return twin
+    return sw.sample_scene(rng)
+
+
+class ImagePool(torch.utils.data.Dataset):
+    """Rendered images kept in memory as uint8 tensors, each with its candidate texts.
+
+    The trainer picks one of an item's texts at random each time it sees the item."""
+
+    def __init__(self, images: torch.Tensor, texts: list[list[str]]):
+        self.images = images  # [N, H, W, 3] uint8
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, list[str]]:
+        return Image.fromarray(self.images[i].numpy()), self.texts[i]
+
+
+def _augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Light photometric noise (JPEG re-encoding, rescaling) so the model is robust to it."""
+    roll = rng.random()
+    if roll < 0.15:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=rng.randint(40, 90))
+        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    if roll < 0.25:
+        side = rng.choice([32, 48, 96, 224])
+        return image.resize((side, side), Image.BICUBIC).resize(image.size, Image.BICUBIC)
+    return image
+
+
+@dataclasses.dataclass
+class ShapeWorld:
+    """ShapeWorld training data (train split only: no HELD_OUT combination ever appears)."""
+
+    image_size: int = 64
+
+    def _pool(self, scenes: list[sw.Scene], texts: list[list[str]], rng) -> ImagePool:
+        images = torch.stack([
+            torch.from_numpy(np.array(_augment(sw.render(s, self.image_size), rng)))
+            for s in tqdm(scenes, desc="rendering", leave=False, mininterval=5)
+        ])  # fmt: skip
+        return ImagePool(images, texts)
+
+    def clip_data(self, n: int, seed: int) -> ImagePool:
+        """Image-caption pairs for contrastive training, in twins: each scene is followed by a
+        hard negative of it, and the trainer keeps twins in the same batch."""
+        rng = random.Random(f"clip-{seed}")
+        scenes = []
+        while len(scenes) < n:
+            scene = sw.sample_scene(rng)
+            scenes += [scene, _twin(scene, rng)]
+        texts = [[sw.describe(s)] * 3 + [sw.paraphrase(s, rng)] for s in scenes]
+        return self._pool(scenes[:n], texts[:n], rng)
+
+    def texts(self, n: int, seed: int) -> list[str]:
+        """Documents for the language model, one per scene: its caption, a paraphrase and some
+        Q/A lines in random order. Lines of a document depend on each other, so the LM learns
+        to use its context, which is where the visual prefix will be."""
+        rng = random.Random(f"lm-{seed}")
+        documents = []
+        for _ in range(n):
+            scene = sw.sample_scene(rng)
+            qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
+            lines = [f"{CAPTION_PROMPT} {sw.describe(scene)}"]
+            lines.append(f"{CAPTION_PROMPT} {sw.paraphrase(scene, rng)}")
+            lines += rng.sample(qa, min(len(qa), rng.randint(1, 4)))
+            rng.shuffle(lines)
+            documents.append("\n".join(lines))
+        return documents
+
+    def prefix_data(self, n: int, seed: int) -> ImagePool:
+        """Images with what the frozen LM should read after their prefix: the canonical
+        caption half of the time, else one of the scene's Q/A pairs."""
+        rng = random.Random(f"prefix-{seed}")
+        scenes = [sw.sample_scene(rng) for _ in range(n)]
+        texts = []
+        for scene in scenes:
+            qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
+            texts.append([f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa)
+        return self._pool(scenes, texts, rng)
+
+    def pipeline_config(self) -> dict:
+        """What a pipeline trained on this data should know (prompts, label sets)."""
+        return dict(
+            name="shapeworld",
+            caption_prompt=CAPTION_PROMPT,
+            stop=["\n"],
+            templates=list(sw.TEMPLATES),
+            label_sets={
+                "ShapeWorld colour + shape": sw.labels(),
+                "ShapeWorld shapes": list(sw.SHAPES),
+                "ShapeWorld colours": list(sw.COLORS),
+            },
+        )
+
+
+DATASETS = {"shapeworld": ShapeWorld}
