@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("VLM_DEVICE", "cpu")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import random  # noqa: E402
 from itertools import repeat  # noqa: E402

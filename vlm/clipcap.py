@@ -82,10 +82,11 @@ def load_clipcap(
     from .pipeline import Pipeline, PipelineConfig
 
     state = load_state_dict(checkpoint)
-    gpt = {
-        k[4:]: v for k, v in state.items() if k.startswith("gpt.") and not _STALE_BUFFER.search(k)
+    gpt = {k[len("gpt.") :]: v for k, v in state.items() if k.startswith("gpt.")}
+    gpt = {k: v for k, v in gpt.items() if not _STALE_BUFFER.search(k)}
+    mapper_state = {
+        k[len("clip_project.") :]: v for k, v in state.items() if k.startswith("clip_project.")
     }
-    mapper_state = {k[12:]: v for k, v in state.items() if k.startswith("clip_project.")}
     encoder_spec = encoder or {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}
     image_encoder = Encoder.load(encoder_spec)
     if gpt:
