@@ -20,8 +20,13 @@ def parts(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("clipcap")
     trained.encoder.save(root / "encoder")
     config = GPT2Config(
-        vocab_size=len(trained.tokenizer), n_positions=128, n_embd=E, n_layer=2, n_head=2,
-        bos_token_id=trained.tokenizer.eos_token_id, eos_token_id=trained.tokenizer.eos_token_id,
+        vocab_size=len(trained.tokenizer),
+        n_positions=128,
+        n_embd=E,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=trained.tokenizer.eos_token_id,
+        eos_token_id=trained.tokenizer.eos_token_id,
     )
     config.save_pretrained(root / "gpt2")
     trained.tokenizer.save_pretrained(root / "gpt2")

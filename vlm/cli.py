@@ -20,9 +20,12 @@ def _model(args):
 def _files(paths: list[str]) -> list[Path]:
     from .images import list_images
 
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise SystemExit("error: no such file or folder: " + ", ".join(missing))
     files = list_images(paths)
     if not files:
-        raise SystemExit("no image files found in " + " ".join(paths))
+        raise SystemExit("error: no image files found in " + " ".join(paths))
     return files
 
 
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--size", choices=["small", "tiny"])
     sub.add_argument("--resume", action="store_true", default=None)
     for name, kind in [
-        ("seed", int), ("batch_size", int), ("checkpoint_every", int),
+        ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
+        ("checkpoint_every", int),
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
@@ -175,4 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)
-    args.func(args)
+    from .images import ImageError
+    from .search import IndexLoadError
+
+    try:
+        args.func(args)
+    except (ImageError, IndexLoadError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None

@@ -90,6 +90,12 @@ class Encoder:
         )
 
     @property
+    def image_side(self) -> int:
+        """The side of the square the image tower reads."""
+        size = self.model.visual.image_size
+        return int(size if isinstance(size, int) else min(size))
+
+    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
 

@@ -54,16 +54,17 @@ def _content_hash(source: ImageInput) -> str:
 class _ImageFiles(torch.utils.data.Dataset):
     """Decode + preprocess in DataLoader workers, overlapped with the encoder."""
 
-    def __init__(self, sources: Sequence[ImageInput], preprocess):
+    def __init__(self, sources: Sequence[ImageInput], preprocess, side: int | None = None):
         self.sources = sources
         self.preprocess = preprocess
+        self.side = side  # JPEGs decode straight at about this size (much faster)
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.sources[i])), ""
+            return i, self.preprocess(load_image(self.sources[i], min_side=self.side)), ""
         except (ImageError, OSError) as error:
             return i, None, str(error)
 
@@ -95,11 +96,19 @@ class SearchIndex:
     `factory` is a FAISS index_factory string: "Flat" (exact) by default; e.g. "HNSW32"
     for large collections."""
 
-    def __init__(self, encoder: Encoder, factory: str = "Flat", num_workers: int | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        factory: str = "Flat",
+        search_params: str = "",
+        num_workers: int | None = None,
+    ):
         self.encoder = encoder
         self.factory = factory
+        self.search_params = search_params  # e.g. "nprobe=64" (IVF) or "efSearch=128" (HNSW)
         self.num_workers = num_workers
         self.index = faiss.index_factory(encoder.embed_dim, factory, faiss.METRIC_INNER_PRODUCT)
+        self._apply_search_params()
         self.items: list[str] = []  # what each vector is: a file path or a given name
         self.hashes: list[str] = []  # content hashes, to skip duplicates
         self.skipped: list[tuple[str, str]] = []  # (item, reason) from the last add()
@@ -152,27 +161,37 @@ class SearchIndex:
             )
         )
         loader = torch.utils.data.DataLoader(
-            _ImageFiles(unique, self.encoder.preprocess), batch_size=batch_size,
+            _ImageFiles(unique, self.encoder.preprocess, self.encoder.image_side),
+            batch_size=batch_size,
             num_workers=workers, collate_fn=_collate,
         )  # fmt: skip
-        added = 0
+        added, pending = 0, []  # an untrained index waits for all vectors before training
         for positions, pixels, errors in loader:
             for i, error in errors:
                 self.skipped.append((unique_labels[i], error))
             if pixels is None:
                 continue
             vectors = self.encoder.encode_pixels(pixels, normalize=True).cpu().numpy()
-            self._add_vectors(vectors)
+            if self.index.is_trained:
+                self._add_vectors(vectors)
+            else:
+                pending.append(vectors)
             self.items += [unique_labels[i] for i in positions]
             self.hashes += [unique_hashes[i] for i in positions]
             added += len(positions)
             if progress is not None:
                 progress(added, len(unique))
+        if pending:
+            self._add_vectors(np.concatenate(pending))
         return added
+
+    def _apply_search_params(self) -> None:
+        if self.search_params:
+            faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)
 
     def _add_vectors(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if not self.index.is_trained:
+        if not self.index.is_trained:  # IVF and the like: train once, on everything added now
             self.index.train(vectors)
         self.index.add(vectors)
 
@@ -183,7 +202,8 @@ class SearchIndex:
                 raise ValueError("the query is empty")
             vector = self.encoder.encode_text([query.strip()])
         else:
-            vector = self.encoder.encode_images([load_image(query)], normalize=True)
+            image = load_image(query, min_side=self.encoder.image_side)
+            vector = self.encoder.encode_images([image], normalize=True)
         return vector.cpu().numpy().astype(np.float32)
 
     def search(self, query: str | ImageInput, k: int = 5) -> list[Hit]:
@@ -210,7 +230,8 @@ class SearchIndex:
         _write_atomic(directory / items_name, json.dumps(items).encode())
         manifest = {
             "format": FORMAT_VERSION, "index": index_name, "items": items_name,
-            "factory": self.factory, "dim": self.encoder.embed_dim, "count": len(self),
+            "factory": self.factory, "search_params": self.search_params,
+            "dim": self.encoder.embed_dim, "count": len(self),
             "encoder": self.encoder.spec,
         }  # fmt: skip
         previous = _read_manifest(directory) if (directory / MANIFEST).exists() else None
@@ -238,8 +259,9 @@ class SearchIndex:
             raise IndexLoadError(f"{directory}: the index files are damaged ({error})") from None
         if index.ntotal != len(items["items"]) or index.d != encoder.embed_dim:
             raise IndexLoadError(f"{directory}: the index files do not match each other")
-        loaded = cls(encoder, manifest.get("factory", "Flat"))
+        loaded = cls(encoder, manifest.get("factory", "Flat"), manifest.get("search_params", ""))
         loaded.index, loaded.items, loaded.hashes = index, items["items"], items["hashes"]
+        loaded._apply_search_params()
         return loaded
 
 
