@@ -1,0 +1,89 @@
+"""Tests for vlm.examples: the demo's example images exist, are small and tell the truth."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm import shapeworld as sw
+from vlm.examples import (
+    CAPTIONS_FILE,
+    EXAMPLES_DIR,
+    PHOTO_SIDE,
+    PHOTOS,
+    PLAN,
+    all_example_images,
+    photo_examples,
+    scene_from_entry,
+    shapeworld_examples,
+    write_examples,
+)
+from vlm.images import load_image
+
+SCENES = shapeworld_examples()
+
+
+def test_files_exist_and_are_small():
+    assert len(SCENES) == len(PLAN)
+    assert len(photo_examples()) == len(PHOTOS)
+    paths = all_example_images()
+    assert len(paths) == len(PLAN) + len(PHOTOS)
+    assert all(path.is_file() for path in paths)
+    total = sum(p.stat().st_size for p in EXAMPLES_DIR.rglob("*") if p.is_file())
+    assert total < 600_000
+
+
+def test_captions_json_lists_exactly_the_pngs():
+    folder = EXAMPLES_DIR / "shapeworld"
+    truth = json.loads((folder / CAPTIONS_FILE).read_text(encoding="utf-8"))
+    assert sorted(truth) == sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_mix_of_object_counts_and_splits():
+    counts = [entry["n_objects"] for _, entry in SCENES]
+    splits = [entry["split"] for _, entry in SCENES]
+    assert {1, 2, 3} <= set(counts)
+    assert splits.count("held_out") == 2 and splits.count("train") == len(SCENES) - 2
+
+
+@pytest.mark.parametrize("path, entry", SCENES, ids=[p.name for p, _ in SCENES])
+def test_scene_truth(path, entry):
+    scene = scene_from_entry(entry)
+    # the stored seed reproduces the stored objects
+    assert (
+        sw.sample_scene(random.Random(entry["seed"]), entry["n_objects"], entry["split"]) == scene
+    )
+    assert sw.describe(scene) == entry["caption"]
+    assert [tuple(qa) for qa in entry["questions"]] == sw.questions(scene)
+    assert path.name.startswith("sw-") and "_".join(entry["caption"].split()[:4]) in path.name
+    held_out = {(o.color, o.shape) for o in scene.objects} & set(sw.HELD_OUT)
+    assert bool(held_out) == (entry["split"] == "held_out")
+    # re-rendering the scene reproduces the PNG
+    stored = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    rendered = np.asarray(sw.render(scene, entry["size"]), dtype=np.int16)
+    assert stored.shape == (128, 128, 3)
+    assert np.abs(stored - rendered).mean() < 1.0
+
+
+@pytest.mark.parametrize("path", photo_examples(), ids=lambda p: p.name)
+def test_photos(path):
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert max(image.size) <= PHOTO_SIDE and min(image.size) >= 64
+    assert np.asarray(image).std() > 10  # a real picture, not a blank
+    licences = (EXAMPLES_DIR / "photos" / "LICENSES.md").read_text(encoding="utf-8")
+    line = next(line for line in licences.splitlines() if line.startswith(f"| {path.name} "))
+    assert "Public domain" in line or "CC0" in line
+
+
+def test_write_examples_is_deterministic(tmp_path):
+    write_examples(tmp_path)
+    for path in all_example_images(tmp_path):
+        original = EXAMPLES_DIR / path.relative_to(tmp_path)
+        a = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        b = np.asarray(Image.open(original).convert("RGB"), dtype=np.int16)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 1.0
+    written = (tmp_path / "shapeworld" / CAPTIONS_FILE).read_text(encoding="utf-8")
+    assert written == (EXAMPLES_DIR / "shapeworld" / CAPTIONS_FILE).read_text(encoding="utf-8")

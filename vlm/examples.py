@@ -1,0 +1,166 @@
+"""Example images for the demo: ShapeWorld scenes with their ground truth, and a few real photos.
+
+`python -m vlm.examples` regenerates assets/examples/ deterministically:
+  shapeworld/  sw-NN-<caption>.png scenes and captions.json (caption, questions, seed, objects)
+  photos/      public-domain / CC0 photos from scikit-image's bundled data, and LICENSES.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from . import shapeworld as sw
+from .images import load_image
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+CAPTIONS_FILE = "captions.json"
+
+# example i is sample_scene(random.Random(SEED + i), *PLAN[i]); this seed's train examples show
+# all 5 shapes and all 7 colours
+SEED = 1567
+SCENE_SIZE = 128
+# (n_objects, split) of each example, in order: a mix of train scenes, then two held-out ones
+PLAN = (
+    [(1, "train")] * 4
+    + [(2, "train")] * 4
+    + [(3, "train")] * 4
+    + [(1, "held_out"), (2, "held_out")]
+)
+MAX_SLUG = 60  # most characters of the caption kept in a file name
+
+PHOTO_SIDE = 512  # longer side of the saved photos, in pixels
+PHOTO_QUALITY = 85
+# skimage.data function (and file stem): (what it shows, source, licence), from its docstring
+PHOTOS = {
+    "astronaut": (
+        "Eileen Collins, NASA astronaut",
+        "NASA Great Images database, https://flic.kr/p/r9qvLn",
+        "Public domain (no known copyright restrictions)",
+    ),
+    "coffee": (
+        "A cup of coffee, courtesy of Pikolo Espresso Bar",
+        "Photograph by Rachel Michetti",
+        "CC0 (no copyright restrictions)",
+    ),
+    "chelsea": (
+        "Chelsea the cat",
+        "Photograph by Stefan van der Walt",
+        "CC0 (no copyright restrictions)",
+    ),
+    "rocket": (
+        "Launch of DSCOVR on a Falcon 9",
+        "SpaceX Photos, https://www.flickr.com/photos/spacexphotos/16511594820/",
+        "Public domain (released by SpaceX)",
+    ),
+}
+
+
+def slug(caption: str) -> str:
+    """A file-name friendly caption: whole object phrases up to MAX_SLUG characters, '_' for ' '."""
+    phrases = caption.split(" left of ")
+    kept = phrases[0]
+    for phrase in phrases[1:]:
+        if len(f"{kept} left of {phrase}") > MAX_SLUG:
+            break
+        kept = f"{kept} left of {phrase}"
+    return kept.replace(" ", "_")
+
+
+def scene_entry(scene: sw.Scene, seed: int, split: str) -> dict:
+    """The ground truth stored for one example scene in captions.json."""
+    return {
+        "caption": sw.describe(scene),
+        "questions": [list(qa) for qa in sw.questions(scene)],
+        "seed": seed,
+        "n_objects": len(scene.objects),
+        "split": split,
+        "size": SCENE_SIZE,
+        "objects": [dataclasses.asdict(o) for o in scene.objects],
+    }
+
+
+def scene_from_entry(entry: dict) -> sw.Scene:
+    """Rebuild the Scene stored in a captions.json entry."""
+    return sw.Scene(tuple(sw.Obj(**o) for o in entry["objects"]))
+
+
+def write_shapeworld(folder: Path) -> None:
+    """Render the PLAN's scenes as PNGs and write their ground truth to captions.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("sw-*.png"):
+        old.unlink()
+    truth = {}
+    for i, (n_objects, split) in enumerate(PLAN):
+        seed = SEED + i
+        scene = sw.sample_scene(random.Random(seed), n_objects, split)
+        name = f"sw-{i + 1:02d}-{slug(sw.describe(scene))}.png"
+        sw.render(scene, SCENE_SIZE).save(folder / name, optimize=True)
+        truth[name] = scene_entry(scene, seed, split)
+    text = json.dumps(truth, indent=2, ensure_ascii=False) + "\n"
+    (folder / CAPTIONS_FILE).write_text(text, encoding="utf-8")
+
+
+def write_photos(folder: Path) -> None:
+    """Save the PHOTOS as small JPEGs and write LICENSES.md."""
+    from skimage import data  # only needed to regenerate the files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Example photos",
+        "",
+        "From scikit-image's bundled sample data (`skimage.data`), resized so the longer side",
+        f"is at most {PHOTO_SIDE} px and saved as JPEG quality {PHOTO_QUALITY} by",
+        "`python -m vlm.examples`. Sources and licences as stated in scikit-image's docstrings.",
+        "",
+        "| File | Shows | Source | Licence |",
+        "| --- | --- | --- | --- |",
+    ]
+    for function, (shows, source, licence) in PHOTOS.items():
+        image = load_image(getattr(data, function)())
+        image.thumbnail((PHOTO_SIDE, PHOTO_SIDE), Image.Resampling.LANCZOS)
+        image.save(folder / f"{function}.jpg", quality=PHOTO_QUALITY, optimize=True)
+        lines.append(
+            f"| {function}.jpg | {shows} | {source} (`skimage.data.{function}`) | {licence} |"
+        )
+    (folder / "LICENSES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_examples(folder: Path = EXAMPLES_DIR) -> None:
+    """Regenerate folder/shapeworld and folder/photos."""
+    write_shapeworld(folder / "shapeworld")
+    write_photos(folder / "photos")
+
+
+# -----------------------------------------------------------------------------
+# accessors for the app
+
+
+def shapeworld_examples(folder: Path = EXAMPLES_DIR) -> list[tuple[Path, dict]]:
+    """(png path, ground-truth entry) for each ShapeWorld example, in file-name order."""
+    path = folder / "shapeworld" / CAPTIONS_FILE
+    if not path.is_file():
+        return []
+    truth = json.loads(path.read_text(encoding="utf-8"))
+    return [(folder / "shapeworld" / name, truth[name]) for name in sorted(truth)]
+
+
+def photo_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
+    """The example photos, sorted by name."""
+    return sorted((folder / "photos").glob("*.jpg"))
+
+
+def all_example_images(folder: Path = EXAMPLES_DIR) -> list[Path]:
+    """ShapeWorld scenes first, then photos."""
+    return [path for path, _ in shapeworld_examples(folder)] + photo_examples(folder)
+
+
+if __name__ == "__main__":
+    write_examples()
+    files = [p for p in sorted(EXAMPLES_DIR.rglob("*")) if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    print(f"wrote {len(files)} files, {total / 1024:.0f} KB, to {EXAMPLES_DIR}")

@@ -1,0 +1,239 @@
+"""Safe handling of what users upload to a public demo: zips of images, label lists, questions.
+
+Zips are checked before anything is written (not a zip, too many files, too large, zip bombs) and
+then extracted entry by entry: only image files, flattened into one folder under safe names, each
+stream-copied under a byte budget so a lying header cannot fill the disk. Images are not decoded
+here; the indexer does that and reports the ones that fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import stat
+import unicodedata
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from .images import is_image_path
+
+CHUNK = 1 << 16  # bytes per read when stream-copying a zip member
+RATIO_FLOOR = 1 << 20  # entries smaller than this (uncompressed) are never called zip bombs
+MAX_NAME = 100  # characters kept of an extracted file's stem
+# errors reading one member: it is skipped as damaged (UploadError is not among them)
+DAMAGED = (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, zlib.error)
+
+Skipped = list[tuple[str, str]]  # (name as uploaded, reason)
+
+
+class UploadError(ValueError):
+    """An upload that is refused as a whole; the message says why, for the user."""
+
+
+def _strip_controls(text: str) -> str:
+    """Drop control characters (NUL, escapes, ...) but keep whitespace and all other unicode."""
+    return "".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc")
+
+
+def _collapse(text: str) -> str:
+    """Control characters removed, runs of whitespace made one space, ends stripped."""
+    return " ".join(_strip_controls(text).split())
+
+
+def _display(name: str) -> str:
+    """An archive entry's name, safe to show: no control characters, at most 200 characters."""
+    name = _collapse(name)
+    return name if len(name) <= 200 else name[:199] + "…"
+
+
+# -----------------------------------------------------------------------------
+# zip archives
+
+
+def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why an entry must not be extracted, or None if it is fine to look at."""
+    name = info.filename.replace("\\", "/")
+    mode = info.external_attr >> 16
+    if info.is_dir():
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "path traversal"
+    if info.flag_bits & 0x1:
+        return "encrypted"
+    base = PurePosixPath(name).name
+    if name.startswith("__MACOSX/") or base.startswith("._"):
+        return "macOS metadata"
+    if not is_image_path(base):
+        return "not an image"
+    if info.file_size == 0:
+        return "empty file"
+    return None
+
+
+def _safe_name(entry: str, taken: set[str]) -> str:
+    """The entry's base name made safe (letters, digits, '._- '), unique in `taken` (casefolded)."""
+    path = PurePosixPath(entry.replace("\\", "/"))
+    suffix = path.suffix.lower()
+    stem = re.sub(r"[^\w.\- ]", "_", _collapse(path.stem)).strip(" .")[:MAX_NAME] or "image"
+    name, i = f"{stem}{suffix}", 1
+    while name.casefold() in taken:
+        i += 1
+        name = f"{stem}-{i}{suffix}"
+    taken.add(name.casefold())
+    return name
+
+
+def _copy(source, target: Path, limit: int) -> int:
+    """Stream `source` into a new file at `target`, refusing to write more than `limit` bytes.
+    On any error the partial file is removed."""
+    written = 0
+    try:
+        with open(target, "xb") as out:  # 'x': never overwrite anything
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > limit:
+                    raise UploadError("an entry holds more data than its header declares")
+                out.write(chunk)
+    except FileExistsError:
+        raise  # not ours to remove
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def extract_zip(
+    zip_path: str | os.PathLike,
+    dest: Path,
+    max_files: int = 2000,
+    max_total_bytes: int = 500_000_000,
+    max_ratio: float = 200.0,
+) -> tuple[list[Path], Skipped]:
+    """
+    Extract the image files of a zip, flattened, into `dest`.
+    Returns (extracted paths, [(entry, reason) for each entry skipped]). Raises UploadError,
+    leaving nothing behind, for anything that is not a zip, breaks a limit, or looks like a bomb.
+    """
+    zip_path, dest = Path(zip_path), Path(dest)
+    label = zip_path.name
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        raise UploadError(f"{label}: not a zip archive (or a damaged one)") from None
+
+    with archive:
+        infos = archive.infolist()
+        files = [i for i in infos if not i.is_dir()]
+        if len(files) > max_files:
+            raise UploadError(
+                f"{label}: too many files ({len(files):,}; the limit is {max_files:,})"
+            )
+        total = sum(i.file_size for i in files)
+        if total > max_total_bytes:
+            raise UploadError(
+                f"{label}: too large when unpacked ({total:,} bytes; "
+                f"the limit is {max_total_bytes:,})"
+            )
+        for i in files:
+            ratio = i.file_size / max(i.compress_size, 1)
+            if i.file_size > RATIO_FLOOR and ratio > max_ratio:
+                raise UploadError(
+                    f"{label}: refused as a possible zip bomb ({_display(i.filename)} "
+                    f"expands {ratio:,.0f}x; the limit is {max_ratio:,.0f}x)"
+                )
+
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        taken = {p.name.casefold() for p in dest.iterdir()}
+        extracted: list[Path] = []
+        skipped: Skipped = []
+        budget = max_total_bytes
+        try:
+            for info in infos:
+                reason = _unsafe_reason(info)
+                if reason is not None:
+                    skipped.append((_display(info.filename), reason))
+                    continue
+                target = root / _safe_name(info.filename, taken)
+                if target.parent != root:  # cannot happen with flattened names; never trust it
+                    skipped.append((_display(info.filename), "unsafe name"))
+                    continue
+                try:
+                    with archive.open(info) as source:
+                        budget -= _copy(source, target, min(info.file_size, budget))
+                except DAMAGED as error:
+                    skipped.append((_display(info.filename), f"damaged or unsupported ({error})"))
+                    continue
+                extracted.append(target)
+        except UploadError as error:
+            for path in extracted:
+                path.unlink(missing_ok=True)
+            raise UploadError(f"{label}: {error}") from None
+    return extracted, skipped
+
+
+def collect_uploads(paths: list[str | Path], dest: Path, **limits) -> tuple[list[Path], Skipped]:
+    """
+    Image paths from uploaded files: images are kept as they are (not decoded here), zips are
+    extracted into `dest` with extract_zip(**limits). Returns (images, [(name, reason), ...]).
+    """
+    images: list[Path] = []
+    skipped: Skipped = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            skipped.append((path.name, "no such file"))
+        elif path.suffix.lower() == ".zip":
+            try:
+                found, rejected = extract_zip(path, dest, **limits)
+            except UploadError as error:
+                skipped.append((path.name, str(error).removeprefix(f"{path.name}: ")))
+                continue
+            images.extend(found)
+            skipped.extend((f"{path.name}/{name}", reason) for name, reason in rejected)
+        elif is_image_path(path):
+            images.append(path)
+        else:
+            skipped.append((path.name, "not an image"))
+    return images, skipped
+
+
+# -----------------------------------------------------------------------------
+# text
+
+
+def parse_labels(text: str | None, max_labels: int = 1000) -> list[str]:
+    """
+    Labels from one-per-line and/or comma-separated text; "double quotes" allow commas inside
+    a label. Whitespace is tidied, empties dropped, duplicates (ignoring case) dropped in order.
+    """
+    labels: list[str] = []
+    seen: set[str] = set()
+    for line in _strip_controls(text or "").splitlines():
+        for field in next(csv.reader([line], skipinitialspace=True), []):
+            label = _collapse(field)
+            if label and label.casefold() not in seen:
+                seen.add(label.casefold())
+                labels.append(label)
+    if not labels:
+        raise UploadError("no labels given: write one per line, or separate them with commas")
+    if len(labels) > max_labels:
+        raise UploadError(f"too many labels ({len(labels):,}; the limit is {max_labels:,})")
+    return labels
+
+
+def clean_question(text: str | None, max_chars: int = 500) -> str:
+    """The question with control characters removed and whitespace collapsed."""
+    question = _collapse(text or "")
+    if not question:
+        raise UploadError("the question is empty")
+    if len(question) > max_chars:
+        raise UploadError(
+            f"the question is too long ({len(question):,} characters; the limit is {max_chars:,})"
+        )
+    return question
