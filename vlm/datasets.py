@@ -157,7 +157,8 @@ class ShapeWorld:
             name="shapeworld",
             caption_prompt=CAPTION_PROMPT,
             stop=["\n"],
-            templates=list(sw.TEMPLATES),
+            templates=["a small {}", "a large {}"],
+            template_pooling="sum",
             label_sets={
                 "ShapeWorld colour + shape": sw.labels(),
                 "ShapeWorld shapes": list(sw.SHAPES),

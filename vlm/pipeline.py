@@ -44,6 +44,10 @@ class PipelineConfig:
     question_template: str = "Question: {question} Answer:"
     stop: list[str] = dataclasses.field(default_factory=list)  # extra strings that end a text
     templates: list[str] | None = None  # zero-shot prompts; None: OpenAI's 80 ImageNet ones
+    # how templates combine: "mean" averages each label's prompt embeddings (CLIP's ensemble);
+    # "sum" treats each prompt as a sub-class and adds probabilities, for templates that
+    # enumerate the forms a label takes (ShapeWorld: "a small {}", "a large {}")
+    template_pooling: str = "mean"
     label_sets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -295,19 +299,35 @@ class Pipeline:
             raise ValueError("nothing to continue: give at least one image or text")
         return self._generate([self._embed_parts(parts)], max_new_tokens=max_new_tokens, **kw)[0]
 
-    def templates(self) -> list:
-        """Zero-shot prompt templates: the preset's own, else OpenAI's ImageNet ensemble."""
-        return list(self.config.templates or open_clip.OPENAI_IMAGENET_TEMPLATES)
+    def templates(self) -> list[str]:
+        """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
+        80 ImageNet templates (open_clip keeps those as functions; called with "{}" they give
+        the same text as format strings)."""
+        templates = self.config.templates or open_clip.OPENAI_IMAGENET_TEMPLATES
+        return [t("{}") if callable(t) else t for t in templates]
 
     def class_weights(self, labels: Sequence[str], templates: Sequence | None = None):
-        """Prompt-ensembled, normalised text embeddings [D, C] for labels, cached per set."""
+        """Normalised class text embeddings, cached per (labels, templates).
+
+        With `template_pooling="mean"` (open_clip's prompt ensemble) one averaged embedding
+        per label, [D, C]; with "sum" one per label and template, [D, C * T]."""
         key = (tuple(labels), tuple(templates or self.templates()))
         if key not in self._class_weights:
+            labels, templates = key
             with autocast(self.device):
-                weights = open_clip.build_zero_shot_classifier(
-                    self.encoder.model, self.encoder.tokenizer, key[0], key[1],
-                    num_classes_per_batch=max(1, 512 // len(key[1])), device=self.device,
-                )  # fmt: skip
+                if self.config.template_pooling == "sum":
+                    texts = [t.format(label) for label in labels for t in templates]
+                    weights = torch.cat(
+                        [
+                            self.encoder.encode_text(texts[i : i + 512])
+                            for i in range(0, len(texts), 512)
+                        ]
+                    ).T
+                else:
+                    weights = open_clip.build_zero_shot_classifier(
+                        self.encoder.model, self.encoder.tokenizer, labels, templates,
+                        num_classes_per_batch=max(1, 512 // len(templates)), device=self.device,
+                    )  # fmt: skip
             self._class_weights[key] = weights.float()
             while len(self._class_weights) > 16:
                 self._class_weights.popitem(last=False)
@@ -327,6 +347,8 @@ class Pipeline:
         weights = self.class_weights(labels, templates)
         features = self.encoder.encode_images(self._images(images), normalize=True)
         probs = (self.encoder.logit_scale * features @ weights).softmax(-1).cpu()
+        if probs.shape[1] != len(labels):  # "sum": each template is a sub-class of its label
+            probs = probs.view(len(probs), len(labels), -1).sum(-1)
         return [
             dict(sorted(zip(labels, row.tolist(), strict=True), key=lambda kv: -kv[1]))
             for row in probs

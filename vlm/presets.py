@@ -100,3 +100,35 @@ PRESETS: dict[str, Preset] = {
 def available_presets() -> list[str]:
     """Names of the presets that can load on this machine right now without a download."""
     return [name for name, preset in PRESETS.items() if preset.is_cached()]
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers within `timeout` seconds (never when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def choose_default_model(preferred: str = "clipcap-coco") -> tuple[str, str]:
+    """The model to serve when none is named, and why: ClipCap when its weights are cached
+    or the hub answers quickly, else the bundled ShapeWorld model."""
+    if PRESETS[preferred].is_cached():
+        return preferred, f"{preferred} is in the local Hugging Face cache"
+    if hub_reachable():
+        return preferred, f"{preferred} is downloaded from the Hugging Face hub"
+    reason = (
+        "HF_HUB_OFFLINE is set"
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        else "the Hugging Face hub is not reachable"
+    )
+    return "shapeworld", f"{preferred} is not cached and {reason}, so the bundled model runs"

@@ -39,7 +39,7 @@ SIZES = {
     "small": dict(
         clip=clip_config(image_size=64, patch_size=8, width=96, layers=4, embed_dim=128,
                          text_width=96, text_layers=2, context_length=24),
-        lm=dict(n_layer=4, n_embd=128, n_head=4), vocab_size=400, prefix_length=8,
+        lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400, prefix_length=8,
         mapper_kind="mlp",
     ),
     "tiny": dict(
@@ -64,10 +64,12 @@ class TrainConfig:
     clip_steps: int = 1500
     clip_lr: float = 2e-3
     clip_examples: int = 60_000
-    lm_steps: int = 1000
+    lm_steps: int = 800
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
+    lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
     prefix_steps: int = 1500
+    prefix_batch_size: int = 128
     prefix_lr: float = 2e-3
     prefix_examples: int = 60_000
     checkpoint_every: int = 250
@@ -222,7 +224,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     blocks = pack_texts(tokenizer, texts, BLOCK_SIZE)
 
     def batches(start: int):
-        for batch in _epochs(len(blocks), config.batch_size, f"lm-{config.seed}-{start}"):
+        for batch in _epochs(len(blocks), config.lm_batch_size, f"lm-{config.seed}-{start}"):
             yield blocks[batch].to(accelerator.device)
 
     def loss_fn(module, tokens):
@@ -262,7 +264,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
-        for batch in _epochs(len(data), config.batch_size, f"prefix-{config.seed}-{start}"):
+        for batch in _epochs(len(data), config.prefix_batch_size, f"prefix-{config.seed}-{start}"):
             texts = [rng.choice(data.texts[i]) for i in batch]
             yield (
                 features[batch].to(accelerator.device),

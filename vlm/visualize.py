@@ -1,0 +1,25 @@
+"""Pictures made from model outputs: a heatmap laid over an image."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """A perceptually ordered blue→yellow→red ramp for values in [0, 1], as uint8 RGB."""
+    stops = np.array([[40, 20, 120], [30, 120, 220], [60, 200, 120], [250, 220, 40], [230, 40, 30]])
+    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def overlay_heatmap(image: Image.Image, grid: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """`grid` (any shape, e.g. 7×7 patch scores) stretched over `image`, min-max scaled."""
+    span = float(grid.max() - grid.min())
+    scaled = (grid - grid.min()) / span if span > 1e-8 else np.zeros_like(grid)
+    small = Image.fromarray((scaled * 255).astype(np.uint8), mode="L")
+    smooth = np.asarray(small.resize(image.size, Image.BICUBIC), dtype=np.float32) / 255.0
+    heat = Image.fromarray(_colormap(smooth))
+    return Image.blend(image.convert("RGB"), heat, alpha)
