@@ -1,0 +1,528 @@
+"""The vlm demo: caption, classify, search, ask, few-shot and explain, in one Gradio page.
+
+UI only: every model call goes through `vlm.Pipeline`. Run `python app.py --help`; `gradio
+app.py` and Hugging Face Spaces use the module-level `demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import open_clip
+import pandas as pd
+import torch
+
+from vlm import Pipeline, SearchIndex, shapeworld
+from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
+from vlm.images import ImageError, load_image
+from vlm.presets import PRESETS, available_presets, choose_default_model
+from vlm.search import IndexLoadError
+from vlm.uploads import UploadError, clean_question, collect_uploads, parse_labels
+from vlm.visualize import overlay_heatmap
+
+log = logging.getLogger("vlm.app")
+
+MAX_NEW_TOKENS = int(os.environ.get("VLM_MAX_NEW_TOKENS", 60))
+MAX_LABELS = int(os.environ.get("VLM_MAX_LABELS", 2000))
+MAX_QUESTION_CHARS = int(os.environ.get("VLM_MAX_QUESTION_CHARS", 500))
+MAX_UPLOAD_FILES = int(os.environ.get("VLM_MAX_UPLOAD_FILES", 500))
+MAX_FILE_SIZE = os.environ.get("VLM_MAX_FILE_SIZE", "50mb")
+INDEX_ROOT = Path(os.environ.get("VLM_INDEX_DIR", Path.home() / ".cache" / "vlm" / "indexes"))
+
+try:  # ZeroGPU on Hugging Face Spaces: GPU work runs inside @spaces.GPU
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+
+    def gpu(func):
+        return func
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def parse_settings(argv: list[str]) -> argparse.Namespace:
+    """Flags, with environment variables (VLM_MODEL, …) as their defaults."""
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="The vlm demo")
+    parser.add_argument("--model", default=env("VLM_MODEL"), help="preset, folder or hub id")
+    parser.add_argument("--share", action="store_true", default=env("VLM_SHARE") == "1")
+    parser.add_argument("--server-name", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--auth", default=env("VLM_AUTH"), help="user:password")
+    parser.add_argument("--index-dir", type=Path, default=INDEX_ROOT)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class Models:
+    """The pipelines this server has loaded, by name; the first one is the default."""
+
+    def __init__(self, requested: str | None):
+        if requested:
+            self.default, self.reason = requested, "chosen with --model / VLM_MODEL"
+        else:
+            self.default, self.reason = choose_default_model()
+        self._loaded: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()
+        try:
+            self.get(self.default)
+        except Exception as error:  # a missing or unreachable model: fall back, say why
+            if self.default == "shapeworld":
+                raise
+            log.warning("could not load %s: %s", self.default, error)
+            self.reason = f"{self.default} could not be loaded ({error}); the bundled model runs"
+            self.default = "shapeworld"
+            self.get(self.default)
+
+    def choices(self) -> list[str]:
+        return list(dict.fromkeys([self.default, *available_presets()]))
+
+    def get(self, name: str | None) -> Pipeline:
+        name = name or self.default
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = Pipeline.from_pretrained(name)
+            return self._loaded[name]
+
+    def notice(self, name: str | None = None) -> str:
+        name = name or self.default
+        preset = PRESETS.get(name)
+        what = preset.description if preset else name
+        why = self.reason if name == self.default else "chosen in the model picker"
+        device = self.get(name).device.type.upper()
+        return f"**Model: `{name}`** — {what}. *{why}.* Running on {device}."
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+def friendly(func):
+    """Turn library errors into messages in the page; never let one request kill the worker."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ImageError, UploadError, IndexLoadError, ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error)) from None
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("The GPU ran out of memory; try fewer or smaller images.") from None
+        except Exception as error:
+            log.exception("request failed")
+            raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
+
+    return wrapper
+
+
+def _image(image, what: str = "an image"):
+    if image is None:
+        raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
+    return load_image(image)
+
+
+def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tokens: float):
+    if not 1 <= int(max_tokens) <= MAX_NEW_TOKENS:
+        raise gr.Error(f"Max length must be between 1 and {MAX_NEW_TOKENS} tokens.")
+    options = dict(max_new_tokens=int(max_tokens))
+    if mode == "beam search":
+        options["num_beams"] = max(1, int(beams))
+    elif mode == "nucleus sampling":
+        options.update(
+            do_sample=True, top_p=float(top_p), temperature=max(float(temperature), 1e-3)
+        )
+    return options
+
+
+def make_handlers(models: Models, index_root: Path):
+    """The functions behind the page's buttons (and its API), closed over the models."""
+    indexes: dict[str, SearchIndex] = {}
+    index_lock = threading.Lock()
+
+    def index_dir(model: str) -> Path:
+        return index_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", model or models.default)
+
+    def get_index(model: str | None) -> SearchIndex:
+        """The model's persistent index, built from the bundled examples the first time."""
+        name = model or models.default
+        with index_lock:
+            if name not in indexes:
+                pipeline, folder = models.get(name), index_dir(name)
+                if (folder / "manifest.json").exists():
+                    indexes[name] = SearchIndex.load(folder, pipeline.encoder)
+                else:
+                    index = SearchIndex(pipeline.encoder)
+                    index.add([p for p, _ in shapeworld_examples()] + photo_examples())
+                    index.save(folder)
+                    indexes[name] = index
+            return indexes[name]
+
+    @friendly
+    @gpu
+    def caption(
+        image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
+    ):
+        options = _decoding(mode, beams, top_p, temperature, max_tokens)
+        return models.get(model).caption([_image(image)], **options)[0]
+
+    @friendly
+    @gpu
+    def caption_files(files, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30,
+                      model=None):  # fmt: skip
+        if not files:
+            raise gr.Error("Please add one or more image files.")
+        if len(files) > MAX_UPLOAD_FILES:
+            raise gr.Error(f"At most {MAX_UPLOAD_FILES} images at once.")
+        options = _decoding(mode, beams, top_p, temperature, max_tokens)
+        rows, good = [], []
+        for file in files:
+            path = Path(file)
+            try:
+                good.append((path.name, load_image(path)))
+            except ImageError as error:
+                rows.append((path.name, f"⚠ {error}"))
+        captions = models.get(model).caption([im for _, im in good], **options) if good else []
+        rows = [(name, c) for (name, _), c in zip(good, captions, strict=True)] + rows
+        table = pd.DataFrame(rows, columns=["file", "caption"])
+        out = Path(tempfile.mkdtemp(prefix="vlm-captions-")) / "captions.csv"
+        with out.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("file", "caption"), *rows])
+        return table, str(out)
+
+    @friendly
+    @gpu
+    def classify(image, labels_text="", templates_text="", model=None):
+        labels = parse_labels(labels_text or "", max_labels=MAX_LABELS)
+        templates = [t.strip() for t in (templates_text or "").splitlines() if t.strip()]
+        for template in templates:
+            if "{}" not in template:
+                raise gr.Error(f"Each template needs a {{}} where the label goes: {template!r}")
+        probs = models.get(model).classify([_image(image)], labels, templates or None)[0]
+        top = list(probs.items())[:15]
+        chart = pd.DataFrame({"label": [k for k, _ in top], "probability": [v for _, v in top]})
+        return probs, chart
+
+    @friendly
+    @gpu
+    def answer(image, question="", choices_text="", model=None):
+        question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
+        choices = (
+            parse_labels(choices_text, max_labels=50) if (choices_text or "").strip() else None
+        )
+        best, scores = models.get(model).answer(
+            [_image(image)], [question], choices, return_scores=True
+        )[0]
+        return best, scores
+
+    @friendly
+    @gpu
+    def few_shot(image1, text1, image2, text2, image3, text3, query, prompt="", max_tokens=20,
+                 model=None):  # fmt: skip
+        parts: list = []
+        for image, text in ((image1, text1), (image2, text2), (image3, text3)):
+            if image is not None and (text or "").strip():
+                parts += [_image(image), text.strip() + "\n"]
+            elif image is not None or (text or "").strip():
+                raise gr.Error("Each example needs both an image and its text.")
+        if not parts:
+            raise gr.Error("Give at least one example: an image and its text.")
+        parts += [_image(query, "a query image"), (prompt or "").strip()]
+        return models.get(model).continue_sequence(parts, max_new_tokens=int(max_tokens))
+
+    @friendly
+    @gpu
+    def explain(image, text="", model=None):
+        if not (text or "").strip():
+            raise gr.Error("Type a label or a phrase to look for.")
+        picture = _image(image)
+        grid = models.get(model).explain(picture, text.strip())
+        return overlay_heatmap(picture, grid)
+
+    def _gallery(index: SearchIndex, hits=None):
+        if hits is None:
+            return [(item, Path(item).name) for item in index.items[-60:]]
+        return [(h.item, f"{h.score:.3f} · {Path(h.item).name}") for h in hits]
+
+    @friendly
+    @gpu
+    def search(query_text="", query_image=None, k=8, model=None):
+        index = get_index(model)
+        if query_image is not None:
+            query = _image(query_image)
+        elif (query_text or "").strip():
+            query = query_text.strip()
+        else:
+            raise gr.Error("Type a text query or give a query image.")
+        return _gallery(index, index.search(query, k=int(k)))
+
+    @friendly
+    def index_add(files, model=None, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        if not files:
+            raise gr.Error("Drop images or a .zip of images to add.")
+        index = get_index(model)
+        folder = index_dir(model) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths, skipped = collect_uploads(
+            [str(f) for f in files], folder, max_files=MAX_UPLOAD_FILES
+        )
+        stored = []
+        for path in paths:  # keep our own copy: Gradio's upload cache is temporary
+            target = path if path.parent == folder else folder / path.name
+            if target != path:
+                target.write_bytes(path.read_bytes())
+            stored.append(target)
+        progress(0, desc="indexing")
+        added = index.add(stored, progress=lambda done, total: progress(done / max(total, 1)))
+        with index_lock:
+            index.save(index_dir(model))
+        skipped += index.skipped
+        status = f"Added {added} image(s); the index now holds {len(index)}."
+        if skipped:
+            status += " Skipped: " + "; ".join(f"{Path(n).name} ({why})" for n, why in skipped[:20])
+        return _gallery(index), status
+
+    def show_index(model=None):
+        return _gallery(get_index(model))
+
+    return dict(caption=caption, caption_files=caption_files, classify=classify, answer=answer,
+                few_shot=few_shot, explain=explain, search=search, index_add=index_add,
+                show_index=show_index)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the page
+
+HOW_IT_WORKS = """
+<div class="vlm-flow">
+  <span>🖼️ image</span><b>→</b><span>CLIP image encoder</span><b>→</b><span>embedding</span>
+  <b>→</b><span class="learned">mapper (learned)</span><b>→</b><span>k prefix vectors</span>
+  <b>→</b><span class="frozen">frozen LM 🔒</span><b>→</b><span>📝 text</span>
+</div>
+<p>The image encoder (a CLIP model) turns the picture into one vector. A small <b>mapper</b>,
+the only part that is trained for this, turns that vector into <i>k</i> vectors that live in
+the language model's word-embedding space: a <b>visual prefix</b>. The <b>frozen</b> language
+model reads the prefix as if it were the first words of a text and continues it — a caption
+after <code>Caption:</code>, an answer after <code>Question: … Answer:</code>
+(<a href="https://arxiv.org/abs/2111.09734">ClipCap</a>,
+<a href="https://arxiv.org/abs/2106.13884">Frozen</a>). Zero-shot labels, search and the
+heatmap use the CLIP encoder alone: image and text embeddings compared by cosine
+similarity.</p>
+"""
+
+CSS = """
+.vlm-flow {display:flex; flex-wrap:wrap; gap:.4em; align-items:center; margin:.5em 0}
+.vlm-flow span {border:1px solid var(--border-color-primary); border-radius:8px;
+  padding:.3em .6em; background:var(--block-background-fill)}
+.vlm-flow .learned {border-color:#e0a000; font-weight:600}
+.vlm-flow .frozen {border-color:#4070e0}
+"""
+
+
+def label_sets() -> dict[str, str]:
+    sets = {
+        "ShapeWorld colour + shape": shapeworld.labels(),
+        "ShapeWorld shapes": list(shapeworld.SHAPES),
+        "ShapeWorld colours": list(shapeworld.COLORS),
+        "ImageNet (1,000 classes)": list(open_clip.IMAGENET_CLASSNAMES),
+        "Everyday things": ["a cat", "a dog", "a person", "a cup of coffee", "a rocket",
+                            "a car", "a bird", "a building", "food", "a landscape"],
+    }  # fmt: skip
+    return {name: "\n".join(labels) for name, labels in sets.items()}
+
+
+def build_demo(settings: argparse.Namespace) -> gr.Blocks:
+    models = Models(settings.model)
+    handlers = make_handlers(models, settings.index_dir)
+    pipeline = models.get(None)
+    sets = label_sets()
+    default_set = "ShapeWorld colour + shape" if pipeline.config.name == "shapeworld" else (
+        "Everyday things"
+    )  # fmt: skip
+    sw_examples = shapeworld_examples()
+    sw_paths = [str(p) for p, _ in sw_examples]
+    photos = [str(p) for p in photo_examples()]
+
+    with gr.Blocks(title="vlm — teach a frozen LM to see") as demo:
+        gr.Markdown("# vlm · teach a frozen language model to see")
+        with gr.Row():
+            notice = gr.Markdown(models.notice(), elem_id="model-notice")
+            model = gr.Dropdown(
+                models.choices(), value=models.default, label="Model", scale=0,
+                min_width=220, visible=len(models.choices()) > 1,
+            )  # fmt: skip
+        model.change(lambda name: models.notice(name), model, notice, api_name=False)
+        with gr.Accordion("How it works", open=False):
+            gr.HTML(HOW_IT_WORKS)
+
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    cap_image = gr.Image(
+                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"],
+                        elem_id="caption-image",
+                    )  # fmt: skip
+                    mode = gr.Radio(["greedy", "beam search", "nucleus sampling"],
+                                    value="greedy", label="Decoding")  # fmt: skip
+                    with gr.Accordion("Decoding settings", open=False):
+                        beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
+                        top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
+                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+                        max_tokens = gr.Slider(
+                            1, MAX_NEW_TOKENS, value=30, step=1, label="Max length"
+                        )
+                    cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
+                    with gr.Accordion("Several images at once", open=False):
+                        cap_files = gr.File(file_count="multiple", file_types=["image"],
+                                            label="Images")  # fmt: skip
+                        cap_files_button = gr.Button("Caption all")
+                        cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
+                        cap_csv = gr.File(label="Download CSV")
+            decoding = [mode, beams, top_p, temperature, max_tokens, model]
+            cap_button.click(
+                handlers["caption"], [cap_image, *decoding], cap_text, api_name="caption"
+            )
+            cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
+                                   [cap_table, cap_csv], api_name="caption_files")  # fmt: skip
+            gr.Examples([[p] for p in sw_paths[:6] + photos], [cap_image], label="Examples")
+
+        with gr.Tab("Zero-shot"):
+            with gr.Row():
+                with gr.Column():
+                    cls_image = gr.Image(type="pil", label="Image",
+                                         sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
+                    labels = gr.Textbox(
+                        sets[default_set], lines=6, max_lines=12,
+                        label="Labels (one per line or comma-separated)",
+                    )  # fmt: skip
+                    templates = gr.Textbox("\n".join(pipeline.templates()[:10]), lines=3,
+                                           label="Prompt templates ({} is the label; "
+                                           "blank: the model's own)")  # fmt: skip
+                    cls_button = gr.Button("Classify", variant="primary")
+                with gr.Column():
+                    cls_label = gr.Label(num_top_classes=5, label="Top labels")
+                    cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
+                                           sort="-y")  # fmt: skip
+            label_set.change(lambda name: sets[name], label_set, labels, api_name=False)
+            cls_button.click(handlers["classify"], [cls_image, labels, templates, model],
+                             [cls_label, cls_chart], api_name="classify")  # fmt: skip
+            gr.Examples([[p] for p in sw_paths[:4] + photos], [cls_image], label="Examples")
+
+        with gr.Tab("Search"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
+                    query_image = gr.Image(type="pil", label="…or an image query",
+                                           sources=["upload", "clipboard"])  # fmt: skip
+                    k = gr.Slider(1, 24, value=8, step=1, label="Results")
+                    search_button = gr.Button("Search", variant="primary")
+                    add_files = gr.File(file_count="multiple", file_types=["image", ".zip"],
+                                        label="Add images or a .zip to the index")  # fmt: skip
+                    add_button = gr.Button("Add to index")
+                    add_status = gr.Markdown()
+                with gr.Column(scale=2):
+                    results = gr.Gallery(label="Results", columns=4, height="auto")
+                    indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
+            search_button.click(handlers["search"], [query_text, query_image, k, model], results,
+                                api_name="search")  # fmt: skip
+            query_text.submit(handlers["search"], [query_text, query_image, k, model], results,
+                              api_name=False)  # fmt: skip
+            add_button.click(handlers["index_add"], [add_files, model], [indexed, add_status],
+                             api_name="index_add")  # fmt: skip
+            gr.Examples([["a large blue star"], ["a small red circle"], ["a cat"]], [query_text])
+
+        with gr.Tab("Ask"):
+            with gr.Row():
+                with gr.Column():
+                    qa_image = gr.Image(type="pil", label="Image",
+                                        sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    question = gr.Textbox(label="Question", placeholder="what color is the star?")
+                    choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
+                    qa_button = gr.Button("Answer", variant="primary")
+                with gr.Column():
+                    qa_answer = gr.Textbox(label="Answer")
+                    qa_scores = gr.Label(label="Choice scores")
+            qa_button.click(handlers["answer"], [qa_image, question, choices, model],
+                            [qa_answer, qa_scores], api_name="answer")  # fmt: skip
+            qa_rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
+            qa_rows.append([sw_paths[0], "how many shapes are there?", "one, two, three"])
+            gr.Examples(qa_rows, [qa_image, question, choices], label="Examples")
+
+        with gr.Tab("Few-shot"):
+            gr.Markdown("Interleave example images with their text; the frozen LM reads them "
+                        "all (Frozen-style) and continues after the query image.")  # fmt: skip
+            shots = []
+            with gr.Row():
+                for i in range(3):
+                    with gr.Column():
+                        shot_image = gr.Image(type="pil", label=f"Example {i + 1}", height=160)
+                        shot_text = gr.Textbox(label=f"Text {i + 1}", placeholder="Caption: …")
+                        shots += [shot_image, shot_text]
+                with gr.Column():
+                    fs_query = gr.Image(type="pil", label="Query image", height=160)
+                    fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
+            fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+            fs_button = gr.Button("Continue", variant="primary")
+            fs_output = gr.Textbox(label="The LM continues")
+            fs_button.click(handlers["few_shot"], [*shots, fs_query, fs_prompt, fs_tokens, model],
+                            fs_output, api_name="few_shot")  # fmt: skip
+            fs_row = []
+            for path, truth in sw_examples[:2]:
+                fs_row += [str(path), f"Caption: {truth['caption']}"]
+            gr.Examples([[*fs_row, None, None, str(sw_examples[2][0]), "Caption:"]],
+                        [*shots, fs_query, fs_prompt], label="Example")  # fmt: skip
+
+        with gr.Tab("Explain"):
+            with gr.Row():
+                with gr.Column():
+                    ex_image = gr.Image(type="pil", label="Image",
+                                        sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
+                    ex_button = gr.Button("Show where it matches", variant="primary")
+                ex_output = gr.Image(type="pil", label="Patch–text similarity")
+            ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
+                            api_name="explain")  # fmt: skip
+            ex_rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
+            gr.Examples(ex_rows, [ex_image, ex_text], label="Examples")
+
+        demo.load(handlers["show_index"], model, indexed, api_name=False)
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo
+
+
+def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
+    auth = None
+    if settings.auth:
+        user, _, password = settings.auth.partition(":")
+        if not user or not password:
+            sys.exit("--auth takes user:password")
+        auth = (user, password)
+    demo.launch(
+        server_name=settings.server_name, server_port=settings.port, share=settings.share,
+        auth=auth, max_file_size=MAX_FILE_SIZE, css=CSS, footer_links=["api"],
+        allowed_paths=[str(settings.index_dir), str(EXAMPLES_DIR)],
+    )  # fmt: skip
+
+
+settings = parse_settings(sys.argv[1:] if __name__ == "__main__" else [])
+demo = build_demo(settings)
+
+if __name__ == "__main__":
+    launch(demo, settings)
