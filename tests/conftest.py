@@ -84,7 +84,8 @@ def trained(tmp_path_factory, images):
     ).requires_grad_(False)  # fmt: skip
 
     pipeline = build_pipeline(
-        encoder, lm, tokenizer, "mlp", 4, device="cpu", caption_prompt="Caption:", stop=["\n"]
+        encoder, lm, tokenizer, {"prefix_length": 4}, device="cpu", caption_prompt="Caption:",
+        stop=["\n"],
     )
     features = encoder.encode_images(list(images.values()))
     pairs = [(i, t) for i, c in enumerate(CAPTIONS) for t in (caption_text(c), qa_text(c))]

@@ -77,18 +77,11 @@ def build_lm(
 
 
 def build_pipeline(
-    encoder: Encoder,
-    lm,
-    tokenizer,
-    mapper_kind: str = "mlp",
-    prefix_length: int = 8,
-    device=None,
-    **config,
+    encoder: Encoder, lm, tokenizer, mapper: dict | None = None, device=None, **config
 ) -> Pipeline:
-    """A pipeline around existing encoder and LM with a new mapper between them."""
-    mapper = PrefixMapper(
-        mapper_kind, encoder.embed_dim, lm.config.hidden_size, prefix_length,
-        clip_length=prefix_length, num_layers=2, normalize_input=True,
-    )  # fmt: skip
+    """A pipeline around existing encoder and LM with a new mapper between them; `mapper`
+    holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM."""
+    options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
+    mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm.config.hidden_size, **options)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

@@ -39,14 +39,16 @@ SIZES = {
     "small": dict(
         clip=clip_config(image_size=64, patch_size=8, width=96, layers=4, embed_dim=128,
                          text_width=96, text_layers=2, context_length=24),
-        lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400, prefix_length=8,
-        mapper_kind="mlp",
+        lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400,
+        # ClipCap's choice for a frozen LM: the transformer mapper
+        mapper=dict(kind="transformer", prefix_length=20, clip_length=10, num_layers=4,
+                    num_heads=4),
     ),
     "tiny": dict(
         clip=clip_config(image_size=32, patch_size=8, width=32, layers=1, embed_dim=32,
                          text_width=32, text_layers=1, context_length=24),
-        lm=dict(n_layer=2, n_embd=64, n_head=4), vocab_size=300, prefix_length=4,
-        mapper_kind="mlp",
+        lm=dict(n_layer=2, n_embd=64, n_head=4), vocab_size=300,
+        mapper=dict(kind="mlp", prefix_length=4),
     ),
 }  # fmt: skip
 
@@ -68,9 +70,9 @@ class TrainConfig:
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
     lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
-    prefix_steps: int = 1500
+    prefix_steps: int = 3000
     prefix_batch_size: int = 128
-    prefix_lr: float = 2e-3
+    prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
     checkpoint_every: int = 250
     resume: bool = False
@@ -161,16 +163,33 @@ def _epochs(n: int, batch_size: int, seed: str, pairs: bool = False) -> Iterator
             yield [j * unit + k for j in order[i : i + per_batch] for k in range(unit)]
 
 
-def _texts_tensor(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of `text + eos`, right-padded, and labels with the padding masked out."""
+def split_prompt(text: str, config) -> tuple[str, str]:
+    """(prompt, target) of a prefix-stage text: the task prompt the pipeline will give at
+    inference ("Caption:", "Question: … Answer:") and what the LM must produce after it."""
+    answer_cue = config.question_template.split("{question}")[-1].strip()  # "Answer:"
+    if config.caption_prompt and text.startswith(config.caption_prompt):
+        return config.caption_prompt, text[len(config.caption_prompt) :]
+    if answer_cue and answer_cue in text:
+        cut = text.rindex(answer_cue) + len(answer_cue)
+        return text[:cut], text[cut:]
+    return "", text
+
+
+def _texts_tensor(
+    tokenizer, texts: list[str], device, prompts: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of `prompt + text + eos`, right-padded, and labels that score only the text
+    and its eos (the prompt is given at inference, so it is not learned)."""
     eos = tokenizer.eos_token_id
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
-    length = max(map(len, ids))
-    tokens = torch.full((len(ids), length), eos, dtype=torch.long)
-    labels = torch.full((len(ids), length), -100, dtype=torch.long)
-    for i, row in enumerate(ids):
-        tokens[i, : len(row)] = torch.tensor(row)
-        labels[i, : len(row)] = torch.tensor(row)
+    prompts = prompts or [""] * len(texts)
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+    rows = [(encode(p), encode(t) + [eos]) for p, t in zip(prompts, texts, strict=True)]
+    length = max(len(p) + len(t) for p, t in rows)
+    tokens = torch.full((len(rows), length), eos, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (prompt, target) in enumerate(rows):
+        tokens[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
     return tokens.to(device), labels.to(device)
 
 
@@ -254,7 +273,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     """Stage 3: the mapper, trained through the frozen LM from frozen-encoder features."""
     size = SIZES[config.size]
     pipeline = build_pipeline(
-        encoder, lm, tokenizer, size["mapper_kind"], size["prefix_length"],
+        encoder, lm, tokenizer, size["mapper"],
         device=accelerator.device, **dataset.pipeline_config(),
     )  # fmt: skip
     frozen = [*pipeline.encoder.model.parameters(), *pipeline.lm.parameters()]
@@ -265,10 +284,11 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
         for batch in _epochs(len(data), config.prefix_batch_size, f"prefix-{config.seed}-{start}"):
-            texts = [rng.choice(data.texts[i]) for i in batch]
+            pairs = [split_prompt(rng.choice(data.texts[i]), pipeline.config) for i in batch]
+            prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
             yield (
                 features[batch].to(accelerator.device),
-                _texts_tensor(tokenizer, texts, accelerator.device),
+                _texts_tensor(tokenizer, targets, accelerator.device, prompts),
             )
 
     def loss_fn(mapper, batch):
