@@ -99,3 +99,21 @@ def test_mapper_hub_mixin_round_trip(tmp_path):
     x = torch.randn(2, 16)
     assert again.config == mapper.config
     assert torch.equal(again(x), mapper(x))
+
+
+def test_token_input_mapper_reads_image_tokens(trained, images):
+    """input="tokens": the mapper reads the pooled embedding + a grid of patch tokens."""
+    mapper = PrefixMapper(
+        "transformer", trained.encoder.embed_dim, trained.lm.config.hidden_size, 3,
+        num_layers=1, num_heads=4, input="tokens", num_tokens=5, normalize_input=True,
+    )  # fmt: skip
+    pipeline = Pipeline(
+        trained.encoder, trained.lm, trained.tokenizer, mapper, trained.config, "cpu"
+    )
+    features = pipeline.image_features(list(images.values()))
+    assert features.shape == (3, 5, trained.encoder.embed_dim)
+    pooled = trained.encoder.encode_images(list(images.values()))
+    assert torch.allclose(features[:, 0], pooled, atol=1e-5)  # first token: the embedding
+    assert pipeline.prefix(list(images.values())).shape == (3, 3, trained.lm.config.hidden_size)
+    with pytest.raises(ValueError):
+        PrefixMapper("mlp", 8, 8, 2, input="tokens")

@@ -116,6 +116,33 @@ class Encoder:
         return self.encode_pixels(self.pixels(images), normalize=normalize)
 
     @torch.inference_mode()
+    def encode_tokens(self, pixels: torch.Tensor, grid: int = 4) -> torch.Tensor:
+        """Image tokens in the joint space, [B, 1 + grid², D]: the pooled embedding, then the
+        ViT's patch tokens projected like it and average-pooled to a grid × grid layout."""
+        pooled, patches = self._pooled_and_patches(pixels.to(self.device))
+        b, n, d = patches.shape
+        side = int(round(n**0.5))
+        patches = patches.transpose(1, 2).reshape(b, d, side, side)
+        patches = F.adaptive_avg_pool2d(patches, grid).flatten(2).transpose(1, 2)
+        return torch.cat([pooled[:, None], patches], dim=1)
+
+    def _pooled_and_patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ViT's pooled embedding and its patch tokens, both in the joint space (fp32)."""
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens"):
+            raise ValueError("image tokens need a ViT image encoder")
+        visual.output_tokens = True
+        try:
+            with autocast(self.device):
+                pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = False
+        tokens = tokens.float()
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj.float()
+        return pooled.float(), tokens
+
+    @torch.inference_mode()
     def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Text embeddings (float32), L2-normalised by default."""
         tokens = self.tokenizer(texts).to(self.device)
@@ -128,18 +155,7 @@ class Encoder:
     def patch_similarity(self, image: Image.Image, text: str) -> np.ndarray:
         """Cosine similarity of each ViT patch (projected into the joint space) with `text`,
         as a [grid, grid] array: a coarse map of where the text matches the image."""
-        visual = self.model.visual
-        if not hasattr(visual, "output_tokens"):
-            raise ValueError("patch heatmaps need a ViT image encoder")
-        visual.output_tokens = True
-        try:
-            with autocast(self.device):
-                _, tokens = visual(self.pixels([image]).to(self.device))
-        finally:
-            visual.output_tokens = False
-        tokens = tokens.float()
-        if visual.proj is not None:
-            tokens = tokens @ visual.proj.float()
+        _, tokens = self._pooled_and_patches(self.pixels([image]).to(self.device))
         patches = F.normalize(tokens[0], dim=-1)
         similarity = patches @ self.encode_text([text])[0]
         grid = int(round(similarity.numel() ** 0.5))

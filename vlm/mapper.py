@@ -7,6 +7,10 @@ published checkpoints load as they are (their keys minus the `clip_project.` pre
 - `transformer`: the embedding is projected to `clip_length` tokens, k learned constant tokens
   are appended, a pre-norm transformer runs over both and the last k positions are the prefix
   (keys `linear.*`, `prefix_const`, `transformer.layers.{i}.*`).
+
+Beyond ClipCap, the transformer mapper can read the image as *tokens* (`input="tokens"`: the
+encoder's pooled embedding followed by its patch tokens, average-pooled to a coarser grid), so
+that what is where in the image reaches the LM without first being squeezed into one vector.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         num_heads: int = 8,
         mlp_ratio: float = 2.0,
         normalize_input: bool = False,
+        input: str = "embedding",
+        num_tokens: int = 0,
     ):
         super().__init__()
         if kind not in MAPPER_KINDS:
@@ -98,7 +104,11 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             kind=kind, clip_dim=clip_dim, lm_dim=lm_dim, prefix_length=prefix_length,
             hidden_dim=hidden_dim, clip_length=clip_length, num_layers=num_layers,
             num_heads=num_heads, mlp_ratio=mlp_ratio, normalize_input=normalize_input,
+            input=input, num_tokens=num_tokens,
         )  # fmt: skip
+        if input not in ("embedding", "tokens") or (input == "tokens" and kind != "transformer"):
+            raise ValueError("input='tokens' needs kind='transformer'; else input='embedding'")
+        self.input = input
         self.kind = kind
         self.prefix_length = prefix_length
         self.lm_dim = lm_dim
@@ -110,15 +120,23 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
                 nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, lm_dim * prefix_length)
             )
         else:
-            self.linear = nn.Linear(clip_dim, clip_length * lm_dim)
+            if input == "tokens":  # each image token projected, with a learned position
+                self.linear = nn.Linear(clip_dim, lm_dim)
+                self.token_position = nn.Parameter(torch.zeros(num_tokens, lm_dim))
+            else:
+                self.linear = nn.Linear(clip_dim, clip_length * lm_dim)
             self.prefix_const = nn.Parameter(torch.randn(prefix_length, lm_dim))
             self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, clip_dim] embeddings (or [B, N, clip_dim] tokens) -> [B, k, lm_dim] prefix."""
         if self.normalize_input:
             embedding = F.normalize(embedding, dim=-1)
         if self.kind == "mlp":
             return self.model(embedding).view(-1, self.prefix_length, self.lm_dim)
-        tokens = self.linear(embedding).view(-1, self.clip_length, self.lm_dim)
+        if self.input == "tokens":
+            tokens = self.linear(embedding) + self.token_position
+        else:
+            tokens = self.linear(embedding).view(-1, self.clip_length, self.lm_dim)
         constant = self.prefix_const.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        return self.transformer(torch.cat([tokens, constant], dim=1))[:, self.clip_length :]
+        return self.transformer(torch.cat([tokens, constant], dim=1))[:, tokens.shape[1] :]

@@ -136,11 +136,21 @@ class Pipeline:
         return [load_image(image) for image in images]
 
     @torch.inference_mode()
+    def image_features(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """What the mapper reads: the raw image embedding [B, D] (ClipCap), or image tokens
+        [B, N, D] for a mapper with input="tokens"."""
+        pixels = self.encoder.pixels(self._images(images))
+        if self.mapper.input == "tokens":
+            grid = int(round((self.mapper.config["num_tokens"] - 1) ** 0.5))
+            return self.encoder.encode_tokens(pixels, grid=grid)
+        return self.encoder.encode_pixels(pixels)
+
+    @torch.inference_mode()
     def prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Visual prefix embeddings [B, k, d_lm] for the images."""
-        embedding = self.encoder.encode_images(self._images(images))
+        features = self.image_features(images)
         with autocast(self.device):
-            return self.mapper(embedding).float()
+            return self.mapper(features).float()
 
     # ------------------------------------------------------------------ text through the LM
 
@@ -172,6 +182,18 @@ class Pipeline:
             mask[i, length - s.shape[0] :] = 1
         return embeds, mask
 
+    def _room(self, length: int, need: int = 1) -> int:
+        """How many more tokens the LM can read after `length` (the size of its position
+        table), or a clear error if fewer than `need`. Going past it fails with an IndexError,
+        on a GPU with a device-side assert that breaks every later request."""
+        limit = getattr(self.lm.config, "max_position_embeddings", None) or 1 << 30
+        if length + need > limit:
+            raise ValueError(
+                f"the text is too long for this model: {length} tokens with the image prefix; "
+                f"it reads at most {limit}"
+            )
+        return limit - length
+
     def _trim(self, text: str) -> str:
         for stop in self.config.stop:  # keep the stop string itself, as ClipCap does
             if stop in text:
@@ -190,6 +212,7 @@ class Pipeline:
     ) -> list[str]:
         """Continue each embedded sequence with the frozen LM's own `generate` (KV cache)."""
         embeds, mask = self._left_pad(sequences)
+        max_new_tokens = min(max_new_tokens, self._room(embeds.shape[1]))
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
         with autocast(self.device):
             tokens = self.lm.generate(
@@ -214,6 +237,7 @@ class Pipeline:
             for s, i in zip(sequences, ids, strict=True)
         ]
         embeds, mask = self._left_pad(full)
+        self._room(embeds.shape[1], need=0)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with autocast(self.device):
             logits = self.lm(

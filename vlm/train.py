@@ -41,8 +41,8 @@ SIZES = {
                          text_width=96, text_layers=2, context_length=24),
         lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400,
         # ClipCap's choice for a frozen LM: the transformer mapper
-        mapper=dict(kind="transformer", prefix_length=20, clip_length=10, num_layers=4,
-                    num_heads=4),
+        mapper=dict(kind="transformer", input="tokens", num_tokens=17, prefix_length=20,
+                    num_layers=3, num_heads=4),
     ),
     "tiny": dict(
         clip=clip_config(image_size=32, patch_size=8, width=32, layers=1, embed_dim=32,
@@ -260,12 +260,13 @@ def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Te
     return lm(inputs_embeds=inputs, labels=torch.cat([ignore, labels], dim=1)).loss
 
 
-def cache_features(encoder: Encoder, images, batch_size: int = 256) -> torch.Tensor:
-    """Frozen-encoder embeddings for every image of a dataset, computed once."""
+def cache_features(pipeline, images, batch_size: int = 256) -> torch.Tensor:
+    """What the mapper reads (frozen-encoder features) for every image, computed once and
+    kept in fp16."""
     features = []
     for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
         batch = [images[i][0] for i in range(start, min(start + batch_size, len(images)))]
-        features.append(encoder.encode_images(batch).cpu())
+        features.append(pipeline.image_features(batch).half().cpu())
     return torch.cat(features)
 
 
@@ -279,7 +280,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     frozen = [*pipeline.encoder.model.parameters(), *pipeline.lm.parameters()]
     assert not any(p.requires_grad for p in frozen), "encoder and LM must be frozen"
     data = dataset.prefix_data(config.prefix_examples, config.seed)
-    features = cache_features(pipeline.encoder, data)  # the encoder is frozen: embed once
+    features = cache_features(pipeline, data)  # the encoder is frozen: embed once
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
@@ -287,7 +288,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             pairs = [split_prompt(rng.choice(data.texts[i]), pipeline.config) for i in batch]
             prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
             yield (
-                features[batch].to(accelerator.device),
+                features[batch].float().to(accelerator.device),
                 _texts_tensor(tokenizer, targets, accelerator.device, prompts),
             )
 
