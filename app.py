@@ -131,6 +131,22 @@ def friendly(func):
     return wrapper
 
 
+class UploadedImage(gr.Image):
+    """An image input decoded by vlm.images.load_image instead of Gradio, so that damaged,
+    unreadable, HEIC, empty or oversized uploads get a clear message (the size is checked
+    from the header, before decoding)."""
+
+    is_template = True  # the page shows it as a gr.Image
+
+    def preprocess(self, payload):
+        if payload is None or payload.path is None or self.type != "pil":
+            return super().preprocess(payload)
+        try:
+            return load_image(payload.path, name=Path(payload.orig_name or "image").name)
+        except ImageError as error:
+            raise gr.Error(str(error)) from None
+
+
 def _image(image, what: str = "an image"):
     if image is None:
         raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
@@ -372,7 +388,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    cap_image = gr.Image(
+                    cap_image = UploadedImage(
                         type="pil", label="Image", sources=["upload", "clipboard", "webcam"],
                         elem_id="caption-image",
                     )  # fmt: skip
@@ -405,8 +421,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Zero-shot"):
             with gr.Row():
                 with gr.Column():
-                    cls_image = gr.Image(type="pil", label="Image",
-                                         sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    cls_image = UploadedImage(
+                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
+                    )
                     label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
                     labels = gr.Textbox(
                         sets[default_set], lines=6, max_lines=12,
@@ -429,8 +446,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
-                    query_image = gr.Image(type="pil", label="…or an image query",
-                                           sources=["upload", "clipboard"])  # fmt: skip
+                    query_image = UploadedImage(
+                        type="pil", label="…or an image query", sources=["upload", "clipboard"]
+                    )
                     k = gr.Slider(1, 24, value=8, step=1, label="Results")
                     search_button = gr.Button("Search", variant="primary")
                     add_files = gr.File(file_count="multiple", file_types=["image", ".zip"],
@@ -451,8 +469,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Ask"):
             with gr.Row():
                 with gr.Column():
-                    qa_image = gr.Image(type="pil", label="Image",
-                                        sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    qa_image = UploadedImage(
+                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
+                    )
                     question = gr.Textbox(label="Question", placeholder="what color is the star?")
                     choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
                     qa_button = gr.Button("Answer", variant="primary")
@@ -472,11 +491,11 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             with gr.Row():
                 for i in range(3):
                     with gr.Column():
-                        shot_image = gr.Image(type="pil", label=f"Example {i + 1}", height=160)
+                        shot_image = UploadedImage(type="pil", label=f"Example {i + 1}", height=160)
                         shot_text = gr.Textbox(label=f"Text {i + 1}", placeholder="Caption: …")
                         shots += [shot_image, shot_text]
                 with gr.Column():
-                    fs_query = gr.Image(type="pil", label="Query image", height=160)
+                    fs_query = UploadedImage(type="pil", label="Query image", height=160)
                     fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
             fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
             fs_button = gr.Button("Continue", variant="primary")
@@ -492,8 +511,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Explain"):
             with gr.Row():
                 with gr.Column():
-                    ex_image = gr.Image(type="pil", label="Image",
-                                        sources=["upload", "clipboard", "webcam"])  # fmt: skip
+                    ex_image = UploadedImage(
+                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
+                    )
                     ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
                     ex_button = gr.Button("Show where it matches", variant="primary")
                 ex_output = gr.Image(type="pil", label="Patch–text similarity")

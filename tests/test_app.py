@@ -96,7 +96,7 @@ def test_caption_files_endpoint_gives_a_table_and_csv(client):
 
 def test_classify_endpoint_ranks_the_right_label_first(client, one_object):
     path, truth = one_object
-    obj = truth["scene"][0]
+    obj = truth["objects"][0]
     labels = "\n".join(f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple",
                                             "orange", "white")
                        for s in ("circle", "square", "triangle", "star", "cross"))  # fmt: skip

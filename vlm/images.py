@@ -15,6 +15,8 @@ MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own guard, as a second line of defence
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic"}
+# ISO-BMFF brands of HEIC/HEIF files (iPhone photos), which Pillow reads only with a plugin
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -49,6 +51,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _image_array(array: np.ndarray, name: str) -> np.ndarray:
+    """An [H, W] or [H, W, 1|3|4] numeric array as uint8 (floats in [0, 1] are scaled)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    numeric = array.dtype == bool or np.issubdtype(array.dtype, np.number)
+    shaped = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if not (numeric and shaped and array.size):
+        raise ImageError(
+            f"{name}: an array of shape {array.shape} and type {array.dtype} is not an image "
+            "(expected height × width, with 1, 3 or 4 channels)"
+        )
+    if array.dtype != np.uint8:
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        array = np.clip(array * (255 if array.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+    return array
+
+
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
@@ -66,9 +85,14 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageError(f"{name}: the image is too large ({error})") from None
     except UnidentifiedImageError:
-        suffix = Path(name).suffix.lower()
-        hint = " (HEIC needs the pillow-heif plugin)" if suffix in (".heic", ".heif") else ""
-        raise ImageError(f"{name}: not an image Pillow can read{hint}") from None
+        head = stream.getvalue()[:12]
+        heif = head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+        if heif or Path(name).suffix.lower() in (".heic", ".heif"):
+            raise ImageError(
+                f"{name}: HEIC/HEIF images are not supported here (Pillow needs the "
+                "pillow-heif plugin); convert it to JPEG or PNG"
+            ) from None
+        raise ImageError(f"{name}: not an image Pillow can read") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
@@ -87,12 +111,9 @@ def load_image(
     `min_side` lets a JPEG decode at a reduced scale that keeps both sides at least that
     long (the model resizes to it anyway), which makes decoding big photos much faster."""
     if isinstance(source, np.ndarray):
-        array = source
-        if array.dtype != np.uint8:
-            array = np.clip(array * (255 if array.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-        return _to_rgb(Image.fromarray(array))
+        return _to_rgb(Image.fromarray(_image_array(source, name or "image array")))
     if isinstance(source, Image.Image):
-        image = source
+        image, label = source, name or getattr(source, "filename", "") or "image"
     else:
         label = name or ("image bytes" if isinstance(source, bytes) else Path(source).name)
         image = _open(source, label)
@@ -105,7 +126,6 @@ def load_image(
         image.load()
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:
-        label = name or getattr(image, "filename", "") or "image"
         raise ImageError(f"{label}: the image data is damaged or truncated ({error})") from None
 
 

@@ -255,12 +255,13 @@ class SearchIndex:
             raw = np.frombuffer((directory / manifest["index"]).read_bytes(), dtype=np.uint8)
             index = faiss.deserialize_index(raw)
             items = json.loads((directory / manifest["items"]).read_text())
-        except (OSError, RuntimeError, ValueError, KeyError) as error:
-            raise IndexLoadError(f"{directory}: the index files are damaged ({error})") from None
-        if index.ntotal != len(items["items"]) or index.d != encoder.embed_dim:
+            names, hashes = list(items["items"]), list(items["hashes"])
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise IndexLoadError(f"{directory}: the index files are damaged ({error!r})") from None
+        if not index.ntotal == len(names) == len(hashes) or index.d != encoder.embed_dim:
             raise IndexLoadError(f"{directory}: the index files do not match each other")
         loaded = cls(encoder, manifest.get("factory", "Flat"), manifest.get("search_params", ""))
-        loaded.index, loaded.items, loaded.hashes = index, items["items"], items["hashes"]
+        loaded.index, loaded.items, loaded.hashes = index, names, hashes
         loaded._apply_search_params()
         return loaded
 
