@@ -392,10 +392,8 @@ class Pipeline:
 
 
 def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:
-    """save_pretrained, optionally in a smaller dtype, leaving the live model as it was."""
-    original = next(lm.parameters()).dtype
-    lm.to(dtype or original)
-    try:
-        lm.save_pretrained(directory)
-    finally:
-        lm.to(original)
+    """save_pretrained, optionally in a smaller dtype, without touching the live model."""
+    state = None
+    if dtype is not None:
+        state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
+    lm.save_pretrained(directory, state_dict=state)

@@ -66,7 +66,7 @@ class TrainConfig:
     clip_steps: int = 1500
     clip_lr: float = 2e-3
     clip_examples: int = 60_000
-    lm_steps: int = 800
+    lm_steps: int = 3000
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
     lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
@@ -323,7 +323,6 @@ def train(config: TrainConfig):
             encoder.save(encoder_dir)
             (encoder_dir / "done").touch()
     accelerator.wait_for_everyone()
-    encoder = Encoder.load({"model": f"local-dir:{encoder_dir.resolve()}"})
 
     if "lm" in config.stages and not (config.resume and (lm_dir / "done").exists()):
         lm, tokenizer = train_lm(dataset, config, accelerator)
@@ -332,11 +331,11 @@ def train(config: TrainConfig):
             tokenizer.save_pretrained(lm_dir)
             (lm_dir / "done").touch()
     accelerator.wait_for_everyone()
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-
     if "prefix" not in config.stages:
         return None
+    encoder = Encoder.load({"model": f"local-dir:{encoder_dir.resolve()}"})
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     pipeline = train_prefix(dataset, encoder, lm, tokenizer, config, accelerator)
     if accelerator.is_main_process:
         bundle = config.bundle or config.out / "pipeline"
