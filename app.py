@@ -147,6 +147,12 @@ class UploadedImage(gr.Image):
             raise gr.Error(str(error)) from None
 
 
+def image_input(label: str = "Image", **options) -> UploadedImage:
+    """An image input: upload, drag and drop, paste or webcam, decoded by vlm.images."""
+    options.setdefault("sources", ["upload", "clipboard", "webcam"])
+    return UploadedImage(type="pil", label=label, **options)
+
+
 def _image(image, what: str = "an image"):
     if image is None:
         raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
@@ -388,10 +394,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    cap_image = UploadedImage(
-                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"],
-                        elem_id="caption-image",
-                    )  # fmt: skip
+                    cap_image = image_input(elem_id="caption-image")
                     mode = gr.Radio(["greedy", "beam search", "nucleus sampling"],
                                     value="greedy", label="Decoding")  # fmt: skip
                     with gr.Accordion("Decoding settings", open=False):
@@ -421,9 +424,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Zero-shot"):
             with gr.Row():
                 with gr.Column():
-                    cls_image = UploadedImage(
-                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
-                    )
+                    cls_image = image_input()
                     label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
                     labels = gr.Textbox(
                         sets[default_set], lines=6, max_lines=12,
@@ -446,9 +447,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
-                    query_image = UploadedImage(
-                        type="pil", label="…or an image query", sources=["upload", "clipboard"]
-                    )
+                    query_image = image_input("…or an image query", sources=["upload", "clipboard"])
                     k = gr.Slider(1, 24, value=8, step=1, label="Results")
                     search_button = gr.Button("Search", variant="primary")
                     add_files = gr.File(file_count="multiple", file_types=["image", ".zip"],
@@ -469,9 +468,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Ask"):
             with gr.Row():
                 with gr.Column():
-                    qa_image = UploadedImage(
-                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
-                    )
+                    qa_image = image_input()
                     question = gr.Textbox(label="Question", placeholder="what color is the star?")
                     choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
                     qa_button = gr.Button("Answer", variant="primary")
@@ -491,11 +488,11 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             with gr.Row():
                 for i in range(3):
                     with gr.Column():
-                        shot_image = UploadedImage(type="pil", label=f"Example {i + 1}", height=160)
+                        shot_image = image_input(f"Example {i + 1}", height=160)
                         shot_text = gr.Textbox(label=f"Text {i + 1}", placeholder="Caption: …")
                         shots += [shot_image, shot_text]
                 with gr.Column():
-                    fs_query = UploadedImage(type="pil", label="Query image", height=160)
+                    fs_query = image_input("Query image", height=160)
                     fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
             fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
             fs_button = gr.Button("Continue", variant="primary")
@@ -511,9 +508,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Explain"):
             with gr.Row():
                 with gr.Column():
-                    ex_image = UploadedImage(
-                        type="pil", label="Image", sources=["upload", "clipboard", "webcam"]
-                    )
+                    ex_image = image_input()
                     ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
                     ex_button = gr.Button("Show where it matches", variant="primary")
                 ex_output = gr.Image(type="pil", label="Patch–text similarity")

@@ -66,3 +66,10 @@ def test_damaged_or_missing_index_is_a_clear_error(index, trained, tmp_path):
 def test_empty_query_is_refused(index):
     with pytest.raises(ValueError, match="empty"):
         index.search("   ")
+
+
+def test_text_that_looks_like_a_path_is_searched_as_text(index, image_files):
+    """Typed text never reaches the server's files: a path in a str is just text."""
+    path = str(next(iter(image_files.values())))
+    assert all(hit.score < 0.99 for hit in index.search(path, k=3))
+    assert index.search("/etc/passwd", k=1)  # text, not a file read

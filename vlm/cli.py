@@ -93,7 +93,8 @@ def cmd_search(args) -> None:
 
     pipeline = _model(args)
     index = SearchIndex.load(args.index, pipeline.encoder)
-    hits = index.search(args.query, k=args.k)
+    query = Path(args.query) if Path(args.query).is_file() else args.query
+    hits = index.search(query, k=args.k)
     rows = [dataclasses.asdict(h) for h in hits]
     _emit(args, rows, lambda r: f"{r['score']:.4f}\t{r['item']}")
 

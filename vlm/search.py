@@ -196,8 +196,10 @@ class SearchIndex:
         self.index.add(vectors)
 
     def embed_query(self, query: str | ImageInput) -> np.ndarray:
-        """The normalised embedding of a text or an image query, [1, D]."""
-        if isinstance(query, str) and not Path(query).is_file():
+        """The normalised embedding of a query, [1, D]: a `str` is always text (never read as
+        a file path, so typed text can't reach the server's files); an image is a PIL image,
+        an array, bytes or a `Path`."""
+        if isinstance(query, str):
             if not query.strip():
                 raise ValueError("the query is empty")
             vector = self.encoder.encode_text([query.strip()])
