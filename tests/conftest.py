@@ -84,7 +84,12 @@ def trained(tmp_path_factory, images):
     ).requires_grad_(False)  # fmt: skip
 
     pipeline = build_pipeline(
-        encoder, lm, tokenizer, {"prefix_length": 4}, device="cpu", caption_prompt="Caption:",
+        encoder,
+        lm,
+        tokenizer,
+        {"prefix_length": 4},
+        device="cpu",
+        caption_prompt="Caption:",
         stop=["\n"],
     )
     features = encoder.encode_images(list(images.values()))
