@@ -1,8 +1,9 @@
-"""Training data for the three stages, as endless streams of examples.
+"""Training data for the three stages.
 
-Each dataset gives three streams: (image, caption) pairs for the contrastive CLIP stage, text
-lines for the LM stage, and (image, text) pairs for the prefix stage, where the text is what
-the frozen LM must read after the visual prefix (a caption or "Question: … Answer: …").
+A dataset gives: image-caption pairs for the contrastive CLIP stage (`clip_data`), text
+documents for the LM stage (`texts`), and images with the texts the frozen LM must read after
+their prefix (`prefix_data`: a caption or "Question: … Answer: …"), plus what a pipeline
+trained on it should know (`pipeline_config`: prompts, label sets).
 """
 
 from __future__ import annotations
