@@ -49,9 +49,14 @@ def evaluate_shapeworld(
     held_out = [sw.sample_scene(rng, 1, split="held_out") for _ in range(max(1, n // 2))]
     qa = [(i, q, a) for i, s in enumerate(scenes) for q, a in [rng.choice(sw.questions(s))]]
     labels = sw.labels()
+    clean = {  # rendered once; each perturbation starts from these
+        name: [sw.render(s) for s in group]
+        for name, group in (("scenes", scenes), ("zeroshot_train", singles),
+                            ("zeroshot_held_out", held_out))
+    }  # fmt: skip
     results: dict[str, dict[str, float]] = defaultdict(dict)
     for kind in perturbations:
-        images = [perturb(sw.render(s), kind) for s in scenes]
+        images = [perturb(image, kind) for image in clean["scenes"]]
         captions = pipeline.caption(images, batch_size=batch_size)
         exact = [
             normalize_caption(c) == sw.describe(s) for c, s in zip(captions, scenes, strict=True)
@@ -59,7 +64,7 @@ def evaluate_shapeworld(
         results["caption_exact"][kind] = float(np.mean(exact))
 
         for name, group in (("zeroshot_train", singles), ("zeroshot_held_out", held_out)):
-            probs = pipeline.classify([perturb(sw.render(s), kind) for s in group], labels)
+            probs = pipeline.classify([perturb(image, kind) for image in clean[name]], labels)
             top = [next(iter(p)) == s.objects[0].name for p, s in zip(probs, group, strict=True)]
             results[name][kind] = float(np.mean(top))
 
