@@ -62,9 +62,8 @@ class Preset:
 
 
 _GPT2 = "openai-community/gpt2"
-_GPT2_FILES = tuple(
-    (_GPT2, f) for f in ("config.json", "model.safetensors", "vocab.json", "merges.txt")
-)
+# GPT-2's config and tokenizer; ClipCap checkpoints carry the weights themselves
+_GPT2_FILES = tuple((_GPT2, f) for f in ("config.json", "vocab.json", "merges.txt"))
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -78,8 +77,7 @@ PRESETS: dict[str, Preset] = {
             hub_files=(
                 ("akhaliq/CLIP-prefix-captioning-COCO-weights", "coco_weights.pt"),
                 ("timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin"),
-                *_GPT2_FILES[:1],
-                *_GPT2_FILES[2:],
+                *_GPT2_FILES,
             ),
         ),
         Preset(
