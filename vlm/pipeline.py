@@ -128,6 +128,29 @@ class Pipeline:
         save_file(state, directory / MAPPER_WEIGHTS)
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        folder: str | os.PathLike | None = None,
+        private: bool = False,
+        token: str | None = None,
+    ) -> str:
+        """Upload the pipeline (a folder saved before, or saved now) to a hub model repo;
+        `from_pretrained(repo_id)` loads it back. Returns the repo's URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as scratch:
+            if folder is None:
+                folder = Path(scratch) / "pipeline"
+                self.save_pretrained(folder)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                              commit_message="Upload vlm pipeline")  # fmt: skip
+        return str(url)
+
     # ------------------------------------------------------------------ the visual prefix
 
     def _images(self, images: Sequence[ImageInput] | ImageInput) -> list[Image.Image]:
@@ -139,7 +162,11 @@ class Pipeline:
     def image_features(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """What the mapper reads: the raw image embedding [B, D] (ClipCap), or image tokens
         [B, N, D] for a mapper with input="tokens"."""
-        pixels = self.encoder.pixels(self._images(images))
+        return self.features_from_pixels(self.encoder.pixels(self._images(images)))
+
+    @torch.inference_mode()
+    def features_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`image_features` of images already preprocessed into pixels [B, 3, H, W]."""
         if self.mapper.input == "tokens":
             grid = int(round((self.mapper.config["num_tokens"] - 1) ** 0.5))
             return self.encoder.encode_tokens(pixels, grid=grid)
