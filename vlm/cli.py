@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -100,26 +101,64 @@ def cmd_search(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import STAGES, TrainConfig, train
+    from .train import CLIPCAP_MAPPER, SIZES, STAGES, TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     options["out"] = Path(args.out)
     options["stages"] = tuple(args.stages.split(",")) if args.stages else STAGES
-    if args.bundle:
-        options["bundle"] = Path(args.bundle)
+    for name in ("bundle", "images", "feature_cache"):
+        if getattr(args, name):
+            options[name] = Path(getattr(args, name))
+    options["data"] = tuple(args.data or ())
+    if not args.data and args.dataset != "shapeworld":
+        options["data"] = (args.dataset,)  # a path given where a dataset name goes
+    mapper = {k: v for k, v in [("kind", args.mapper), ("prefix_length", args.prefix_length),
+              ("num_layers", args.mapper_layers), ("input", args.mapper_input)] if v}  # fmt: skip
+    if mapper:
+        base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
+        options["mapper"] = {**base, **mapper}
+        if mapper.get("kind") == "mlp":
+            options["mapper"] = {k: v for k, v in options["mapper"].items()
+                                 if k in ("kind", "prefix_length")}  # fmt: skip
     train(TrainConfig(**options))
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate_shapeworld, format_table
+    from . import evaluate
 
     pipeline = _model(args)
-    results = evaluate_shapeworld(pipeline, n=args.n, seed=args.seed, split=args.split)
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    if args.dataset == "shapeworld":
+        results = evaluate.evaluate_shapeworld(pipeline, n=args.n, seed=args.seed,
+                                               split=args.split or "train")  # fmt: skip
+        print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
+        return
+    if not args.data:
+        raise SystemExit(f"error: eval {args.dataset} needs --data")
+    if args.dataset == "zeroshot":
+        results = evaluate.evaluate_zeroshot(pipeline, args.data, batch_size=args.batch_size)
+    else:
+        from .data import read_examples
+
+        source = read_examples(args.data, args.data_format, split=args.split or "test",
+                               images=args.images)  # fmt: skip
+        examples = list(itertools.islice(source, args.limit))
+        if args.dataset == "captions":
+            results = evaluate.evaluate_captions(pipeline, examples, batch_size=args.batch_size,
+                                                 num_beams=args.num_beams)  # fmt: skip
+        else:
+            results = evaluate.evaluate_vqa(pipeline, examples, batch_size=args.batch_size)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2))
+    else:
+        print(evaluate.format_scores(results))
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .data import FORMATS
+
     parser = argparse.ArgumentParser(prog="python -m vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -155,29 +194,58 @@ def main(argv: list[str] | None = None) -> None:
 
     sub = commands.add_parser("train", help="train a model (stages clip, lm, prefix)")
     sub.set_defaults(func=cmd_train)
-    sub.add_argument("dataset", nargs="?", default="shapeworld")
+    sub.add_argument("dataset", nargs="?", default="shapeworld",
+                     help="shapeworld, or a data file/folder (same as --data)")  # fmt: skip
     sub.add_argument("--out", required=True, help="run folder (checkpoints, logs, parts)")
     sub.add_argument("--bundle", help="where to save the final pipeline")
     sub.add_argument("--stages", help="comma-separated subset of clip,lm,prefix")
     sub.add_argument("--size", choices=["small", "tiny"])
     sub.add_argument("--resume", action="store_true", default=None)
+    data = sub.add_argument_group("real data (see vlm/data.py for the formats)")
+    data.add_argument("--data", action="append", help="dataset file or folder (repeatable)")
+    data.add_argument("--data-format", choices=["auto", *FORMATS])
+    data.add_argument("--split", help="Karpathy split to train on (default: train)")
+    data.add_argument("--images", help="image root, if paths in the data are relative to it")
+    data.add_argument("--limit", type=int, help="use at most this many examples")
+    data.add_argument("--feature-cache", help="folder of cached image features")
+    data.add_argument("--features-in-memory", action="store_true", default=None,
+                      help="keep image features in memory instead of a disk cache")  # fmt: skip
+    parts = sub.add_argument_group("pretrained parts (then only the prefix stage trains)")
+    parts.add_argument("--encoder", help="open_clip model name, or local-dir:<folder>")
+    parts.add_argument("--encoder-pretrained", help="open_clip pretrained tag or file")
+    parts.add_argument("--lm", help="Hugging Face causal LM id or folder (frozen)")
+    parts.add_argument("--mapper", choices=["mlp", "transformer"])
+    parts.add_argument("--prefix-length", type=int)
+    parts.add_argument("--mapper-layers", type=int)
+    parts.add_argument("--mapper-input", choices=["embedding", "tokens"])
+    parts.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")
     for name, kind in [
         ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
         ("checkpoint_every", int),
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
+        ("prefix_epochs", float),
     ]:  # fmt: skip
         sub.add_argument("--" + name.replace("_", "-"), type=kind)
 
     sub = commands.add_parser("eval", help="evaluate a model")
     sub.set_defaults(func=cmd_eval)
-    sub.add_argument("dataset", choices=["shapeworld"])
+    sub.add_argument("dataset", choices=["shapeworld", "captions", "zeroshot", "vqa"])
     sub.add_argument("--model", default=DEFAULT_MODEL)
-    sub.add_argument("--n", type=int, default=1000, help="scenes per measure")
-    sub.add_argument("--seed", type=int, default=1234)
-    sub.add_argument("--split", default="train", choices=["train", "held_out", "any"])
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--n", type=int, default=1000, help="shapeworld: scenes per measure")
+    sub.add_argument("--seed", type=int, default=1234, help="shapeworld: scene seed")
+    sub.add_argument("--split", help="shapeworld: train, held_out or any; Karpathy data: "
+                     "its split (default test)")  # fmt: skip
+    sub.add_argument("--data", help="captions/vqa: dataset file; zeroshot: labelled folder")
+    sub.add_argument("--data-format", default="auto", choices=["auto", *FORMATS])
+    sub.add_argument("--images", help="image root, if paths in the data are relative to it")
+    sub.add_argument("--limit", type=int, help="evaluate on at most this many images")
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--num-beams", type=int, default=1)
+    sub.add_argument("--out", help="write scores and every prediction here as JSON")
 
     args = parser.parse_args(argv)
     from .images import ImageError

@@ -82,6 +82,7 @@ def build_pipeline(
     """A pipeline around existing encoder and LM with a new mapper between them; `mapper`
     holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM."""
     options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
-    mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm.config.hidden_size, **options)
+    lm_dim = lm.get_input_embeddings().embedding_dim  # not always hidden_size (OPT-350m)
+    mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm_dim, **options)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

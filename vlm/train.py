@@ -27,12 +27,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .data import FileDataset
 from .datasets import DATASETS
+from .device import default_device
 from .encoder import Encoder
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
+from .features import FeatureCache
 
 STAGES = ("clip", "lm", "prefix")
 BLOCK_SIZE = 64  # LM training sequence length (tokens)
+# ClipCap's mapper for a frozen LM (its --only_prefix --mapping_type transformer run)
+CLIPCAP_MAPPER = dict(kind="transformer", prefix_length=10, clip_length=10, num_layers=8)
 
 # Model sizes: "small" is the bundled ShapeWorld model, "tiny" is for tests and smoke runs.
 SIZES = {
@@ -74,10 +79,25 @@ class TrainConfig:
     prefix_batch_size: int = 128
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
+    prefix_epochs: float | None = None  # if set, prefix_steps = epochs over the images
     checkpoint_every: int = 250
     resume: bool = False
     bundle: Path | None = None  # where the final pipeline goes (default: <out>/pipeline)
     bundle_dtype: str = "float16"
+    push_to_hub: str | None = None  # a hub repo id to upload the final pipeline to
+    # real data (vlm.data): files instead of `dataset`, and pretrained parts to start from
+    data: tuple[str, ...] = ()
+    data_format: str = "auto"
+    split: str | None = "train"
+    images: Path | None = None  # image root, when paths in the data are relative to it
+    limit: int | None = None  # use at most this many examples
+    encoder: str | None = None  # open_clip model name or "local-dir:<folder>"
+    encoder_pretrained: str | None = None  # open_clip pretrained tag or weights file
+    lm: str | None = None  # a Hugging Face causal LM id or folder
+    mapper: dict | None = None  # PrefixMapper options (default: SIZES or ClipCap's)
+    feature_cache: Path | None = None  # default: <out>/features for file data
+    features_in_memory: bool = False  # file data: keep features in memory, not on disk
+    gradient_checkpointing: bool = False
 
 
 # ---------------------------------------------------------------------------- the stage loop
@@ -101,9 +121,11 @@ def run_stage(
     config: TrainConfig,
     accelerator: Accelerator,
     check: Callable[[], None] | None = None,
+    batch_size: int = 0,
 ) -> torch.nn.Module:
     """Train `module` for `steps` steps of `loss_fn` on `batches(start_step)`, with AdamW, a
-    cosine schedule, checkpoints and resume. `check` runs after each backward pass."""
+    cosine schedule, checkpoints and resume. `check` runs after each backward pass;
+    `batch_size` (all processes together) is for the log's samples and samples/s."""
     checkpoint = config.out / "checkpoints" / name
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -139,8 +161,12 @@ def run_stage(
             value = accelerator.gather(loss.detach()[None]).mean().item()
             bar.set_postfix(loss=f"{value:.4f}")
             if accelerator.is_main_process:
-                record = dict(stage=name, step=step, loss=value, lr=scheduler.get_last_lr()[0])
-                record["seconds"] = time.time() - tic
+                seconds = time.time() - tic
+                record = dict(stage=name, step=step, loss=value, lr=scheduler.get_last_lr()[0],
+                              seconds=seconds, processes=accelerator.num_processes)  # fmt: skip
+                if batch_size:
+                    record["samples"] = (step + 1) * batch_size
+                    record["samples_per_s"] = (step + 1 - start) * batch_size / seconds
                 with log.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
@@ -151,16 +177,21 @@ def run_stage(
     return accelerator.unwrap_model(module)
 
 
-def _epochs(n: int, batch_size: int, seed: str, pairs: bool = False) -> Iterator[list[int]]:
-    """Endless shuffled batches of indices; with `pairs`, items 2i and 2i+1 stay together."""
+def _epochs(
+    n: int, batch_size: int, seed: str, accelerator: Accelerator, pairs: bool = False
+) -> Iterator[list[int]]:
+    """Endless shuffled batches of indices, the same in every process, each process taking
+    its share of every batch (data parallel); with `pairs`, items 2i and 2i+1 stay together."""
     rng = random.Random(seed)
     unit = 2 if pairs else 1
+    rank, world = accelerator.process_index, accelerator.num_processes
     while True:
         order = list(range(n // unit))
         rng.shuffle(order)
-        per_batch = max(1, batch_size // unit)
+        per_batch = max(world, batch_size // unit)
         for i in range(0, len(order) - per_batch + 1, per_batch):
-            yield [j * unit + k for j in order[i : i + per_batch] for k in range(unit)]
+            mine = order[i : i + per_batch][rank::world]
+            yield [j * unit + k for j in mine for k in range(unit)]
 
 
 def split_prompt(text: str, config) -> tuple[str, str]:
@@ -208,7 +239,8 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
 
     def batches(start: int):
         rng = random.Random(f"clip-texts-{config.seed}-{start}")
-        indices = _epochs(len(data), config.batch_size, f"clip-{config.seed}-{start}", pairs=True)
+        indices = _epochs(len(data), config.batch_size, f"clip-{config.seed}-{start}",
+                          accelerator, pairs=True)  # fmt: skip
         for batch in indices:
             items = [data[i] for i in batch]
             pixels = encoder.pixels([image for image, _ in items])
@@ -220,7 +252,7 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
         return loss(out["image_features"], out["text_features"], out["logit_scale"])
 
     encoder.model = run_stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
-                              config, accelerator)  # fmt: skip
+                              config, accelerator, batch_size=config.batch_size)  # fmt: skip
     encoder.model.requires_grad_(False)
     return encoder
 
@@ -243,21 +275,24 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     blocks = pack_texts(tokenizer, texts, BLOCK_SIZE)
 
     def batches(start: int):
-        for batch in _epochs(len(blocks), config.lm_batch_size, f"lm-{config.seed}-{start}"):
+        seed = f"lm-{config.seed}-{start}"
+        for batch in _epochs(len(blocks), config.lm_batch_size, seed, accelerator):
             yield blocks[batch].to(accelerator.device)
 
     def loss_fn(module, tokens):
         return module(input_ids=tokens, labels=tokens).loss
 
-    lm = run_stage("lm", lm, loss_fn, batches, config.lm_steps, config.lm_lr, config, accelerator)
+    lm = run_stage("lm", lm, loss_fn, batches, config.lm_steps, config.lm_lr, config, accelerator,
+                   batch_size=config.lm_batch_size)  # fmt: skip
     return lm, tokenizer
 
 
 def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
     """The LM's next-token loss on the text after the visual prefix (none on the prefix)."""
-    inputs = torch.cat([prefix, lm.get_input_embeddings()(tokens)], dim=1)
+    table = lm.get_input_embeddings()
+    inputs = torch.cat([prefix.to(table.weight.dtype), table(tokens)], dim=1)
     ignore = labels.new_full((labels.shape[0], prefix.shape[1]), -100)
-    return lm(inputs_embeds=inputs, labels=torch.cat([ignore, labels], dim=1)).loss
+    return lm(inputs_embeds=inputs, labels=torch.cat([ignore, labels], dim=1), use_cache=False).loss
 
 
 def cache_features(pipeline, images, batch_size: int = 256) -> torch.Tensor:
@@ -270,25 +305,58 @@ def cache_features(pipeline, images, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(features)
 
 
+def prefix_features(dataset, pipeline, config: TrainConfig, accelerator):
+    """(texts of each item, lookup(indices) -> features) for the prefix stage: rendered
+    datasets are encoded in memory; file datasets stream through a `FeatureCache`."""
+    if not hasattr(dataset, "examples"):
+        data = dataset.prefix_data(config.prefix_examples, config.seed)
+        features = cache_features(pipeline, data)
+        return data.texts, lambda indices: features[indices]
+    cache = FeatureCache(None if config.features_in_memory else config.feature_cache, pipeline)
+    shared = cache.dir is not None  # on disk, each process encodes its share
+    rank, world = (accelerator.process_index, accelerator.num_processes) if shared else (0, 1)
+    records, failed = cache.add(dataset.examples(), rank=rank, world=world)
+    accelerator.wait_for_everyone()
+    cache.refresh()
+    for key, reason in failed[:20]:
+        accelerator.print(f"skipped {key}: {reason}")
+    records = [(key, texts) for key, texts in records if key in cache and texts]
+    if not records:
+        raise ValueError("no readable image with a caption or question in the data")
+    accelerator.print(
+        f"{len(records)} examples, {cache.encoded} images encoded now, "
+        f"{len(failed)} unreadable" + (f"; features cached in {cache.dir}" if shared else "")
+    )
+    keys = [key for key, _ in records]
+    return [texts for _, texts in records], lambda indices: cache.get([keys[i] for i in indices])
+
+
 def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, accelerator):
     """Stage 3: the mapper, trained through the frozen LM from frozen-encoder features."""
-    size = SIZES[config.size]
+    mapper_options = config.mapper or (
+        CLIPCAP_MAPPER if config.lm else SIZES[config.size]["mapper"]
+    )
     pipeline = build_pipeline(
-        encoder, lm, tokenizer, size["mapper"],
+        encoder, lm, tokenizer, mapper_options,
         device=accelerator.device, **dataset.pipeline_config(),
     )  # fmt: skip
     frozen = [*pipeline.encoder.model.parameters(), *pipeline.lm.parameters()]
     assert not any(p.requires_grad for p in frozen), "encoder and LM must be frozen"
-    data = dataset.prefix_data(config.prefix_examples, config.seed)
-    features = cache_features(pipeline, data)  # the encoder is frozen: embed once
+    if config.gradient_checkpointing:
+        _checkpoint_layers(pipeline.lm)
+    texts, lookup = prefix_features(dataset, pipeline, config, accelerator)
+    steps = config.prefix_steps
+    if config.prefix_epochs is not None:
+        steps = max(1, math.ceil(config.prefix_epochs * len(texts) / config.prefix_batch_size))
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
-        for batch in _epochs(len(data), config.prefix_batch_size, f"prefix-{config.seed}-{start}"):
-            pairs = [split_prompt(rng.choice(data.texts[i]), pipeline.config) for i in batch]
+        seed = f"prefix-{config.seed}-{start}"
+        for batch in _epochs(len(texts), config.prefix_batch_size, seed, accelerator):
+            pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in batch]
             prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
             yield (
-                features[batch].float().to(accelerator.device),
+                lookup(batch).float().to(accelerator.device),
                 _texts_tensor(tokenizer, targets, accelerator.device, prompts),
             )
 
@@ -300,45 +368,100 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         assert all(p.grad is None for p in frozen), "a gradient reached the encoder or the LM"
 
     mapper = pipeline.mapper.requires_grad_(True)
-    pipeline.mapper = run_stage("prefix", mapper, loss_fn, batches, config.prefix_steps,
-                                config.prefix_lr, config, accelerator, check)  # fmt: skip
+    pipeline.mapper = run_stage("prefix", mapper, loss_fn, batches, steps, config.prefix_lr,
+                                config, accelerator, check, config.prefix_batch_size)  # fmt: skip
     return pipeline
+
+
+def _checkpoint_layers(lm) -> None:
+    """Gradient checkpointing in the frozen LM's layers (activations recomputed in the
+    backward pass: less memory for big LMs), while the LM stays in eval mode (no dropout):
+    transformers checkpoints a layer only when that layer says it is training."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    options = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # the newer name (transformers ≥ 5.3x)
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    for module in lm.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
 
 
 # ---------------------------------------------------------------------------- the whole run
 
 
+def _dataset(config: TrainConfig):
+    if config.data:
+        return FileDataset(config.data, config.data_format, config.split, config.images,
+                           config.limit)  # fmt: skip
+    return DATASETS[config.dataset]()
+
+
+def _frozen_parts(config: TrainConfig, encoder_dir: Path, lm_dir: Path, device):
+    """The encoder and LM the prefix stage starts from: pretrained ones named in the config,
+    else the ones the earlier stages saved in the run folder. On a GPU the frozen LM runs in
+    bf16 (fp16 if bf16 is not supported)."""
+    if config.encoder:
+        spec = {"model": config.encoder}
+        if config.encoder_pretrained:
+            spec["pretrained"] = config.encoder_pretrained
+        encoder = Encoder.load(spec)
+    else:
+        encoder = Encoder.load({"model": f"local-dir:{encoder_dir.resolve()}"})
+    dtype = torch.float32
+    if torch.device(device).type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    source = config.lm or lm_dir
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return encoder, lm, tokenizer
+
+
 def train(config: TrainConfig):
-    """Run the requested stages; finished stages are loaded from `<out>` instead of rerun."""
-    accelerator = Accelerator()
+    """Run the requested stages; finished stages are loaded from `<out>` instead of rerun.
+
+    With pretrained parts (`encoder`, `lm`), only the prefix stage runs."""
+    on_cpu = default_device().type == "cpu"  # then several processes are CPU ones (gloo)
+    mixed = "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed)
     set_seed(config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
-    dataset = DATASETS[config.dataset]()
+    if config.data and config.feature_cache is None and not config.features_in_memory:
+        config = dataclasses.replace(config, feature_cache=config.out / "features")
+    dataset = _dataset(config)
     encoder_dir, lm_dir = config.out / "encoder", config.out / "lm"
+    stages = [s for s in config.stages if not (s == "clip" and config.encoder)]
+    stages = [s for s in stages if not (s == "lm" and config.lm)]
     tic = time.time()
 
-    if "clip" in config.stages and not (config.resume and (encoder_dir / "done").exists()):
+    if "clip" in stages and not (config.resume and (encoder_dir / "done").exists()):
         encoder = train_clip(dataset, config, accelerator)
         if accelerator.is_main_process:
             encoder.save(encoder_dir)
             (encoder_dir / "done").touch()
     accelerator.wait_for_everyone()
 
-    if "lm" in config.stages and not (config.resume and (lm_dir / "done").exists()):
+    if "lm" in stages and not (config.resume and (lm_dir / "done").exists()):
         lm, tokenizer = train_lm(dataset, config, accelerator)
         if accelerator.is_main_process:
             lm.save_pretrained(lm_dir)
             tokenizer.save_pretrained(lm_dir)
             (lm_dir / "done").touch()
     accelerator.wait_for_everyone()
-    if "prefix" not in config.stages:
+    if "prefix" not in stages:
         return None
-    encoder = Encoder.load({"model": f"local-dir:{encoder_dir.resolve()}"})
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    encoder, lm, tokenizer = _frozen_parts(config, encoder_dir, lm_dir, accelerator.device)
     pipeline = train_prefix(dataset, encoder, lm, tokenizer, config, accelerator)
     if accelerator.is_main_process:
         bundle = config.bundle or config.out / "pipeline"
         pipeline.save_pretrained(bundle, dtype=getattr(torch, config.bundle_dtype))
         accelerator.print(f"saved {bundle} after {time.time() - tic:.0f} s")
+        if config.push_to_hub:
+            url = pipeline.push_to_hub(config.push_to_hub, folder=bundle)
+            accelerator.print(f"pushed to {url}")
+    accelerator.wait_for_everyone()
     return pipeline
