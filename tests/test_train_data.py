@@ -1,0 +1,262 @@
+"""Training on real-data files, ClipCap style: pretrained (here: the tiny test) encoder and LM,
+frozen; a COCO-format dataset written by the test; feature cache, resume, evaluation with
+pycocoevalcap, and the saved folder served by the app."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from test_app import start_app
+from test_data import scenes, write_dataset
+
+from vlm import Pipeline
+from vlm.cli import main as cli
+from vlm.metrics import caption_scores, java_available, normalize_answer, recall_at_k
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train_args(data: Path, out: Path, saved: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--out", str(out),
+        "--encoder", f"local-dir:{saved / 'encoder'}", "--lm", str(saved / "lm"),
+        "--mapper", "mlp", "--prefix-length", "4", "--prefix-batch-size", "16",
+        "--prefix-lr", "3e-3", "--checkpoint-every", "20", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    """A Karpathy-format COCO dataset of one-object ShapeWorld scenes (train/val/test)."""
+    return write_dataset(tmp_path_factory.mktemp("coco"), "karpathy", scenes(48), size=32)
+
+
+@pytest.fixture(scope="module")
+def run(coco, saved_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coco-run")
+    cli(train_args(coco, out, saved_pipeline, "--prefix-steps", "20"))
+    first = log_rows(out)
+    cli(train_args(coco, out, saved_pipeline, "--prefix-steps", "60", "--resume"))
+    return out, first, log_rows(out)[len(first) :]
+
+
+def test_trains_resumes_and_lowers_the_loss(run):
+    out, first, second = run
+    assert [r["step"] for r in first][-1] == 19
+    assert second[0]["step"] == 20 and second[-1]["step"] == 59  # resumed, not restarted
+    losses = [r["loss"] for r in first + second]
+    assert min(losses[-3:]) < 0.9 * losses[0], losses
+    pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipeline.config.caption_prompt == ""  # ClipCap's convention for file data
+    assert pipeline.mapper.lm_dim == pipeline.lm.get_input_embeddings().embedding_dim
+
+
+def test_feature_cache_is_reused_across_runs(run, coco, saved_pipeline, tmp_path, capsys):
+    out, _, _ = run
+    cache = out / "features"
+    shards = list(cache.glob("*/shard-*.safetensors"))
+    assert shards, "the first run cached its features"
+    cli(train_args(coco, tmp_path / "again", saved_pipeline, "--prefix-steps", "2",
+                   "--feature-cache", str(cache)))  # fmt: skip
+    assert "24 examples, 0 images encoded now" in capsys.readouterr().out
+    assert sorted(cache.glob("*/shard-*.safetensors")) == sorted(shards)
+    # what the cache holds is what the encoder gives now
+    from vlm.data import ExampleSource
+    from vlm.features import FeatureCache
+
+    # (the bundle's encoder is saved in fp16: other weights, so another fingerprint; the run
+    # used the fp32 encoder it was given)
+    pipeline = Pipeline.from_pretrained(saved_pipeline, device="cpu")
+    store = FeatureCache(cache, pipeline)
+    examples = list(ExampleSource(coco, split="train"))[:3]
+    cached = store.get([e.content_hash() for e in examples]).float()
+    fresh = pipeline.image_features([e.load() for e in examples])
+    torch.testing.assert_close(cached, fresh, atol=2e-3, rtol=2e-3)
+
+
+def test_eval_captions_prints_coco_metrics_and_recall(run, coco, tmp_path, capsys):
+    out, _, _ = run
+    report = tmp_path / "scores.json"
+    cli(["eval", "captions", "--data", str(coco), "--model", str(out / "pipeline"),
+         "--out", str(report)])  # fmt: skip
+    table = capsys.readouterr().out
+    result = json.loads(report.read_text())
+    expected = {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "text→image R@1", "image→text R@10"}
+    if java_available():
+        expected.add("METEOR")
+    assert expected <= set(result["scores"]) and "| CIDEr |" in table
+    assert result["images"] == 12 and len(result["predictions"]) == 12  # the test split
+    assert all(0 <= v <= 1 for k, v in result["scores"].items() if k != "CIDEr")
+    # 12 images: recall@10 of text→image must beat chance (10/12 at best by luck)
+    assert result["scores"]["text→image R@10"] >= result["scores"]["text→image R@1"]
+
+
+def test_saved_folder_serves_in_the_app(run, coco, tmp_path):
+    out, _, _ = run
+    process, url, _ = start_app(tmp_path, "--model", str(out / "pipeline"))
+    try:
+        client = Client(url, verbose=False)
+        image = sorted((coco.parent / "train2014").glob("*.jpg"))[0]
+        caption = client.predict(handle_file(str(image)), api_name="/caption")
+        pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+        assert caption == pipeline.caption(image)[0]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_caption_scores_match_known_values():
+    refs = {"1": ["a small red circle", "a red circle"], "2": ["a large blue star"]}
+    perfect, notes = caption_scores(refs, {"1": "a small red circle", "2": "a large blue star"})
+    assert perfect["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["ROUGE-L"] == pytest.approx(1.0)
+    wrong, _ = caption_scores(refs, {"1": "green squares everywhere", "2": "nothing here"})
+    assert wrong["BLEU-1"] < 0.01 and wrong["CIDEr"] == pytest.approx(0.0, abs=1e-6)
+    assert wrong["ROUGE-L"] == pytest.approx(0.0)
+    if java_available():
+        assert perfect["METEOR"] > 0.9 and wrong["METEOR"] < 0.1
+    else:
+        assert "METEOR" not in perfect and notes
+
+
+def test_recall_at_k_and_answer_normalisation():
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.5, 0.4, 0.3]])
+    recall = recall_at_k(similarity, [{0}, {1}, {1}], ks=(1, 2, 3))
+    assert recall == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
+    assert normalize_answer("Two.") == normalize_answer("2") == "2"
+    assert normalize_answer("The red one!") == "red 1"
+
+
+# ---------------------------------------------------------------------------- any causal LM
+
+TINY_LMS = {
+    "opt": dict(model_type="opt", hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(TINY_LMS))
+def test_any_causal_lm_family_trains_and_serves(family, coco, saved_pipeline, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(saved_pipeline / "lm")
+    options = dict(TINY_LMS[family])
+    config = AutoConfig.for_model(
+        options.pop("model_type"), vocab_size=len(tokenizer), **options,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm_dir = tmp_path / family
+    AutoModelForCausalLM.from_config(config).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    out = tmp_path / "run"
+    cli([
+        "train", "--data", str(coco), "--out", str(out), "--lm", str(lm_dir),
+        "--encoder", f"local-dir:{saved_pipeline / 'encoder'}", "--mapper", "transformer",
+        "--prefix-length", "3", "--mapper-layers", "1", "--prefix-steps", "3",
+        "--prefix-batch-size", "8", "--features-in-memory",
+    ])  # fmt: skip
+    pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert type(pipeline.lm).__name__.lower().startswith(family.replace("_", "").split("2")[0])
+    width = pipeline.lm.get_input_embeddings().embedding_dim
+    assert pipeline.prefix([sw_image()]).shape == (1, 3, width)  # OPT: 16, not hidden_size
+    assert isinstance(pipeline.caption(sw_image(), max_new_tokens=5)[0], str)
+    answer, scores = pipeline.answer(sw_image(), "what color is it?", ["red", "blue"],
+                                     return_scores=True)[0]  # fmt: skip
+    assert answer in ("red", "blue") and sum(scores.values()) == pytest.approx(1.0)
+
+
+def sw_image():
+    from vlm import shapeworld as sw
+
+    return sw.render(sw.sample_scene(random.Random(3), n_objects=1), 32)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(trained):
+    from transformers import AutoModelForCausalLM
+
+    from vlm.train import _checkpoint_layers, _texts_tensor, prefix_loss
+
+    pipeline = trained
+    lm = AutoModelForCausalLM.from_config(pipeline.lm.config).eval().requires_grad_(False)
+    lm.load_state_dict(pipeline.lm.state_dict())
+    tokens, labels = _texts_tensor(pipeline.tokenizer, ["a large red square"], "cpu", ["Caption:"])
+    features = pipeline.image_features([sw_image()])
+
+    def gradients(model):
+        pipeline.mapper.zero_grad()
+        with torch.enable_grad():
+            pipeline.mapper.requires_grad_(True)
+            prefix_loss(model, pipeline.mapper(features.clone()), tokens, labels).backward()
+        grads = [p.grad.clone() for p in pipeline.mapper.parameters()]
+        pipeline.mapper.requires_grad_(False).zero_grad()
+        return grads
+
+    plain = gradients(lm)
+    calls = []
+    _checkpoint_layers(lm)
+    lm.transformer.h[0]._gradient_checkpointing_func = _recording(calls)
+    checkpointed = gradients(lm)
+    assert calls, "the layers were checkpointed"
+    assert all(not m.training for m in lm.modules() if isinstance(m, torch.nn.Dropout))
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _recording(calls):
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def run(function, *args, **kwargs):
+        calls.append(1)
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    return functools.wraps(checkpoint)(run)
+
+
+# ---------------------------------------------------------------------------- more processes
+
+
+def test_accelerate_launch_two_processes_on_cpu(coco, saved_pipeline, tmp_path):
+    """The multi-GPU command (torchrun under `accelerate launch --multi_gpu`), run as 2 CPU
+    processes talking over gloo: data sharded, features cached by both, one bundle saved."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp"
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm",
+        *train_args(coco, out, saved_pipeline, "--prefix-steps", "6"),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "VLM_DEVICE": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**__import__("os").environ, **env})  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == [0, 5] and all(r["processes"] == 2 for r in rows)
+    assert rows[-1]["samples"] == 6 * 16  # the global batch, split across the processes
+    listed = [json.loads(p.read_text()) for p in (out / "features").glob("*/shard-*.json")]
+    assert len(listed) == 2 and sum(map(len, listed)) == 24  # each process encoded its half
+    assert Pipeline.from_pretrained(out / "pipeline", device="cpu").caption(sw_image())
