@@ -7,8 +7,10 @@ app.py` and Hugging Face Spaces use the module-level `demo`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
+import gc
 import logging
 import os
 import re
@@ -37,6 +39,10 @@ MAX_LABELS = int(os.environ.get("VLM_MAX_LABELS", 2000))
 MAX_QUESTION_CHARS = int(os.environ.get("VLM_MAX_QUESTION_CHARS", 500))
 MAX_UPLOAD_FILES = int(os.environ.get("VLM_MAX_UPLOAD_FILES", 500))
 MAX_FILE_SIZE = os.environ.get("VLM_MAX_FILE_SIZE", "50mb")
+# Gradio keeps a copy of the page's configuration for every session (about 0.3 MB each here)
+# until it has this many; API clients never close theirs, so without a bound memory grows
+# with every new visitor. The app keeps nothing per session, so forgetting the oldest is free.
+MAX_SESSIONS = int(os.environ.get("VLM_MAX_SESSIONS", 256))
 INDEX_ROOT = Path(os.environ.get("VLM_INDEX_DIR", Path.home() / ".cache" / "vlm" / "indexes"))
 
 try:  # ZeroGPU on Hugging Face Spaces: GPU work runs inside @spaces.GPU
@@ -62,7 +68,53 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--auth", default=env("VLM_AUTH"), help="user:password")
     parser.add_argument("--index-dir", type=Path, default=INDEX_ROOT)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--allowed-dir", dest="allowed_dirs", type=Path, action="append",
+        help="a server folder whose files and model folders requests may name by path "
+        "(repeatable; default: VLM_ALLOWED_DIRS, separated by os.pathsep; none)",
+    )  # fmt: skip
+    settings = parser.parse_args(argv)
+    if settings.allowed_dirs is None:
+        dirs = env("VLM_ALLOWED_DIRS", "").split(os.pathsep)
+        settings.allowed_dirs = [Path(d) for d in dirs if d.strip()]
+    return settings
+
+
+class PathGuard:
+    """The server files a request may name by path: only those under the folders allowed with
+    --allowed-dir, plus Gradio's upload folder (where uploads land) and the bundled examples.
+
+    A path is resolved first (`..` removed, symlinks followed), so neither can lead out of an
+    allowed folder; `~` is not expanded (it is the server's home, not the user's)."""
+
+    def __init__(self, allowed_dirs=()):
+        self.allowed = [Path(d).resolve() for d in allowed_dirs]
+
+    def roots(self) -> list[Path]:
+        uploads = Path(gr.utils.get_upload_folder()).resolve()
+        return [*self.allowed, uploads, EXAMPLES_DIR.resolve()]
+
+    def allows(self, path: str | os.PathLike) -> Path | None:
+        """The resolved path if a request may read it, else None."""
+        text = os.fspath(path)
+        if not text or "\x00" in text:
+            return None
+        try:
+            resolved = Path(text).resolve()
+        except (OSError, RuntimeError):  # a symlink loop, a name too long, …
+            return None
+        return resolved if any(resolved.is_relative_to(r) for r in self.roots()) else None
+
+    def check(self, path: str | os.PathLike) -> Path:
+        """The resolved path, or a gr.Error that says why it is refused."""
+        resolved = self.allows(path)
+        if resolved is None:
+            raise gr.Error(
+                f"The server does not read {os.fspath(path)!r}: it is outside the folders it "
+                "may read from (uploads, the bundled examples and folders allowed with "
+                "--allowed-dir). Upload the file instead."
+            )
+        return resolved
 
 
 # ---------------------------------------------------------------------------- models
@@ -77,6 +129,7 @@ class Models:
         else:
             self.default, self.reason = choose_default_model()
         self._loaded: dict[str, Pipeline] = {}
+        self._turns: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
         try:
             self.get(self.default)
@@ -91,12 +144,41 @@ class Models:
     def choices(self) -> list[str]:
         return list(dict.fromkeys([self.default, *available_presets()]))
 
+    def pick(self, name: str | None, guard: PathGuard) -> str:
+        """The model a request asked for: one this server offers, or a model folder under an
+        allowed folder; never a hub id or a folder elsewhere (nothing a user types is fetched
+        or read unless allowed)."""
+        if not name:
+            return self.default
+        if name in self.choices():
+            return name
+        folder = guard.allows(name)
+        if folder is not None and folder.is_dir():
+            return str(folder)
+        raise gr.Error(
+            f"Model {name!r} is not offered here: choose one of {', '.join(self.choices())}, "
+            "or a model folder inside a folder allowed with --allowed-dir."
+        )
+
     def get(self, name: str | None) -> Pipeline:
         name = name or self.default
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = Pipeline.from_pretrained(name)
             return self._loaded[name]
+
+    @contextlib.contextmanager
+    def use(self, name: str | None):
+        """The pipeline, for one request at a time. Gradio runs two requests at once, and a
+        pipeline is not safe to share between threads: the image encoder switches its ViT to
+        also return patch tokens for the length of a call (open_clip's `output_tokens`), and
+        a search index is changed in place. Requests take turns per model; torch spreads each
+        one over every core anyway."""
+        pipeline = self.get(name)
+        with self._lock:
+            turn = self._turns.setdefault(name or self.default, threading.RLock())
+        with turn:
+            yield pipeline
 
     def notice(self, name: str | None = None) -> str:
         name = name or self.default
@@ -122,11 +204,16 @@ def friendly(func):
         except (ImageError, UploadError, IndexLoadError, ValueError, FileNotFoundError) as error:
             raise gr.Error(str(error)) from None
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise gr.Error("The GPU ran out of memory; try fewer or smaller images.") from None
+            log.warning("out of GPU memory in %s; freeing memory", func.__name__)
         except Exception as error:
             log.exception("request failed")
             raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
+        # Out of memory. Out here the exception, its traceback and the failed call's frames
+        # and tensors are gone: collect them, then hand the cached blocks back to the GPU, so
+        # the next request starts from free memory.
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise gr.Error("The GPU ran out of memory; try fewer or smaller images.")
 
     return wrapper
 
@@ -153,12 +240,6 @@ def image_input(label: str = "Image", **options) -> UploadedImage:
     return UploadedImage(type="pil", label=label, **options)
 
 
-def _image(image, what: str = "an image"):
-    if image is None:
-        raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
-    return load_image(image)
-
-
 def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tokens: float):
     if not 1 <= int(max_tokens) <= MAX_NEW_TOKENS:
         raise gr.Error(f"Max length must be between 1 and {MAX_NEW_TOKENS} tokens.")
@@ -172,24 +253,47 @@ def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tok
     return options
 
 
-def make_handlers(models: Models, index_root: Path):
-    """The functions behind the page's buttons (and its API), closed over the models."""
+def index_folder(index_root: Path, model: str) -> Path:
+    """Where a model's search index lives: one folder per model, named safely."""
+    return index_root / re.sub(r"^\.+|[^A-Za-z0-9_.-]+", "_", model)
+
+
+def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
+    """The functions behind the page's buttons (and its API), closed over the models.
+
+    Every server path a request names (an image or file given as a string, a model folder)
+    must lie under `allowed_dirs`, Gradio's upload folder or the bundled examples."""
     indexes: dict[str, SearchIndex] = {}
     index_lock = threading.Lock()
+    guard = PathGuard(allowed_dirs)
 
-    def index_dir(model: str) -> Path:
-        return index_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", model or models.default)
+    def using(model: str | None):
+        """The model a request asked for, held for this request (see Models.use)."""
+        return models.use(models.pick(model, guard))
+
+    def index_dir(model: str | None) -> Path:
+        return index_folder(index_root, models.pick(model, guard))
+
+    def _image(image, what: str = "an image"):
+        if image is None:
+            raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
+        if isinstance(image, str | os.PathLike):
+            image = guard.check(image)
+        return load_image(image)
+
+    def _files(files) -> list[Path]:
+        return [guard.check(getattr(f, "path", None) or f) for f in files]
 
     def get_index(model: str | None) -> SearchIndex:
         """The model's persistent index, built from the bundled examples the first time."""
-        name = model or models.default
+        name = models.pick(model, guard)
         with index_lock:
             if name not in indexes:
-                pipeline, folder = models.get(name), index_dir(name)
+                encoder, folder = models.get(name).encoder, index_folder(index_root, name)
                 if (folder / "manifest.json").exists():
-                    indexes[name] = SearchIndex.load(folder, pipeline.encoder)
+                    indexes[name] = SearchIndex.load(folder, encoder)
                 else:
-                    index = SearchIndex(pipeline.encoder)
+                    index = SearchIndex(encoder)
                     index.add([p for p, _ in shapeworld_examples()] + photo_examples())
                     index.save(folder)
                     indexes[name] = index
@@ -200,8 +304,9 @@ def make_handlers(models: Models, index_root: Path):
     def caption(
         image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
     ):
-        options = _decoding(mode, beams, top_p, temperature, max_tokens)
-        return models.get(model).caption([_image(image)], **options)[0]
+        options, picture = _decoding(mode, beams, top_p, temperature, max_tokens), _image(image)
+        with using(model) as pipeline:
+            return pipeline.caption([picture], **options)[0]
 
     @friendly
     @gpu
@@ -213,13 +318,15 @@ def make_handlers(models: Models, index_root: Path):
             raise gr.Error(f"At most {MAX_UPLOAD_FILES} images at once.")
         options = _decoding(mode, beams, top_p, temperature, max_tokens)
         rows, good = [], []
-        for file in files:
-            path = Path(file)
+        for path in _files(files):
             try:
                 good.append((path.name, load_image(path)))
             except ImageError as error:
                 rows.append((path.name, f"⚠ {error}"))
-        captions = models.get(model).caption([im for _, im in good], **options) if good else []
+        captions = []
+        if good:
+            with using(model) as pipeline:
+                captions = pipeline.caption([im for _, im in good], **options)
         rows = [(name, c) for (name, _), c in zip(good, captions, strict=True)] + rows
         table = pd.DataFrame(rows, columns=["file", "caption"])
         out = Path(tempfile.mkdtemp(prefix="vlm-captions-")) / "captions.csv"
@@ -235,7 +342,9 @@ def make_handlers(models: Models, index_root: Path):
         for template in templates:
             if "{}" not in template:
                 raise gr.Error(f"Each template needs a {{}} where the label goes: {template!r}")
-        probs = models.get(model).classify([_image(image)], labels, templates or None)[0]
+        picture = _image(image)
+        with using(model) as pipeline:
+            probs = pipeline.classify([picture], labels, templates or None)[0]
         top = list(probs.items())[:15]
         chart = pd.DataFrame({"label": [k for k, _ in top], "probability": [v for _, v in top]})
         return probs, chart
@@ -247,9 +356,9 @@ def make_handlers(models: Models, index_root: Path):
         choices = (
             parse_labels(choices_text, max_labels=50) if (choices_text or "").strip() else None
         )
-        best, scores = models.get(model).answer(
-            [_image(image)], [question], choices, return_scores=True
-        )[0]
+        picture = _image(image)
+        with using(model) as pipeline:
+            best, scores = pipeline.answer([picture], [question], choices, return_scores=True)[0]
         return best, scores
 
     @friendly
@@ -265,7 +374,8 @@ def make_handlers(models: Models, index_root: Path):
         if not parts:
             raise gr.Error("Give at least one example: an image and its text.")
         parts += [_image(query, "a query image"), (prompt or "").strip()]
-        return models.get(model).continue_sequence(parts, max_new_tokens=int(max_tokens))
+        with using(model) as pipeline:
+            return pipeline.continue_sequence(parts, max_new_tokens=int(max_tokens))
 
     @friendly
     @gpu
@@ -273,7 +383,8 @@ def make_handlers(models: Models, index_root: Path):
         if not (text or "").strip():
             raise gr.Error("Type a label or a phrase to look for.")
         picture = _image(image)
-        grid = models.get(model).explain(picture, text.strip())
+        with using(model) as pipeline:
+            grid = pipeline.explain(picture, text.strip())
         return overlay_heatmap(picture, grid)
 
     def _gallery(index: SearchIndex, hits=None):
@@ -284,47 +395,56 @@ def make_handlers(models: Models, index_root: Path):
     @friendly
     @gpu
     def search(query_text="", query_image=None, k=8, model=None):
-        index = get_index(model)
         if query_image is not None:
             query = _image(query_image)
         elif (query_text or "").strip():
-            query = query_text.strip()
+            query = query_text.strip()  # always text: never read as a server path
         else:
             raise gr.Error("Type a text query or give a query image.")
-        return _gallery(index, index.search(query, k=int(k)))
+        with using(model):
+            index = get_index(model)
+            return _gallery(index, index.search(query, k=int(k)))
 
     @friendly
     def index_add(files, model=None, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         if not files:
             raise gr.Error("Drop images or a .zip of images to add.")
-        index = get_index(model)
-        folder = index_dir(model) / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths, skipped = collect_uploads(
-            [str(f) for f in files], folder, max_files=MAX_UPLOAD_FILES
-        )
-        stored = []
-        for path in paths:  # keep our own copy: Gradio's upload cache is temporary
-            target = path if path.parent == folder else folder / path.name
-            if target != path:
-                target.write_bytes(path.read_bytes())
-            stored.append(target)
-        progress(0, desc="indexing")
-        added = index.add(stored, progress=lambda done, total: progress(done / max(total, 1)))
-        with index_lock:
-            index.save(index_dir(model))
-        skipped += index.skipped
+        uploads = _files(files)
+        with using(model):
+            index = get_index(model)
+            folder = index_dir(model) / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            paths, skipped = collect_uploads(
+                [str(f) for f in uploads], folder, max_files=MAX_UPLOAD_FILES
+            )
+            stored = []
+            for path in paths:  # keep our own copy: Gradio's upload cache is temporary
+                target = path if path.parent == folder else folder / path.name
+                if target != path:
+                    target.write_bytes(path.read_bytes())
+                stored.append(target)
+            progress(0, desc="indexing")
+            added = index.add(stored, progress=lambda done, total: progress(done / max(total, 1)))
+            with index_lock:
+                index.save(index_dir(model))
+            skipped += index.skipped
         status = f"Added {added} image(s); the index now holds {len(index)}."
         if skipped:
             status += " Skipped: " + "; ".join(f"{Path(n).name} ({why})" for n, why in skipped[:20])
         return _gallery(index), status
 
+    @friendly
     def show_index(model=None):
-        return _gallery(get_index(model))
+        with using(model):
+            return _gallery(get_index(model))
+
+    @friendly
+    def notice(model=None):
+        return models.notice(models.pick(model, guard))
 
     return dict(caption=caption, caption_files=caption_files, classify=classify, answer=answer,
                 few_shot=few_shot, explain=explain, search=search, index_add=index_add,
-                show_index=show_index)  # fmt: skip
+                show_index=show_index, notice=notice)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the page
@@ -369,7 +489,7 @@ def label_sets() -> dict[str, str]:
 
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
-    handlers = make_handlers(models, settings.index_dir)
+    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs)
     pipeline = models.get(None)
     sets = label_sets()
     default_set = "ShapeWorld colour + shape" if pipeline.config.name == "shapeworld" else (
@@ -387,7 +507,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                 models.choices(), value=models.default, label="Model", scale=0,
                 min_width=220, visible=len(models.choices()) > 1,
             )  # fmt: skip
-        model.change(lambda name: models.notice(name), model, notice, api_name=False)
+        model.change(handlers["notice"], model, notice, api_name=False)
         with gr.Accordion("How it works", open=False):
             gr.HTML(HOW_IT_WORKS)
 
@@ -519,7 +639,17 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
 
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=64)
+    demo.vlm_served_paths = served_paths(settings.index_dir, models.choices())
     return demo
+
+
+def served_paths(index_root: Path, model_names: list[str]) -> list[str]:
+    """Gradio's `allowed_paths`, kept minimal: what the page must show from outside its upload
+    cache, that is the bundled examples and the images each model's index keeps. Never the
+    index files themselves, nor the folders allowed with --allowed-dir (requests may *read*
+    from those, but nothing there is served)."""
+    images = [index_folder(index_root, name) / "images" for name in model_names]
+    return [str(EXAMPLES_DIR), *map(str, images)]
 
 
 def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
@@ -532,7 +662,7 @@ def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
     demo.launch(
         server_name=settings.server_name, server_port=settings.port, share=settings.share,
         auth=auth, max_file_size=MAX_FILE_SIZE, css=CSS, footer_links=["api"],
-        allowed_paths=[str(settings.index_dir), str(EXAMPLES_DIR)],
+        allowed_paths=demo.vlm_served_paths, state_session_capacity=MAX_SESSIONS,
     )  # fmt: skip
 
 

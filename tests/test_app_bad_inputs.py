@@ -3,19 +3,29 @@ model: every request gets a clear AppError or a correct result, and the server k
 
 from __future__ import annotations
 
+import gc
 import io
+import json
+import os
+import shutil
 import struct
+import urllib.error
+import urllib.request
+import weakref
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from test_app import start_app
 from test_bad_inputs import IMAGE_CASES, halves, make_bomb, make_empty
 
-from vlm.examples import shapeworld_examples
+from vlm.examples import EXAMPLES_DIR, shapeworld_examples
+from vlm.presets import SHAPEWORLD_DIR
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +241,232 @@ def test_after_all_that_the_server_still_captions(served, example):
     path, truth = example
     assert process.poll() is None
     assert client.predict(handle_file(str(path)), api_name="/caption") == truth["caption"]
+
+
+# ----------------------------------------------------------------------------- server paths
+# The app reads a server path a request names (an image or file given as a string, a model
+# folder) only under --allowed-dir, Gradio's upload folder or the bundled examples. Through
+# the API Gradio itself accepts only uploads; these call the handlers directly, as any other
+# caller of the app's functions would.
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, example):
+    """allowed/ (an image, a link inside, a link out, a model folder) and outside/."""
+    root = tmp_path_factory.mktemp("paths")
+    allowed, outside = root / "allowed", root / "outside"
+    (allowed / "sub").mkdir(parents=True)
+    outside.mkdir()
+    shutil.copy(example[0], allowed / "sub" / "scene.png")
+    shutil.copy(example[0], outside / "secret.png")
+    (allowed / "inside-link.png").symlink_to(allowed / "sub" / "scene.png")
+    (allowed / "escape.png").symlink_to(outside / "secret.png")
+    (allowed / "escape-dir").symlink_to(outside, target_is_directory=True)
+    shutil.copytree(SHAPEWORLD_DIR, allowed / "model")
+    shutil.copytree(SHAPEWORLD_DIR, outside / "model")
+    (allowed / "linked-model").symlink_to(outside / "model", target_is_directory=True)
+    return root, allowed, outside
+
+
+@pytest.fixture(scope="module")
+def models(app_module):
+    return app_module.Models("shapeworld")
+
+
+@pytest.fixture(scope="module")
+def handlers(app_module, models, folders):
+    root, allowed, _ = folders
+    return app_module.make_handlers(models, root / "indexes", [allowed])
+
+
+def refused(call, *words: str) -> str:
+    with pytest.raises(gr.Error) as error:
+        call()
+    message = error.value.message
+    assert all(word in message for word in words), message
+    return message
+
+
+def test_a_path_inside_an_allowed_dir_is_read(handlers, folders, example):
+    _, allowed, _ = folders
+    assert handlers["caption"](str(allowed / "sub" / "scene.png")) == example[1]["caption"]
+    assert handlers["caption"](allowed / "inside-link.png") == example[1]["caption"]
+    assert handlers["caption"](str(allowed / "sub" / ".." / "sub" / "scene.png"))
+
+
+def test_the_bundled_examples_are_readable_without_a_flag(app_module, models, tmp_path, example):
+    handlers = app_module.make_handlers(models, tmp_path / "indexes")
+    assert handlers["caption"](str(example[0])) == example[1]["caption"]
+
+
+OUTSIDE = {
+    "absolute-outside": lambda allowed, outside: str(outside / "secret.png"),
+    "dot-dot": lambda allowed, outside: f"{allowed}/../outside/secret.png",
+    "dot-dot-deep": lambda allowed, outside: f"{allowed}/sub/../../../../../../etc/passwd",
+    "symlink-out": lambda allowed, outside: str(allowed / "escape.png"),
+    "symlinked-dir-out": lambda allowed, outside: str(allowed / "escape-dir" / "secret.png"),
+    "etc-passwd": lambda allowed, outside: "/etc/passwd",
+    "relative": lambda allowed, outside: "secret.png",
+    "home": lambda allowed, outside: "~/.bashrc",
+    "nul-byte": lambda allowed, outside: f"{allowed}/sub/scene.png\x00.txt",
+    "allowed-dir-prefix": lambda allowed, outside: f"{allowed}-evil/x.png",
+}
+
+
+@pytest.mark.parametrize("case", OUTSIDE)
+def test_a_path_outside_the_allowed_dirs_is_refused(handlers, folders, case):
+    _, allowed, outside = folders
+    path = OUTSIDE[case](allowed, outside)
+    message = refused(lambda: handlers["caption"](path), "does not read", "--allowed-dir")
+    assert str(outside) not in message.replace(path, "")  # says nothing about the target
+
+
+@pytest.mark.parametrize("name", ["classify", "answer", "explain", "search", "few_shot"])
+def test_every_image_input_checks_paths(handlers, folders, name):
+    _, _, outside = folders
+    secret = str(outside / "secret.png")
+    calls = {
+        "classify": lambda: handlers["classify"](secret, "red circle"),
+        "answer": lambda: handlers["answer"](secret, "what color is it?"),
+        "explain": lambda: handlers["explain"](secret, "a circle"),
+        "search": lambda: handlers["search"]("", secret),
+        "few_shot": lambda: handlers["few_shot"](
+            secret, "Caption: x", None, "", None, "", secret, "Caption:"
+        ),  # fmt: skip
+    }
+    refused(calls[name], "does not read", "--allowed-dir")
+
+
+def test_file_lists_check_every_path(handlers, folders):
+    root, allowed, outside = folders
+    inside, secret = str(allowed / "sub" / "scene.png"), str(outside / "secret.png")
+    refused(lambda: handlers["caption_files"]([inside, secret]), "does not read")
+    refused(lambda: handlers["index_add"]([secret], progress=lambda *a, **k: None),
+            "does not read")  # fmt: skip
+    assert not list((root / "indexes").rglob("secret.png"))  # nothing was copied in
+
+
+def test_a_text_query_that_looks_like_a_path_is_text(handlers):
+    for query in ["/etc/passwd", "../../etc/passwd", "~/.ssh/id_rsa"]:
+        hits = handlers["search"](query, None, 3)
+        assert len(hits) == 3 and all("passwd" not in str(item) for item, _ in hits)
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("outside-model", ["is not offered here", "--allowed-dir"]),
+        ("linked-model", ["is not offered here"]),
+        ("openai/clip-vit-base-patch32", ["is not offered here", "shapeworld"]),
+        ("..", ["is not offered here"]),
+        ("/etc", ["is not offered here"]),
+    ],
+)
+def test_a_model_outside_the_allowed_dirs_is_refused(handlers, folders, example, name, words):
+    _, allowed, outside = folders
+    model = {"outside-model": str(outside / "model"),
+             "linked-model": str(allowed / "linked-model")}.get(name, name)  # fmt: skip
+    refused(lambda: handlers["caption"](str(example[0]), model=model), *words)
+
+
+def test_a_model_folder_inside_an_allowed_dir_loads(handlers, folders, example):
+    _, allowed, _ = folders
+    caption = handlers["caption"](str(example[0]), model=str(allowed / "model"))
+    assert caption == example[1]["caption"]
+
+
+def test_allowed_dirs_from_flags_and_environment(app_module, monkeypatch):
+    monkeypatch.setenv("VLM_ALLOWED_DIRS", os.pathsep.join(["/data/a", "", "/data/b"]))
+    assert app_module.parse_settings([]).allowed_dirs == [Path("/data/a"), Path("/data/b")]
+    flags = ["--allowed-dir", "/x", "--allowed-dir", "/y"]
+    assert app_module.parse_settings(flags).allowed_dirs == [Path("/x"), Path("/y")]
+    monkeypatch.delenv("VLM_ALLOWED_DIRS")
+    assert app_module.parse_settings([]).allowed_dirs == []
+
+
+def test_gradio_serves_only_the_examples_and_the_index_images(app_module, tmp_path):
+    paths = app_module.served_paths(tmp_path, ["shapeworld", "../evil"])
+    assert paths == [str(EXAMPLES_DIR), str(tmp_path / "shapeworld" / "images"),
+                     str(tmp_path / "__evil" / "images")]  # fmt: skip
+
+
+def test_through_the_api_a_server_path_is_refused(served):
+    process, client, _ = served
+    url = client.src.rstrip("/") + "/gradio_api/call/caption"
+    payload = {"data": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]}
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    stream = urllib.request.urlopen(f"{url}/{event}", timeout=60).read().decode()
+    assert "event: error" in stream and "root:" not in stream, stream
+    assert process.poll() is None
+
+
+def test_through_the_api_an_unknown_model_is_refused(client, example):
+    expect_error(lambda: client.predict(handle_file(str(example[0])), "greedy", 3, 0.9, 1.0, 30,
+                                        "/etc", api_name="/caption"),  # fmt: skip
+                 "not in the list of choices")  # fmt: skip
+
+
+def test_the_index_files_are_not_downloadable(served):
+    _, client, app_tmp = served
+    client.predict("a small red circle", None, 3, api_name="/search")  # builds the index
+    manifest = next(app_tmp.rglob("manifest.json"))
+    example = next(EXAMPLES_DIR.rglob("*.png"))
+    base = client.src.rstrip("/") + "/gradio_api/file="
+    assert urllib.request.urlopen(base + str(example), timeout=30).status == 200
+    for path in [manifest, Path("/etc/passwd")]:
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(base + str(path), timeout=30)
+        assert error.value.code == 403
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+OOM_CALLS = {  # handler call, the Pipeline method it reaches
+    "caption": (lambda h, p: h["caption"](p), "caption"),
+    "classify": (lambda h, p: h["classify"](p, "red circle, blue star"), "classify"),
+    "answer": (lambda h, p: h["answer"](p, "what color is it?"), "answer"),
+    "explain": (lambda h, p: h["explain"](p, "a circle"), "explain"),
+    "few_shot": (lambda h, p: h["few_shot"](p, "Caption: a", None, "", None, "", p, "Caption:"),
+                 "continue_sequence"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OOM_CALLS)
+def test_out_of_memory_frees_memory_and_keeps_serving(handlers, models, example, monkeypatch,
+                                                      name):  # fmt: skip
+    call, method = OOM_CALLS[name]
+    pipeline, path = models.get(None), str(example[0])
+    events, held = [], []
+
+    def out_of_memory(*args, **kwargs):
+        workspace = torch.ones(1024, 1024)  # what the failed call held when it ran out
+        held.append(weakref.ref(workspace))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def collect(*args):
+        events.append("gc.collect")
+        return real_collect(*args)
+
+    def empty_cache():
+        events.append("empty_cache")
+        events.append("freed" if held[0]() is None else "still held")
+
+    real_collect = gc.collect
+    monkeypatch.setattr(pipeline, method, out_of_memory)
+    monkeypatch.setattr(gc, "collect", collect)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    refused(lambda: call(handlers, path), "The GPU ran out of memory", "fewer or smaller")
+    assert events == ["gc.collect", "empty_cache", "freed"]
+
+    monkeypatch.undo()  # the memory is back: the next request on the same handler works
+    assert call(handlers, path)
+    assert handlers["caption"](path) == example[1]["caption"]
