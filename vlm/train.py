@@ -185,10 +185,12 @@ def _epochs(
     rng = random.Random(seed)
     unit = 2 if pairs else 1
     rank, world = accelerator.process_index, accelerator.num_processes
+    if n // unit < world:
+        raise ValueError(f"{n} examples are too few for {world} processes")
     while True:
         order = list(range(n // unit))
         rng.shuffle(order)
-        per_batch = max(world, batch_size // unit)
+        per_batch = min(len(order), max(world, batch_size // unit))  # no bigger than the data
         for i in range(0, len(order) - per_batch + 1, per_batch):
             mine = order[i : i + per_batch][rank::world]
             yield [j * unit + k for j in mine for k in range(unit)]
@@ -345,14 +347,15 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     if config.gradient_checkpointing:
         _checkpoint_layers(pipeline.lm)
     texts, lookup = prefix_features(dataset, pipeline, config, accelerator)
+    batch_size = min(config.prefix_batch_size, len(texts))
     steps = config.prefix_steps
     if config.prefix_epochs is not None:
-        steps = max(1, math.ceil(config.prefix_epochs * len(texts) / config.prefix_batch_size))
+        steps = max(1, math.ceil(config.prefix_epochs * len(texts) / batch_size))
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
         seed = f"prefix-{config.seed}-{start}"
-        for batch in _epochs(len(texts), config.prefix_batch_size, seed, accelerator):
+        for batch in _epochs(len(texts), batch_size, seed, accelerator):
             pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in batch]
             prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
             yield (
@@ -369,7 +372,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
 
     mapper = pipeline.mapper.requires_grad_(True)
     pipeline.mapper = run_stage("prefix", mapper, loss_fn, batches, steps, config.prefix_lr,
-                                config, accelerator, check, config.prefix_batch_size)  # fmt: skip
+                                config, accelerator, check, batch_size)  # fmt: skip
     return pipeline
 
 
