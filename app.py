@@ -409,6 +409,8 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def index_add(files, model=None, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         if not files:
             raise gr.Error("Drop images or a .zip of images to add.")
+        if len(files) > MAX_UPLOAD_FILES:
+            raise gr.Error(f"At most {MAX_UPLOAD_FILES} files at once.")
         uploads = _files(files)
         with using(model):
             index = get_index(model)

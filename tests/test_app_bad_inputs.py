@@ -353,6 +353,14 @@ def test_file_lists_check_every_path(handlers, folders):
     assert not list((root / "indexes").rglob("secret.png"))  # nothing was copied in
 
 
+def test_too_many_files_at_once_are_refused(app_module, handlers, folders):
+    _, allowed, _ = folders
+    many = [str(allowed / "sub" / "scene.png")] * (app_module.MAX_UPLOAD_FILES + 1)
+    refused(lambda: handlers["caption_files"](many), "At most 500 images at once")
+    refused(lambda: handlers["index_add"](many, progress=lambda *a, **k: None),
+            "At most 500 files at once")  # fmt: skip
+
+
 def test_a_text_query_that_looks_like_a_path_is_text(handlers):
     for query in ["/etc/passwd", "../../etc/passwd", "~/.ssh/id_rsa"]:
         hits = handlers["search"](query, None, 3)
