@@ -323,7 +323,11 @@ def run_load(
         workdir = Path(tmp)
         downloads = str(workdir / "downloads")
         with Server(workdir, env=env) as server:
-            log(f"app up in {server.startup_s:.1f} s at {server.url}; warming up")
+            rss_at_start = server.rss()
+            log(
+                f"app up in {server.startup_s:.1f} s at {server.url}, RSS "
+                f"{rss_at_start / MB:.0f} MB; warming up"
+            )
             sampler = PeakSampler(server)
             sampler.start()
             started = time.perf_counter()
@@ -392,6 +396,7 @@ def run_load(
         "inconsistent_samples": inconsistent[:10],
         "latency": latency_table(records),
         "rounds": per_round,
+        "rss_mb_at_start": round(rss_at_start / MB, 1),
         "peak_rss_mb": round(max(peak, high_water or 0) / MB, 1),
         "peak_rss_sampled_mb": round(peak / MB, 1),
         "rss_growth_mb": growth,
