@@ -17,8 +17,9 @@ def default_device() -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on CPU."""
-    if device.type != "cuda":
+    """bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on CPU or when
+    VLM_PRECISION=fp32 asks for full precision."""
+    if device.type != "cuda" or os.environ.get("VLM_PRECISION", "auto").lower() == "fp32":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 

@@ -14,6 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own guard, as a second line of defence
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic"}
 # ISO-BMFF brands of HEIC/HEIF files (iPhone photos), which Pillow reads only with a plugin
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
@@ -122,7 +124,8 @@ def load_image(
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION, 1) != 1:  # (exif_transpose copies even when not)
+            image = ImageOps.exif_transpose(image)
         image.load()
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:

@@ -400,10 +400,8 @@ class Pipeline:
         probs = (self.encoder.logit_scale * features @ weights).softmax(-1).cpu()
         if probs.shape[1] != len(labels):  # "sum": each template is a sub-class of its label
             probs = probs.view(len(probs), len(labels), -1).sum(-1)
-        return [
-            dict(sorted(zip(labels, row.tolist(), strict=True), key=lambda kv: -kv[1]))
-            for row in probs
-        ]
+        order, values = probs.argsort(dim=1, descending=True).tolist(), probs.tolist()
+        return [{labels[j]: row[j] for j in best} for best, row in zip(order, values, strict=True)]
 
     def build_index(self, images_or_paths, batch_size: int = 32, **kwargs):
         """A text/image search index over images or image files (see `vlm.search`)."""
