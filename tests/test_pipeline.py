@@ -117,3 +117,32 @@ def test_token_input_mapper_reads_image_tokens(trained, images):
     assert pipeline.prefix(list(images.values())).shape == (3, 3, trained.lm.config.hidden_size)
     with pytest.raises(ValueError):
         PrefixMapper("mlp", 8, 8, 2, input="tokens")
+
+
+def test_threads_share_one_pipeline_safely(trained, images):
+    """The app serves requests in threads: patch tokens (explain) and pooled embeddings
+    (captions, search) at once must each get their own kind of output, and the class-weight
+    cache must survive concurrent label sets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = list(images.values())[0]
+    pixels = trained.encoder.pixels([image])
+    expected_tokens = trained.encoder.encode_tokens(pixels)
+    expected_pooled = trained.encoder.encode_pixels(pixels)
+
+    def work(i: int):
+        if i % 3 == 0:
+            return "tokens", trained.encoder.encode_tokens(pixels)
+        if i % 3 == 1:
+            return "pooled", trained.encoder.encode_pixels(pixels)
+        return "labels", trained.classify(image, [f"label {i % 20}", "a large red square"])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(120)))
+    for kind, value in results:
+        if kind == "tokens":
+            torch.testing.assert_close(value, expected_tokens)
+        elif kind == "pooled":
+            torch.testing.assert_close(value, expected_pooled)
+        else:
+            assert len(value[0]) == 2 and abs(sum(value[0].values()) - 1) < 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ class Encoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.spec = spec
+        self._tokens_lock = threading.Lock()
 
     @classmethod
     def load(cls, spec: dict, root: Path | None = None, device: torch.device | str = "cpu"):
@@ -131,12 +133,13 @@ class Encoder:
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
             raise ValueError("image tokens need a ViT image encoder")
-        visual.output_tokens = True
-        try:
-            with autocast(self.device):
-                pooled, tokens = visual(pixels)
-        finally:
-            visual.output_tokens = False
+        with self._tokens_lock:  # open_clip returns tokens only through this shared switch
+            visual.output_tokens = True
+            try:
+                with autocast(self.device):
+                    pooled, tokens = visual(pixels)
+            finally:
+                visual.output_tokens = False
         tokens = tokens.float()
         if visual.proj is not None:
             tokens = tokens @ visual.proj.float()

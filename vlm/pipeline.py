@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,7 @@ class Pipeline:
         self.mapper = mapper.to(self.device).eval()
         self.config = config
         self._class_weights: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._class_weights_lock = threading.Lock()
         self._stop_ids = [self.tokenizer.eos_token_id] + [
             ids[0] for s in config.stop if len(ids := self._token_ids(s)) == 1
         ]
@@ -363,6 +365,10 @@ class Pipeline:
         With `template_pooling="mean"` (open_clip's prompt ensemble) one averaged embedding
         per label, [D, C]; with "sum" one per label and template, [D, C * T]."""
         key = (tuple(labels), tuple(templates or self.templates()))
+        with self._class_weights_lock:  # requests may run in threads (the app)
+            return self._class_weights_locked(key)
+
+    def _class_weights_locked(self, key: tuple) -> torch.Tensor:
         if key not in self._class_weights:
             labels, templates = key
             with autocast(self.device):
