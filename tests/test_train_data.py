@@ -175,9 +175,12 @@ def test_any_causal_lm_family_trains_and_serves(family, coco, saved_pipeline, tm
     cli([
         "train", "--data", str(coco), "--out", str(out), "--lm", str(lm_dir),
         "--encoder", f"local-dir:{saved_pipeline / 'encoder'}", "--mapper", "transformer",
-        "--prefix-length", "3", "--mapper-layers", "1", "--prefix-steps", "3",
+        "--prefix-length", "3", "--mapper-layers", "1", "--prefix-epochs", "0.5",
         "--prefix-batch-size", "8", "--features-in-memory",
     ])  # fmt: skip
+    # an epoch is every (image, caption) pair once: 24 images x 2 captions / 2 / 8 = 3 steps
+    assert log_rows(out)[-1]["step"] == 2
+    assert not (out / "features").exists()  # kept in memory, as asked
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
     assert type(pipeline.lm).__name__.lower().startswith(family.replace("_", "").split("2")[0])
     width = pipeline.lm.get_input_embeddings().embedding_dim

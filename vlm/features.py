@@ -133,7 +133,8 @@ class FeatureCache:
         if not todo:
             return []
         keys, pending = list(todo), list(todo.values())
-        workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        # decoding is the bottleneck in front of a GPU: a worker per core, one left for the rest
+        workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
             _Decoded(pending, self.pipeline.encoder.preprocess, self.pipeline.encoder.image_side),
             batch_size=batch_size, num_workers=workers, collate_fn=list,

@@ -79,7 +79,7 @@ class TrainConfig:
     prefix_batch_size: int = 128
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
-    prefix_epochs: float | None = None  # if set, prefix_steps = epochs over the images
+    prefix_epochs: float | None = None  # if set, replaces prefix_steps (epochs over the pairs)
     checkpoint_every: int = 250
     resume: bool = False
     bundle: Path | None = None  # where the final pipeline goes (default: <out>/pipeline)
@@ -349,8 +349,9 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     texts, lookup = prefix_features(dataset, pipeline, config, accelerator)
     batch_size = min(config.prefix_batch_size, len(texts))
     steps = config.prefix_steps
-    if config.prefix_epochs is not None:
-        steps = max(1, math.ceil(config.prefix_epochs * len(texts) / batch_size))
+    if config.prefix_epochs is not None:  # an epoch: every (image, text) pair once, as ClipCap
+        pairs = sum(len(t) for t in texts)
+        steps = max(1, math.ceil(config.prefix_epochs * pairs / batch_size))
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
