@@ -263,3 +263,60 @@ def test_accelerate_launch_two_processes_on_cpu(coco, saved_pipeline, tmp_path):
     listed = [json.loads(p.read_text()) for p in (out / "features").glob("*/shard-*.json")]
     assert len(listed) == 2 and sum(map(len, listed)) == 24  # each process encoded its half
     assert Pipeline.from_pretrained(out / "pipeline", device="cpu").caption(sw_image())
+
+
+# ---------------------------------------------------------------------------- the rest
+
+
+def test_captions_and_questions_train_together_and_eval_vqa(coco, saved_pipeline, tmp_path,
+                                                            capsys):  # fmt: skip
+    qa = write_dataset(tmp_path / "qa", "qa", scenes(12, seed=5), size=32)
+    out = tmp_path / "mixed"
+    cli(train_args(coco, out, saved_pipeline, "--data", str(qa), "--prefix-steps", "4"))
+    questions = len(json.loads(qa.read_text()))  # one example per question, 12 images
+    assert f"{24 + questions} examples, 36 images encoded now" in capsys.readouterr().out
+    report = tmp_path / "vqa.json"
+    cli(["eval", "vqa", "--data", str(qa), "--model", str(out / "pipeline"), "--limit", "10",
+         "--out", str(report)])  # fmt: skip
+    result = json.loads(report.read_text())
+    assert result["questions"] == 10 and 0 <= result["scores"]["accuracy"] <= 1
+    rows = result["predictions"]
+    recomputed = sum(normalize_answer(r["answer"]) == normalize_answer(r["truth"][0]) for r in rows)
+    assert result["scores"]["accuracy"] == pytest.approx(recomputed / 10)
+
+
+def test_eval_zeroshot_on_a_labelled_folder(trained, saved_pipeline, images, tmp_path, capsys):
+    for i, (caption, image) in enumerate(images.items()):  # the three scenes the model knows
+        folder = tmp_path / "labelled" / caption.removeprefix("a large ").replace(" ", "_")
+        folder.mkdir(parents=True)
+        image.save(folder / f"{i}.png")
+    cli(["eval", "zeroshot", "--data", str(tmp_path / "labelled"), "--model",
+         str(saved_pipeline), "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    expected = [
+        next(iter(trained.classify(image, ["red square", "blue circle", "yellow star"])[0]))
+        == caption.removeprefix("a large ")
+        for caption, image in images.items()
+    ]  # fmt: skip
+    assert result["images"] == 3 and result["scores"]["top-1"] == pytest.approx(sum(expected) / 3)
+    assert result["scores"]["top-1"] == 1.0  # the tiny model tells its three scenes apart
+
+
+def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw))
+                        and f"https://huggingface.co/{repo_id}")  # fmt: skip
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        calls["repo"] = repo_id
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out, _, _ = run
+    pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    url = pipeline.push_to_hub("someone/tiny-captioner")
+    assert url.endswith("someone/tiny-captioner") and calls["repo"] == "someone/tiny-captioner"
+    assert calls["files"] == ["config.json", "encoder", "lm", "mapper.safetensors"]
