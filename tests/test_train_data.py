@@ -320,3 +320,15 @@ def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch):
     url = pipeline.push_to_hub("someone/tiny-captioner")
     assert url.endswith("someone/tiny-captioner") and calls["repo"] == "someone/tiny-captioner"
     assert calls["files"] == ["config.json", "encoder", "lm", "mapper.safetensors"]
+
+
+def test_all_three_stages_train_from_scratch_on_files(coco, tmp_path):
+    """No pretrained parts: CLIP, tokenizer + LM and mapper all learned from the files."""
+    out = tmp_path / "scratch"
+    cli(["train", "--data", str(coco), "--out", str(out), "--size", "tiny",
+         "--clip-steps", "3", "--lm-steps", "3", "--prefix-steps", "3", "--batch-size", "8",
+         "--lm-batch-size", "4", "--prefix-batch-size", "8"])  # fmt: skip
+    assert {r["stage"] for r in log_rows(out)} == {"clip", "lm", "prefix"}
+    pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipeline.encoder.image_side == 32 and len(pipeline.tokenizer) <= 300
+    assert isinstance(pipeline.caption(sw_image(), max_new_tokens=4)[0], str)
