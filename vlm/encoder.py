@@ -33,7 +33,7 @@ class Encoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.spec = spec
-        self._tokens_lock = threading.Lock()
+        self._visual_lock = threading.Lock()
 
     @classmethod
     def load(cls, spec: dict, root: Path | None = None, device: torch.device | str = "cpu"):
@@ -108,7 +108,7 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image embeddings (float32) for preprocessed pixels."""
-        with autocast(self.device):
+        with self._visual_lock, autocast(self.device):  # never while tokens are switched on
             features = self.model.encode_image(pixels.to(self.device))
         features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
@@ -133,7 +133,7 @@ class Encoder:
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
             raise ValueError("image tokens need a ViT image encoder")
-        with self._tokens_lock:  # open_clip returns tokens only through this shared switch
+        with self._visual_lock:  # open_clip gives tokens only through this shared switch
             visual.output_tokens = True
             try:
                 with autocast(self.device):
