@@ -50,24 +50,25 @@ class Sizes:
     index_batch: int
     search_sizes: tuple[int, ...]  # database sizes for the vector search benchmark
     search_queries: int
-    hnsw: bool  # also build HNSW32 (slow to build on few cores)
+    hnsw_up_to: int  # also build HNSW32 for databases up to this size (slow to build)
 
 
 SIZES = {
     "tiny": Sizes(
         model="tiny", image_size=(160, 120), repeats=1, new_tokens=8, caption_images=4,
         reference_images=2, zeroshot_images=4, labels=100, templates=1, index_images=8,
-        index_batch=4, search_sizes=(5_000,), search_queries=50, hnsw=True,
+        index_batch=4, search_sizes=(5_000,), search_queries=50, hnsw_up_to=5_000,
     ),
     "quick": Sizes(
         model="full", image_size=(640, 480), repeats=1, new_tokens=20, caption_images=16,
         reference_images=4, zeroshot_images=16, labels=1000, templates=1, index_images=64,
-        index_batch=16, search_sizes=(100_000,), search_queries=100, hnsw=False,
+        index_batch=16, search_sizes=(100_000,), search_queries=100, hnsw_up_to=0,
     ),
     "full": Sizes(
         model="full", image_size=(640, 480), repeats=3, new_tokens=67, caption_images=32,
         reference_images=16, zeroshot_images=64, labels=1000, templates=None, index_images=256,
-        index_batch=32, search_sizes=(100_000, 1_000_000), search_queries=200, hnsw=True,
+        index_batch=32, search_sizes=(100_000, 1_000_000), search_queries=200,
+        hnsw_up_to=100_000,
     ),
 }  # fmt: skip
 
