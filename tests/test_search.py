@@ -73,3 +73,43 @@ def test_text_that_looks_like_a_path_is_searched_as_text(index, image_files):
     path = str(next(iter(image_files.values())))
     assert all(hit.score < 0.99 for hit in index.search(path, k=3))
     assert index.search("/etc/passwd", k=1)  # text, not a file read
+
+
+def test_decode_threads_worker_processes_and_inline_agree(trained, image_files, tmp_path):
+    """Decode threads (the default), DataLoader workers and inline decoding index the same
+    vectors in the same order, and report the same unreadable files."""
+    from vlm import search
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    paths = list(image_files.values())
+    paths = [paths[0], tmp_path / "broken.png", *paths[1:]]
+    built = {}
+    for workers in (None, 0, 1):
+        index = search.SearchIndex(trained.encoder, num_workers=workers)
+        assert index.add(paths, batch_size=2) == 3
+        built[workers] = index
+    vectors = {w: i.index.reconstruct_n(0, len(i)) for w, i in built.items()}
+    for workers in (0, 1):
+        assert built[workers].items == built[None].items
+        assert built[workers].skipped == built[None].skipped
+        assert abs(vectors[workers] - vectors[None]).max() < 1e-5
+    assert [item for item, _ in built[None].skipped] == [str(tmp_path / "broken.png")]
+
+
+def test_decode_threads_stop_when_the_encoder_fails(trained, image_files, monkeypatch):
+    import threading
+
+    from vlm import search
+
+    calls = []
+
+    def failing(pixels, normalize=False):
+        calls.append(len(pixels))
+        raise RuntimeError("encoder failed")
+
+    index = search.SearchIndex(trained.encoder)
+    monkeypatch.setattr(trained.encoder, "encode_pixels", failing)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        index.add(list(image_files.values()), batch_size=1)
+    assert calls == [1] and len(index) == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("vlm-decode")]

@@ -7,13 +7,17 @@ manifest, so a crash at any moment leaves the previous index loadable.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -52,7 +56,7 @@ def _content_hash(source: ImageInput) -> str:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decode + preprocess in DataLoader workers, overlapped with the encoder."""
+    """Decode + preprocess one image; item i is (i, pixels or None, error message)."""
 
     def __init__(self, sources: Sequence[ImageInput], preprocess, side: int | None = None):
         self.sources = sources
@@ -76,6 +80,55 @@ def _collate(batch):
     return [i for i, _ in good], pixels, errors
 
 
+def _decode_threads() -> int:
+    """Default decode threads: on a CPU encoder decoding is ~5% of the work, so a couple of
+    threads keep ahead of it; a GPU encoder needs more."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
+
+
+def _one_torch_thread() -> None:
+    """Decode-thread initializer: this thread's torch ops (the preprocess's tensor ops) run
+    on one OpenMP thread, as in a DataLoader worker, instead of starting a second OpenMP team
+    beside the encoder's on the same cores. Only this thread's setting changes (OpenMP's
+    nthreads is per thread; torch.set_num_threads would change the whole process's)."""
+    torch.get_num_threads()  # torch sets each thread's OpenMP threads lazily: first
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # no OpenMP loaded globally
+        ctypes.CDLL(None).omp_set_num_threads(1)
+
+
+def _threaded_batches(
+    images: _ImageFiles, batch_size: int, threads: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Batches of `images` in order, decoded ahead by a thread pool while the caller encodes.
+
+    Threads, not DataLoader worker processes: Pillow's decoding and resizing and torch's ops
+    release the GIL, and a thread costs nothing to start, whereas each worker process is a
+    fork of the whole model-holding process, paid again on every call (a visible share of a
+    small folder's time) and its first batch keeps the encoder waiting. Images are decoded
+    one per task, first batch first, so the first batch is ready after 1/threads of its
+    decoding time; at most two batches are decoded ahead of the one being encoded."""
+    n = len(images)
+    with ThreadPoolExecutor(threads, "vlm-decode", _one_torch_thread) as pool:
+        pending: collections.deque = collections.deque()
+        submitted = 0
+
+        def fill(limit: int) -> None:
+            nonlocal submitted
+            while submitted < min(n, limit):
+                pending.append(pool.submit(images.__getitem__, submitted))
+                submitted += 1
+
+        try:
+            for start in range(0, n, batch_size):
+                fill(start + 3 * batch_size)
+                count = min(batch_size, n - start)
+                yield _collate([pending.popleft().result() for _ in range(count)])
+        finally:  # the caller stopped early (or failed): drop what has not started
+            for future in pending:
+                future.cancel()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync, rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -94,7 +147,11 @@ class SearchIndex:
     """Images embedded by `encoder`, searchable by text or by image.
 
     `factory` is a FAISS index_factory string: "Flat" (exact) by default; e.g. "HNSW32"
-    for large collections."""
+    for large collections.
+
+    Files are decoded and preprocessed ahead of the encoder: by default in a few threads of
+    this process; `num_workers=0` decodes in line, and `num_workers > 0` uses that many
+    DataLoader worker processes instead (for very large folders on many cores)."""
 
     def __init__(
         self,
@@ -150,37 +207,33 @@ class SearchIndex:
             unique.append(source)
             unique_labels.append(label)
             unique_hashes.append(digest)
-        files = all(isinstance(s, (str, os.PathLike)) for s in unique)
-        workers = (
-            self.num_workers
-            if self.num_workers is not None
-            else (
-                min(4, max(1, (os.cpu_count() or 2) - 1))
-                if files and len(unique) > batch_size
-                else 0
-            )
-        )
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles(unique, self.encoder.preprocess, self.encoder.image_side),
-            batch_size=batch_size,
-            num_workers=workers, collate_fn=_collate,
-        )  # fmt: skip
+        images = _ImageFiles(unique, self.encoder.preprocess, self.encoder.image_side)
+        if self.num_workers is None:
+            batches = _threaded_batches(images, batch_size, _decode_threads())
+        else:
+            batches = torch.utils.data.DataLoader(
+                images, batch_size=batch_size, num_workers=self.num_workers,
+                collate_fn=_collate,
+            )  # fmt: skip
         added, pending = 0, []  # an untrained index waits for all vectors before training
-        for positions, pixels, errors in loader:
-            for i, error in errors:
-                self.skipped.append((unique_labels[i], error))
-            if pixels is None:
-                continue
-            vectors = self.encoder.encode_pixels(pixels, normalize=True).cpu().numpy()
-            if self.index.is_trained:
-                self._add_vectors(vectors)
-            else:
-                pending.append(vectors)
-            self.items += [unique_labels[i] for i in positions]
-            self.hashes += [unique_hashes[i] for i in positions]
-            added += len(positions)
-            if progress is not None:
-                progress(added, len(unique))
+        try:
+            for positions, pixels, errors in batches:
+                for i, error in errors:
+                    self.skipped.append((unique_labels[i], error))
+                if pixels is None:
+                    continue
+                vectors = self.encoder.encode_pixels(pixels, normalize=True).cpu().numpy()
+                if self.index.is_trained:
+                    self._add_vectors(vectors)
+                else:
+                    pending.append(vectors)
+                self.items += [unique_labels[i] for i in positions]
+                self.hashes += [unique_hashes[i] for i in positions]
+                added += len(positions)
+                if progress is not None:
+                    progress(added, len(unique))
+        finally:  # stop the decode threads now if the encoder failed
+            getattr(batches, "close", lambda: None)()
         if pending:
             self._add_vectors(np.concatenate(pending))
         return added
