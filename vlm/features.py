@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import Example
-from .images import ImageError, load_image
+from .images import DecodedImages, collate_decoded
 
 
 def fingerprint(pipeline) -> str:
@@ -42,23 +42,6 @@ def fingerprint(pipeline) -> str:
     return digest.hexdigest()[:16]
 
 
-class _Decoded(torch.utils.data.Dataset):
-    """Examples decoded and preprocessed in DataLoader workers; failures come back as text."""
-
-    def __init__(self, examples: Sequence[Example], preprocess, side: int):
-        self.examples, self.preprocess, self.side = examples, preprocess, side
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            image = load_image(self.examples[i].image, min_side=self.side)
-            return i, self.preprocess(image), ""
-        except (ImageError, OSError) as error:
-            return i, None, f"{self.examples[i].key}: {error}"
-
-
 class FeatureCache:
     """Features of images under `root/<fingerprint>/`, read back by content hash; with
     `root=None` they are kept in memory instead (for one run)."""
@@ -70,6 +53,7 @@ class FeatureCache:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self.rows: dict[str, tuple[Path, int] | torch.Tensor] = {}
+        self._shards: dict[Path, object] = {}  # open (memory-mapped) shards, read by row
         self.encoded = 0  # images this object encoded (not found in the cache)
         self.refresh()
 
@@ -90,16 +74,16 @@ class FeatureCache:
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
         """The features of these hashes, stacked [len(keys), …] as stored (fp16)."""
-        out, slices = [], {}
+        out = []
         for key in keys:
             found = self.rows[key]
             if isinstance(found, torch.Tensor):
                 out.append(found[None])
                 continue
             shard, row = found
-            if shard not in slices:
-                slices[shard] = safe_open(str(shard), framework="pt").get_slice("features")
-            out.append(slices[shard][row : row + 1])
+            if shard not in self._shards:  # opened once, not at every training step
+                self._shards[shard] = safe_open(str(shard), framework="pt").get_slice("features")
+            out.append(self._shards[shard][row : row + 1])
         return torch.cat(out)
 
     def add(
@@ -135,18 +119,16 @@ class FeatureCache:
         keys, pending = list(todo), list(todo.values())
         # decoding is the bottleneck in front of a GPU: a worker per core, one left for the rest
         workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
-        loader = torch.utils.data.DataLoader(
-            _Decoded(pending, self.pipeline.encoder.preprocess, self.pipeline.encoder.image_side),
-            batch_size=batch_size, num_workers=workers, collate_fn=list,
-        )  # fmt: skip
+        encoder = self.pipeline.encoder
+        images = DecodedImages([e.image for e in pending], encoder.preprocess, encoder.image_side)
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=collate_decoded)  # fmt: skip
         failed, done_keys, done_features = [], [], []
-        for batch in tqdm(loader, desc="features", leave=False, mininterval=5):
-            failed += [(pending[i].key, why) for i, x, why in batch if x is None]
-            good = [(keys[i], x) for i, x, _ in batch if x is not None]
-            if good:
-                pixels = torch.stack([x for _, x in good])
+        for indices, pixels, errors in tqdm(loader, desc="features", leave=False, mininterval=5):
+            failed += [(pending[i].key, why) for i, why in errors]
+            if indices:
                 done_features.append(self.pipeline.features_from_pixels(pixels).half().cpu())
-                done_keys += [k for k, _ in good]
+                done_keys += [keys[i] for i in indices]
         if done_keys:
             self._store(done_keys, torch.cat(done_features))
         return failed

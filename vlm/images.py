@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse images whose header claims more pixels than this before decoding them (decompression
@@ -146,3 +148,30 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
         else:
             found.append(entry)
     return found
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Decode + preprocess images (for DataLoader workers or threads); item i is
+    (i, pixels or None, error message), so one bad file never stops a batch."""
+
+    def __init__(self, sources: Sequence[ImageInput], preprocess, side: int | None = None):
+        self.sources = sources
+        self.preprocess = preprocess
+        self.side = side  # JPEGs decode straight at about this size (much faster)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.sources[i], min_side=self.side)), ""
+        except (ImageError, OSError) as error:
+            return i, None, str(error)
+
+
+def collate_decoded(batch):
+    """DataLoader collate for `DecodedImages`: (indices, stacked pixels or None, errors)."""
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    errors = [(i, e) for i, x, e in batch if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, errors

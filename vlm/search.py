@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .encoder import Encoder
-from .images import ImageError, ImageInput, list_images, load_image
+from .images import DecodedImages, ImageInput, collate_decoded, list_images, load_image
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -55,31 +55,6 @@ def _content_hash(source: ImageInput) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decode + preprocess one image; item i is (i, pixels or None, error message)."""
-
-    def __init__(self, sources: Sequence[ImageInput], preprocess, side: int | None = None):
-        self.sources = sources
-        self.preprocess = preprocess
-        self.side = side  # JPEGs decode straight at about this size (much faster)
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.preprocess(load_image(self.sources[i], min_side=self.side)), ""
-        except (ImageError, OSError) as error:
-            return i, None, str(error)
-
-
-def _collate(batch):
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    errors = [(i, e) for i, x, e in batch if x is None]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, errors
-
-
 def _cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, cores or 1)
@@ -101,7 +76,7 @@ def _one_torch_thread() -> None:
 
 
 def _threaded_batches(
-    images: _ImageFiles, batch_size: int, threads: int
+    images: DecodedImages, batch_size: int, threads: int
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Batches of `images` in order, decoded ahead by a thread pool while the caller encodes.
 
@@ -126,7 +101,7 @@ def _threaded_batches(
             for start in range(0, n, batch_size):
                 fill(start + 3 * batch_size)
                 count = min(batch_size, n - start)
-                yield _collate([pending.popleft().result() for _ in range(count)])
+                yield collate_decoded([pending.popleft().result() for _ in range(count)])
         finally:  # the caller stopped early (or failed): drop what has not started
             for future in pending:
                 future.cancel()
@@ -215,7 +190,7 @@ class SearchIndex:
             unique.append(source)
             unique_labels.append(label)
             unique_hashes.append(digest)
-        images = _ImageFiles(unique, self.encoder.preprocess, self.encoder.image_side)
+        images = DecodedImages(unique, self.encoder.preprocess, self.encoder.image_side)
         workers = self.num_workers
         files = all(isinstance(s, (str, os.PathLike)) for s in unique)
         if workers is None and self.encoder.device.type != "cpu" and files:
@@ -226,7 +201,7 @@ class SearchIndex:
             batches = _threaded_batches(images, batch_size, _decode_threads())
         else:
             batches = torch.utils.data.DataLoader(
-                images, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                images, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded,
             )  # fmt: skip
         added, pending = 0, []  # an untrained index waits for all vectors before training
         try:
