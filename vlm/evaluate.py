@@ -1,8 +1,10 @@
 """`python -m vlm eval …`: what a model learned.
 
 `shapeworld`: on fresh scenes, captions (exact match with `describe`), zero-shot labels (train
-and held-out combinations apart), VQA accuracy per question type, text-to-image recall, each
-also under JPEG quality 50 and a resize to 224 pixels and back.
+and held-out combinations apart), VQA accuracy per question type, text-to-image recall, and the
+encoder's binding (does the image prefer its caption to the same caption with one object's
+shape, size or colour changed?), each also under JPEG quality 50 and a resize to 224 pixels
+and back.
 
 `captions`, `zeroshot`, `vqa`: on real data files (`vlm.data`), the standard scores
 (`vlm.metrics`): COCO caption metrics and retrieval recall, top-1 on a labelled folder, VQA
@@ -11,6 +13,7 @@ accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from collections import defaultdict
@@ -45,6 +48,41 @@ def normalize_caption(text: str) -> str:
     return text.strip().lower().removesuffix(".").strip()
 
 
+BINDING_FIELDS = ("shape", "size", "color")
+
+
+def one_change_captions(scene: sw.Scene, field: str) -> list[str]:
+    """The scene's caption with one object's `field` (shape, size or colour) changed, every way."""
+    values = {"shape": sw.SHAPES, "size": sw.SIZES, "color": tuple(sw.COLORS)}[field]
+    captions = []
+    for k, obj in enumerate(scene.objects):
+        for value in values:
+            if value != getattr(obj, field):
+                objects = list(scene.objects)
+                objects[k] = dataclasses.replace(obj, **{field: value})
+                captions.append(sw.describe(sw.Scene(tuple(objects))))
+    return captions
+
+
+def binding_accuracy(encoder, images, scenes, text_cache: dict | None = None) -> dict[str, float]:
+    """The CLIP side's binding on scenes of several objects: how often the image embedding
+    ranks the true caption above every caption with one object's shape (size, colour) changed.
+    A caption can only be as right as this lets it be."""
+    text_cache = {} if text_cache is None else text_cache
+    image_embeddings = encoder.encode_images(images, normalize=True)
+    scores = {}
+    for field in BINDING_FIELDS:
+        hits = []
+        for i, scene in enumerate(scenes):
+            if (i, field) not in text_cache:
+                texts = [sw.describe(scene), *one_change_captions(scene, field)]
+                text_cache[i, field] = encoder.encode_text(texts)
+            similarity = text_cache[i, field] @ image_embeddings[i]
+            hits.append(bool(similarity[0] > similarity[1:].max()))
+        scores[f"binding_{field}"] = float(np.mean(hits))
+    return scores
+
+
 def evaluate_shapeworld(
     pipeline, n: int = 1000, seed: int = 1234, split: str = "train",
     perturbations: tuple[str, ...] = PERTURBATIONS, batch_size: int = 64,
@@ -62,6 +100,7 @@ def evaluate_shapeworld(
                             ("zeroshot_held_out", held_out))
     }  # fmt: skip
     results: dict[str, dict[str, float]] = defaultdict(dict)
+    text_cache: dict = {}  # binding: caption embeddings, the same for every perturbation
     for kind in perturbations:
         images = [perturb(image, kind) for image in clean["scenes"]]
         captions = pipeline.caption(images, batch_size=batch_size)
@@ -94,6 +133,12 @@ def evaluate_shapeworld(
             r5.append(any(hits))
         results["retrieval_r1"][kind] = float(np.mean(r1))
         results["retrieval_r5"][kind] = float(np.mean(r5))
+
+        crowded = [i for i, s in enumerate(scenes) if len(s.objects) > 1]
+        binding = binding_accuracy(pipeline.encoder, [images[i] for i in crowded],
+                                   [scenes[i] for i in crowded], text_cache)  # fmt: skip
+        for measure, score in binding.items():
+            results[measure][kind] = score
     return dict(results)
 
 
