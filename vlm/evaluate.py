@@ -67,17 +67,19 @@ def one_change_captions(scene: sw.Scene, field: str) -> list[str]:
 def binding_accuracy(encoder, images, scenes, text_cache: dict | None = None) -> dict[str, float]:
     """The CLIP side's binding on scenes of several objects: how often the image embedding
     ranks the true caption above every caption with one object's shape (size, colour) changed.
-    A caption can only be as right as this lets it be."""
+    `text_cache` keeps the caption embeddings between calls on the same scenes (they are the
+    same for every perturbation of the images)."""
     text_cache = {} if text_cache is None else text_cache
     image_embeddings = encoder.encode_images(images, normalize=True)
     scores = {}
     for field in BINDING_FIELDS:
         hits = []
-        for i, scene in enumerate(scenes):
-            if (i, field) not in text_cache:
-                texts = [sw.describe(scene), *one_change_captions(scene, field)]
-                text_cache[i, field] = encoder.encode_text(texts)
-            similarity = text_cache[i, field] @ image_embeddings[i]
+        for scene, image in zip(scenes, image_embeddings, strict=True):
+            key = (sw.describe(scene), field)  # the caption fixes its one-change variants
+            if key not in text_cache:
+                texts = [key[0], *one_change_captions(scene, field)]
+                text_cache[key] = encoder.encode_text(texts)
+            similarity = text_cache[key] @ image
             hits.append(bool(similarity[0] > similarity[1:].max()))
         scores[f"binding_{field}"] = float(np.mean(hits))
     return scores
@@ -100,7 +102,7 @@ def evaluate_shapeworld(
                             ("zeroshot_held_out", held_out))
     }  # fmt: skip
     results: dict[str, dict[str, float]] = defaultdict(dict)
-    text_cache: dict = {}  # binding: caption embeddings, the same for every perturbation
+    text_cache: dict = {}  # binding: caption embeddings, shared by the perturbations
     for kind in perturbations:
         images = [perturb(image, kind) for image in clean["scenes"]]
         captions = pipeline.caption(images, batch_size=batch_size)
