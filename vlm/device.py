@@ -16,6 +16,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, e.g. a container's share), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on CPU or when
     VLM_PRECISION=fp32 asks for full precision."""

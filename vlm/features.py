@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import Example
+from .device import available_cores
 from .images import DecodedImages, collate_decoded
 
 
@@ -118,7 +119,7 @@ class FeatureCache:
             return []
         keys, pending = list(todo), list(todo.values())
         # decoding is the bottleneck in front of a GPU: a worker per core, one left for the rest
-        workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
+        workers = min(16, max(1, available_cores() - 1)) if num_workers is None else num_workers
         encoder = self.pipeline.encoder
         images = DecodedImages([e.image for e in pending], encoder.preprocess, encoder.image_side)
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,

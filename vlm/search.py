@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .device import available_cores
 from .encoder import Encoder
 from .images import DecodedImages, ImageInput, collate_decoded, list_images, load_image
 
@@ -55,14 +56,9 @@ def _content_hash(source: ImageInput) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
-
-
 def _decode_threads() -> int:
     """Decode threads beside a CPU encoder: decoding is ~5% of its work, a couple keep ahead."""
-    return min(4, _cores())
+    return min(4, available_cores())
 
 
 def _one_torch_thread() -> None:
@@ -196,7 +192,7 @@ class SearchIndex:
         if workers is None and self.encoder.device.type != "cpu" and files:
             # a GPU encoder outruns any decoder: there worker processes, which the GIL does
             # not hold back, decode faster than threads (H200, 16 cores: 538 vs 357 img/s)
-            workers = min(4, max(1, _cores() - 1)) if len(unique) > batch_size else None
+            workers = min(4, max(1, available_cores() - 1)) if len(unique) > batch_size else None
         if workers is None:
             batches = _threaded_batches(images, batch_size, _decode_threads())
         else:
