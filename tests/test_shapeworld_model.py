@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
@@ -58,3 +59,64 @@ def test_one_change_captions_change_exactly_one_attribute():
         for caption in captions:
             changed = [a != b for a, b in zip(caption.split(), true.split(), strict=True)]
             assert sum(changed) == 1, (caption, true)
+
+
+def _experiment(name: str):
+    """A script of docs/experiments (README's diagnosis), imported as a module."""
+    import importlib.util
+
+    path = SHAPEWORLD_DIR.parents[1] / "docs" / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_experiment_encodes_scenes_and_runs():
+    """docs/experiments/oracle_prefix.py (README's diagnosis) still runs: its tokens say each
+    object exactly, and a few training steps through the frozen LM give a report."""
+    oracle = _experiment("oracle_prefix")
+    scene = sw.Scene(
+        (sw.Obj("star", "red", "large", 0.7, 0.5), sw.Obj("circle", "blue", "small", 0.2, 0.3))
+    )
+    tokens = oracle.scene_tokens(scene)
+    assert tokens.shape == (3, oracle.FEATURES) and not tokens[2].any()
+    first = tokens[0]  # the leftmost object: the small blue circle
+    assert first[sw.SHAPES.index("circle")] == 1 and first[: len(sw.SHAPES)].sum() == 1
+    assert first[len(sw.SHAPES) + list(sw.COLORS).index("blue")] == 1
+    assert first[len(sw.SHAPES) + len(sw.COLORS) + sw.SIZES.index("small")] == 1
+    assert first[-2:].tolist() == pytest.approx([0.2, 0.3])
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    pipeline.lm.float()
+    before = [p.clone() for p in pipeline.lm.parameters()]
+    mapper = oracle.train_oracle(pipeline, steps=3, batch_size=8)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, pipeline.lm.parameters(), strict=True)
+    )  # frozen
+    report = oracle.evaluate_oracle(pipeline, mapper, n=4)
+    assert {"caption_exact", "vqa_overall"} <= report.keys()
+    assert all(0.0 <= value <= 1.0 for value in report.values())
+
+
+def test_feature_probe_experiment_reads_features_and_runs():
+    """docs/experiments/feature_probe.py still runs: slot targets are right, both kinds of
+    features have the expected shapes, and a few probe steps give accuracies."""
+    probe = _experiment("feature_probe")
+    scene = sw.Scene(
+        (sw.Obj("star", "red", "large", 0.7, 0.5), sw.Obj("cross", "blue", "small", 0.2, 0.3))
+    )
+    n_shapes, n_sizes, n_colors = len(sw.SHAPES), len(sw.SIZES), len(sw.COLORS)
+    expected = [sw.SHAPES.index("cross"), sw.SIZES.index("small"), list(sw.COLORS).index("blue")]
+    expected += [sw.SHAPES.index("star"), sw.SIZES.index("large"), list(sw.COLORS).index("red")]
+    assert probe.targets(scene) == expected + [n_shapes, n_sizes, n_colors]  # no third object
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    rng = random.Random(0)
+    scenes = [sw.sample_scene(rng, 2) for _ in range(12)]
+    mapper_tokens = probe.features(pipeline, scenes, "mapper")
+    assert mapper_tokens.shape == (12, pipeline.mapper.config["num_tokens"], 128)
+    grid = probe.features(pipeline, scenes, "block2")
+    assert grid.shape == (12, 1 + 8 * 8, 96)
+    y = torch.tensor([probe.targets(s) for s in scenes])
+    accuracy = probe.probe(grid, y, n_train=8, steps=2)
+    assert accuracy.keys() == {"shape", "size", "color"}
+    assert all(0.0 <= value <= 1.0 for value in accuracy.values())

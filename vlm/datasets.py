@@ -72,6 +72,13 @@ def _twin(scene: sw.Scene, rng: random.Random) -> sw.Scene:
     return sw.sample_scene(rng)
 
 
+def prefix_texts(scene: sw.Scene) -> list[str]:
+    """What the frozen LM may read after a scene's prefix, one picked at random each time: the
+    canonical caption (as often as all the questions together) or one of its Q/A pairs."""
+    qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
+    return [f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa
+
+
 class ImagePool(torch.utils.data.Dataset):
     """Rendered images kept in memory as uint8 tensors, each with its candidate texts.
 
@@ -146,11 +153,7 @@ class ShapeWorld:
         caption half of the time, else one of the scene's Q/A pairs."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
-        texts = []
-        for scene in scenes:
-            qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
-            texts.append([f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa)
-        return self._pool(scenes, texts, rng)
+        return self._pool(scenes, [prefix_texts(scene) for scene in scenes], rng)
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

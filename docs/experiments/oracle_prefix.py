@@ -1,0 +1,120 @@
+"""Oracle experiment: how well can the *frozen* ShapeWorld LM write captions and answers when
+the mapper is handed a perfect description of the scene instead of CLIP features?
+
+The mapper (the bundle's kind: a transformer mapper reading tokens) reads one token per object:
+one-hot shape, colour and size plus its (x, y) centre. Everything else is the prefix stage as
+the trainer runs it: the LM is frozen, only the text after the task prompt is scored. If the
+oracle's captions are far better than the bundle's, the encoder's features are what limits the
+bundle; if they are as poor, the LM is.
+
+    python docs/experiments/oracle_prefix.py --steps 3000     # ~9 min on 2 CPU cores
+
+Measured 2026-11-28 with the shipped LM (3,000 steps, 300 fresh scenes): captions 82.3% exact
+(one object 100%, two 99%, three 45%), VQA 83.3%, against 40.4% / 67.6% for the shipped bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+
+import torch
+
+from vlm import Pipeline
+from vlm import shapeworld as sw
+from vlm.datasets import prefix_texts
+from vlm.mapper import PrefixMapper
+from vlm.train import _schedule, _texts_tensor, prefix_loss, split_prompt
+
+FEATURES = len(sw.SHAPES) + len(sw.COLORS) + len(sw.SIZES) + 2  # one-hots, then x and y
+
+
+def scene_tokens(scene: sw.Scene) -> torch.Tensor:
+    """[3, FEATURES]: one row per object, left to right; rows of absent objects are zero."""
+    tokens = torch.zeros(3, FEATURES)
+    colors, c0, z0 = list(sw.COLORS), len(sw.SHAPES), len(sw.SHAPES) + len(sw.COLORS)
+    for k, o in enumerate(scene.objects):
+        tokens[k, sw.SHAPES.index(o.shape)] = 1
+        tokens[k, c0 + colors.index(o.color)] = 1
+        tokens[k, z0 + sw.SIZES.index(o.size)] = 1
+        tokens[k, -2:] = torch.tensor([o.x, o.y])
+    return tokens
+
+
+def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: int = 0):
+    """A mapper trained through the frozen LM on oracle tokens, with the texts and prompts of the
+    trainer's prefix stage (`prefix_texts`, `split_prompt`)."""
+    torch.manual_seed(seed)
+    options = dict(pipeline.mapper.config, clip_dim=FEATURES, num_tokens=3, normalize_input=False)
+    mapper = PrefixMapper(**options)
+    optimizer = torch.optim.AdamW(mapper.parameters(), lr=1e-3, weight_decay=0.05)
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+    rng = random.Random(f"oracle-{seed}")
+    for step in range(steps):
+        scenes = [sw.sample_scene(rng) for _ in range(batch_size)]
+        texts = [split_prompt(rng.choice(prefix_texts(s)), pipeline.config) for s in scenes]
+        prompts, targets = [p for p, _ in texts], [t for _, t in texts]
+        tokens, labels = _texts_tensor(pipeline.tokenizer, targets, "cpu", prompts)
+        loss = prefix_loss(pipeline.lm, mapper(torch.stack([scene_tokens(s) for s in scenes])),
+                           tokens, labels)  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+    return mapper.eval()
+
+
+@torch.no_grad()
+def greedy(pipeline: Pipeline, prefix: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
+    """What the frozen LM writes after the prefix and the prompt (greedy, first line)."""
+    ids = pipeline.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    embeds = torch.cat([prefix, pipeline.lm.get_input_embeddings()(ids)], dim=1)
+    out = pipeline.lm.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=pipeline.tokenizer.eos_token_id,
+    )  # fmt: skip
+    return pipeline.tokenizer.decode(out[0], skip_special_tokens=True).split("\n")[0].strip()
+
+
+def evaluate_oracle(pipeline: Pipeline, mapper: PrefixMapper, n: int = 300) -> dict:
+    """Caption exact match (overall and by object count) and VQA accuracy on fresh scenes."""
+    rng = random.Random("oracle-test")
+    captions, answers = collections.defaultdict(list), collections.defaultdict(list)
+    for _ in range(n):
+        scene = sw.sample_scene(rng)
+        prefix = mapper(scene_tokens(scene)[None])
+        caption = greedy(pipeline, prefix, pipeline.config.caption_prompt, 30)
+        captions[len(scene.objects)].append(caption == sw.describe(scene))
+        question, answer = rng.choice(sw.questions(scene))
+        prompt = pipeline.config.question_template.format(question=question)
+        answers[sw.question_type(question)].append(greedy(pipeline, prefix, prompt, 3) == answer)
+    mean = lambda groups: sum(map(sum, groups.values())) / n  # noqa: E731
+    return {
+        "caption_exact": mean(captions),
+        **{f"caption_{k}_objects": sum(v) / len(v) for k, v in sorted(captions.items())},
+        "vqa_overall": mean(answers),
+        **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(answers.items())},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapeworld", help="bundle whose LM is read")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--n", type=int, default=300, help="test scenes")
+    args = parser.parse_args()
+    pipeline = Pipeline.from_pretrained(args.model, device="cpu")
+    pipeline.lm.float().requires_grad_(False)
+    mapper = train_oracle(pipeline, args.steps)
+    for name, value in evaluate_oracle(pipeline, mapper, args.n).items():
+        print(f"{name:20s} {value:.1%}")
+
+
+if __name__ == "__main__":
+    main()
