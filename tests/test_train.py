@@ -54,8 +54,11 @@ def test_bundle_loads_and_is_fp16_on_disk(run):
     out, _, _ = run
     from safetensors import safe_open
 
-    with safe_open(out / "pipeline" / "mapper.safetensors", "pt") as handle:
-        assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys())  # noqa: SIM118
+    for weights in ("mapper.safetensors", "lm/model.safetensors"):
+        with safe_open(out / "pipeline" / weights, "pt") as handle:
+            assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys())  # noqa: SIM118
+    lm_config = json.loads((out / "pipeline" / "lm" / "config.json").read_text())
+    assert lm_config["dtype"] == "float16"  # what is on disk, not the live model's float32
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
     assert pipeline.config.caption_prompt == "Caption:"
     assert isinstance(pipeline.caption([torch.zeros(32, 32, 3).numpy()], max_new_tokens=4)[0], str)

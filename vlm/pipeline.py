@@ -428,3 +428,7 @@ def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:
     if dtype is not None:
         state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
     lm.save_pretrained(directory, state_dict=state)
+    if dtype is not None:  # the config says the weights' dtype, not the live model's
+        config = type(lm.config).from_pretrained(directory)
+        config.dtype = dtype
+        config.save_pretrained(directory)
