@@ -75,7 +75,7 @@ class TrainConfig:
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
     lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
-    prefix_steps: int = 3000
+    prefix_steps: int = 5000  # ShapeWorld: 3,000 gave 40.4% exact captions, 5,000 43.2%
     prefix_batch_size: int = 128
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
