@@ -425,8 +425,10 @@ class Pipeline:
 def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:
     """save_pretrained, optionally in a smaller dtype, without touching the live model."""
     state = None
-    if dtype is not None:
-        state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
+    if dtype is not None:  # one cast per tensor, so tied weights (wte, lm_head) stay shared
+        cast: dict[int, torch.Tensor] = {}
+        state = {k: cast.setdefault(v.data_ptr(), v.detach().to(dtype))
+                 for k, v in lm.state_dict().items()}  # fmt: skip
     lm.save_pretrained(directory, state_dict=state)
     if dtype is not None:  # the config says the weights' dtype, not the live model's
         config = type(lm.config).from_pretrained(directory)
