@@ -25,6 +25,7 @@ import torch
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.datasets import prefix_texts
+from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
 from vlm.train import _schedule, _texts_tensor, prefix_loss, split_prompt
 
@@ -70,17 +71,12 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
     return mapper.eval()
 
 
-@torch.no_grad()
 def greedy(pipeline: Pipeline, prefix: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
-    """What the frozen LM writes after the prefix and the prompt (greedy, first line)."""
-    ids = pipeline.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    embeds = torch.cat([prefix, pipeline.lm.get_input_embeddings()(ids)], dim=1)
-    out = pipeline.lm.generate(
-        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-        max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=pipeline.tokenizer.eos_token_id,
-    )  # fmt: skip
-    return pipeline.tokenizer.decode(out[0], skip_special_tokens=True).split("\n")[0].strip()
+    """What the frozen LM writes after the prefix and the prompt: the pipeline's own decoding
+    (greedy, up to its stop string), normalised as `eval shapeworld` does."""
+    with torch.no_grad():
+        sequence = pipeline._embed_parts([prefix[0], prompt])
+    return normalize_caption(pipeline._generate([sequence], max_new_tokens)[0])
 
 
 def evaluate_oracle(pipeline: Pipeline, mapper: PrefixMapper, n: int = 300) -> dict:
