@@ -76,3 +76,42 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     steps = [s for s, _ in losses(tmp_path, "clip")]
     assert steps[: len(first)] == [s for s, _ in first]
     assert steps[len(first)] == 10  # picked up at the checkpoint, not from scratch
+
+
+def test_caption_head_learns_captions_from_patch_tokens_and_skips_padding():
+    """CoCa's captioning loss in the CLIP stage: the head must be able to write a caption from
+    the patch tokens (so the encoder is pushed to keep what the caption says), and padding is
+    never a target."""
+    from vlm.train import CaptionHead
+
+    torch.manual_seed(0)
+    tokens = torch.tensor([[49406, 320, 1901, 49407, 0, 0], [49406, 320, 1746, 2866, 49407, 0]])
+    head = CaptionHead(sorted(set(tokens.unique().tolist())), width=32, layers=1,
+                       context_length=9)  # fmt: skip
+    patches = torch.randn(2, 4, 32)
+    padded_more = torch.cat([tokens, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    assert torch.allclose(head(patches, tokens), head(patches, padded_more), atol=1e-5)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    first = head(patches, tokens).item()
+    for _ in range(60):
+        loss = head(patches, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first
+    # what it writes depends on the image: the other image's patches make its captions unlikely
+    assert head(patches.flip(0), tokens).item() > 5 * loss.item()
+
+
+def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_path):
+    """`clip_caption_weight` > 0 adds CoCa's captioning loss; the decoder is training-only, so
+    the saved encoder is the same open_clip CLIP as without it (same keys, loads as usual)."""
+    config = TrainConfig(out=tmp_path, stages=("clip",), clip_steps=60, clip_caption_weight=1.0,
+                         **SMALL)  # fmt: skip
+    train(config)
+    curve = [loss for _, loss in losses(tmp_path, "clip")]
+    assert min(curve[-2:]) < 0.8 * curve[0], curve
+    encoder = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"})
+    train(TrainConfig(out=tmp_path / "plain", stages=("clip",), clip_steps=1, **SMALL))
+    plain = Encoder.load({"model": f"local-dir:{tmp_path / 'plain' / 'encoder'}"})
+    assert encoder.model.state_dict().keys() == plain.model.state_dict().keys()

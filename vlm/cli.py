@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
         ("checkpoint_every", int),
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
+        ("clip_caption_weight", float),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
         ("prefix_epochs", float),

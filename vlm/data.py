@@ -289,3 +289,8 @@ class _Lazy(Sequence):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, list[str]]:
         return self.examples[i].load(), self.examples[i].captions
+
+    @property
+    def texts(self) -> list[list[str]]:
+        """Every item's captions, without decoding its image (as `ImagePool.texts`)."""
+        return [e.captions for e in self.examples]

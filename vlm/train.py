@@ -22,8 +22,10 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from open_clip.transformer import MultimodalTransformer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +73,7 @@ class TrainConfig:
     clip_steps: int = 1500
     clip_lr: float = 2e-3
     clip_examples: int = 60_000
+    clip_caption_weight: float = 0.0  # > 0: CoCa's captioning loss beside the contrastive one
     lm_steps: int = 3000
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
@@ -229,15 +232,54 @@ def _texts_tensor(
 # ---------------------------------------------------------------------------- the stages
 
 
+class CaptionHead(torch.nn.Module):
+    """CoCa's captioning decoder (Yu et al. 2022), used only while the encoder trains: it reads
+    the ViT's patch tokens and must write the canonical caption, so every object's attributes
+    have to survive in those tokens, not just enough of them to tell a batch apart. It is
+    open_clip's `MultimodalTransformer` over a small vocabulary: the tokens the captions use."""
+
+    def __init__(self, vocabulary: list[int], width: int, layers: int, context_length: int):
+        super().__init__()
+        self.register_buffer("vocabulary", torch.tensor(vocabulary), persistent=False)
+        lookup = torch.zeros(max(vocabulary) + 1, dtype=torch.long)
+        lookup[self.vocabulary] = torch.arange(len(vocabulary))
+        self.register_buffer("lookup", lookup, persistent=False)
+        self.embedding = torch.nn.Embedding(len(vocabulary), width)
+        self.position = torch.nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.decoder = MultimodalTransformer(
+            width=width, layers=layers, heads=max(1, width // 32), context_length=context_length,
+            output_dim=len(vocabulary),
+        )  # fmt: skip
+        # (its own init_parameters() is broken in open_clip 3; the projection starts empty)
+        torch.nn.init.normal_(self.decoder.text_projection, std=width**-0.5)
+
+    def forward(self, patch_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of `tokens` (open_clip ids, 0-padded) given the image's patches."""
+        ids = self.lookup[tokens]  # padding (0) maps to a real id, but is never a target
+        inputs = self.embedding(ids[:, :-1]) + self.position[: ids.shape[1] - 1]
+        logits = self.decoder(patch_tokens, inputs)
+        targets = ids[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
+
+
 def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encoder:
-    """Stage 1: contrastive image-text training of a small open_clip CLIP."""
+    """Stage 1: contrastive image-text training of a small open_clip CLIP, with CoCa's
+    captioning loss beside it when `clip_caption_weight` > 0 (its decoder is dropped after)."""
     encoder = build_encoder(SIZES[config.size]["clip"])
     data = dataset.clip_data(config.clip_examples, config.seed)
     loss = open_clip.ClipLoss(
         world_size=accelerator.num_processes, rank=accelerator.process_index,
         local_loss=False, gather_with_grad=True,
     )  # fmt: skip
-    model = encoder.model.requires_grad_(True)
+    model = torch.nn.ModuleDict({"clip": encoder.model.requires_grad_(True)})
+    captioning = config.clip_caption_weight > 0
+    if captioning:
+        captions = sorted({texts[0] for texts in data.texts})  # the first: ShapeWorld's canonical
+        vocabulary = sorted(set(encoder.tokenizer(captions).unique().tolist()) | {0})
+        width = encoder.model.visual.transformer.width
+        model["caption"] = CaptionHead(
+            vocabulary, width, layers=2, context_length=encoder.tokenizer.context_length
+        )
 
     def batches(start: int):
         rng = random.Random(f"clip-texts-{config.seed}-{start}")
@@ -247,15 +289,26 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
             items = [data[i] for i in batch]
             pixels = encoder.pixels([image for image, _ in items])
             tokens = encoder.tokenizer([rng.choice(texts) for _, texts in items])
-            yield pixels.to(accelerator.device), tokens.to(accelerator.device)
+            captions = encoder.tokenizer([texts[0] for _, texts in items]) if captioning else None
+            yield pixels.to(accelerator.device), tokens.to(accelerator.device), captions
 
     def loss_fn(module, batch):
-        out = module(*batch)
-        return loss(out["image_features"], out["text_features"], out["logit_scale"])
+        pixels, tokens, captions = batch
+        clip = module["clip"]
+        clip.visual.output_tokens = True
+        pooled, patches = clip.visual(pixels)
+        clip.visual.output_tokens = False
+        image = F.normalize(pooled, dim=-1)
+        text = clip.encode_text(tokens, normalize=True)
+        total = loss(image, text, clip.logit_scale.exp())
+        if captioning:
+            caption_loss = module["caption"](patches, captions.to(accelerator.device))
+            total = total + config.clip_caption_weight * caption_loss
+        return total
 
-    encoder.model = run_stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
-                              config, accelerator, batch_size=config.batch_size)  # fmt: skip
-    encoder.model.requires_grad_(False)
+    model = run_stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
+                      config, accelerator, batch_size=config.batch_size)  # fmt: skip
+    encoder.model = model["clip"].requires_grad_(False)
     return encoder
 
 
