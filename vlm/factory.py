@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -66,14 +67,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 
 
 def build_lm(
-    tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 96
+    tokenizer,
+    n_layer: int = 4,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 96,
+    embedding_std: float = 0.1,
 ) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2-architecture LM sized for `tokenizer`."""
+    """A randomly initialised GPT-2-architecture LM sized for `tokenizer`.
+
+    Token embeddings start at std `embedding_std`, not GPT-2's 0.02: words that only context can
+    tell apart (ShapeWorld's "small" and "large") otherwise drift together before the LM learns
+    to copy them, and then it never can (cosine 0.996, each size 50% even right after the same
+    caption; 0.1 gives 0.76 and 62%: docs/experiments/word_probabilities.py)."""
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    return GPT2LMHeadModel(config)
+    lm = GPT2LMHeadModel(config)
+    torch.nn.init.normal_(lm.get_input_embeddings().weight, std=embedding_std)  # tied: lm_head too
+    return lm
 
 
 def build_pipeline(
