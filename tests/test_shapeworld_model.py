@@ -127,3 +127,45 @@ def test_feature_probe_experiment_reads_features_and_runs():
     accuracy = probe.probe(grid, y, n_train=8, steps=2)
     assert accuracy.keys() == {"shape", "size", "color"}
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+def test_word_probability_experiment_scores_each_attribute_word():
+    """docs/experiments/word_probabilities.py still runs: one probability per attribute word of
+    the caption, in caption order, with and without the visual prefix, and copying works for
+    colours (what the diagnosis contrasts sizes with)."""
+    experiment = _experiment("word_probabilities")
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    scene = sw.Scene(
+        (sw.Obj("cross", "blue", "small", 0.2, 0.3), sw.Obj("star", "red", "large", 0.7, 0.5))
+    )
+    with torch.inference_mode():
+        pixels = pipeline.encoder.pixels([sw.render(scene)])
+        prefix = pipeline.mapper(pipeline.features_from_pixels(pixels).float())
+    expected = [("size", 1), ("color", 1), ("shape", 1), ("size", 2), ("color", 2), ("shape", 2)]
+    for context, visual in (("", prefix), (f"Caption: {sw.describe(scene)}\n", None)):
+        words = experiment.word_probabilities(pipeline, scene, context, visual)
+        assert [(kind, k) for kind, k, _ in words] == expected
+        assert all(0.0 <= p <= 1.0 for _, _, p in words)
+    copied = dict(((kind, k), p) for kind, k, p in words)
+    assert copied["color", 2] > 0.5  # the second object's colour, copied from the line before
+
+
+def test_bundled_lm_tells_the_two_sizes_apart():
+    """The frozen LM must be able to write "small" or "large" from context (a GPT-2 init of its
+    embeddings had made the two the same vector: every size a coin flip, whatever the prefix)."""
+    experiment = _experiment("word_probabilities")
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    weights = pipeline.lm.get_input_embeddings().weight.float()
+    small, large = (pipeline.tokenizer(" " + w)["input_ids"][0] for w in sw.SIZES)
+    assert torch.cosine_similarity(weights[small], weights[large], dim=0) < 0.9
+    rng = random.Random(5)
+    scenes = [sw.sample_scene(rng, rng.choice([2, 3])) for _ in range(40)]
+    sizes = [
+        p
+        for scene in scenes
+        for kind, _, p in experiment.word_probabilities(
+            pipeline, scene, f"Caption: {sw.describe(scene)}\n"
+        )
+        if kind == "size"
+    ]
+    assert sum(sizes) / len(sizes) > 0.6  # copied from the line before (0.50 = a coin flip)

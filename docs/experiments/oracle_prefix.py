@@ -7,7 +7,7 @@ the trainer runs it: the LM is frozen, only the text after the task prompt is sc
 oracle's captions are far better than the bundle's, the encoder's features are what limits the
 bundle; if they are as poor, the LM is.
 
-    python docs/experiments/oracle_prefix.py --steps 3000     # ~9 min on 2 CPU cores
+    PYTHONPATH=. python docs/experiments/oracle_prefix.py --steps 3000     # ~9 min on 2 CPU cores
 
 Measured 2026-11-28 with the shipped LM (3,000 steps, 300 fresh scenes): captions 94.0% exact
 (one object 100%, two 100%, three 80.9%), VQA 77.7%, against 45.3% / 68.8% for the shipped

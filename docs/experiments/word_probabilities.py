@@ -9,13 +9,14 @@ word of the true caption (its first token), teacher-forced, in three settings:
 
 Also the cosine similarity of the LM's embeddings of " small" and " large".
 
-    python docs/experiments/word_probabilities.py        # ~1 min on 2 CPU cores
+    PYTHONPATH=. python docs/experiments/word_probabilities.py        # ~1 min on 2 CPU cores
 
-Measured 2026-11-29 on the shipped bundle (200 scenes): with the prefix, colour 0.95-0.98,
-shape 0.41-0.51, size 0.51 at every object; with the same caption on the line before, size
-0.50 (colour 0.84, shape 0.86); with no context, size 0.50 (colour 0.14). The embeddings of
-" small" and " large" have cosine 0.996: the LM never learned to tell the two sizes apart in
-context, so no prefix can make it write the right one.
+Measured 2026-11-29 (200 scenes). On the bundle shipped before, whose LM had GPT-2's embedding
+init (std 0.02): with the prefix, colour 0.95-0.98, shape 0.37-0.54, size 0.50 at every
+object; with the same caption on the line before, size 0.50 (colours and shapes of later
+objects 1.00); " small" and " large" had cosine 0.996, so no prefix could make that LM write the
+right size. On the shipped bundle (embeddings initialised at std 0.1): with the prefix, size
+0.84-0.91, colour 0.92-0.95, shape 0.38-0.55; same caption before, size 0.63-0.85; cosine 0.675.
 """
 
 from __future__ import annotations
