@@ -6,7 +6,7 @@ A small transformer (3 layers, width 96, 9 query tokens) learns to read object k
 time: the tokens the bundle's mapper reads (pooled embedding + 4×4 grid), or the ViT's full
 8×8 grid after a given block. Accuracy on held-back scenes says what a reader can get out.
 
-    PYTHONPATH=. python docs/experiments/feature_probe.py --features mapper,block4,block2   # ~12 min, 2 cores
+    PYTHONPATH=. python docs/experiments/feature_probe.py --features mapper,block4,block2  # ~12 min
 
 Measured 2026-11-28 on the shipped encoder (12,000 scenes, 1,500 steps; 64-px renders and block
 outputs before the final norm, in an earlier form of this script): shape / size / colour
