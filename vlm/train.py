@@ -240,9 +240,8 @@ class CaptionHead(torch.nn.Module):
 
     def __init__(self, vocabulary: list[int], width: int, layers: int, context_length: int):
         super().__init__()
-        self.register_buffer("vocabulary", torch.tensor(vocabulary), persistent=False)
-        lookup = torch.zeros(max(vocabulary) + 1, dtype=torch.long)
-        lookup[self.vocabulary] = torch.arange(len(vocabulary))
+        lookup = torch.zeros(max(vocabulary) + 1, dtype=torch.long)  # open_clip id -> ours
+        lookup[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
         self.register_buffer("lookup", lookup, persistent=False)
         self.embedding = torch.nn.Embedding(len(vocabulary), width)
         self.position = torch.nn.Parameter(torch.randn(context_length, width) * 0.01)
