@@ -61,6 +61,13 @@ def word_probabilities(pipeline: Pipeline, scene: sw.Scene, context: str, prefix
     return out
 
 
+def size_cosine(pipeline: Pipeline) -> float:
+    """Cosine similarity of the LM's embeddings of " small" and " large" (1.0: one vector)."""
+    tokenizer, weights = pipeline.tokenizer, pipeline.lm.get_input_embeddings().weight
+    small, large = (tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in sw.SIZES)
+    return torch.cosine_similarity(weights[small].float(), weights[large].float(), dim=0).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapeworld")
@@ -81,10 +88,7 @@ def main() -> None:
                 table[kind, index].append(p)
         cells = [f"{kind} {k}: {sum(v) / len(v):.2f}" for (kind, k), v in sorted(table.items())]
         print(f"{setting:>20} | " + "  ".join(cells))
-    tokenizer, weights = pipeline.tokenizer, pipeline.lm.get_input_embeddings().weight
-    small, large = (tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in sw.SIZES)
-    cosine = torch.cosine_similarity(weights[small].float(), weights[large].float(), dim=0)
-    print(f"cosine of the LM's ' small' and ' large' embeddings: {cosine.item():.3f}")
+    print(f"cosine of the LM's ' small' and ' large' embeddings: {size_cosine(pipeline):.3f}")
 
 
 if __name__ == "__main__":
