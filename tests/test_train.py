@@ -104,14 +104,16 @@ def test_caption_head_learns_captions_from_patch_tokens_and_skips_padding():
 
 
 def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_path):
-    """`clip_caption_weight` > 0 adds CoCa's captioning loss; the decoder is training-only, so
-    the saved encoder is the same open_clip CLIP as without it (same keys, loads as usual)."""
+    """`clip_caption_weight` > 0 (the default) adds CoCa's captioning loss; the decoder is
+    training-only, so the saved encoder is the same open_clip CLIP as without it (same keys,
+    loads as usual)."""
     config = TrainConfig(out=tmp_path, stages=("clip",), clip_steps=60, clip_caption_weight=1.0,
                          **SMALL)  # fmt: skip
     train(config)
     curve = [loss for _, loss in losses(tmp_path, "clip")]
     assert min(curve[-2:]) < 0.8 * curve[0], curve
     encoder = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"})
-    train(TrainConfig(out=tmp_path / "plain", stages=("clip",), clip_steps=1, **SMALL))
+    train(TrainConfig(out=tmp_path / "plain", stages=("clip",), clip_steps=1,
+                      clip_caption_weight=0.0, **SMALL))  # fmt: skip
     plain = Encoder.load({"model": f"local-dir:{tmp_path / 'plain' / 'encoder'}"})
     assert encoder.model.state_dict().keys() == plain.model.state_dict().keys()
