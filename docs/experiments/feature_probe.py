@@ -3,12 +3,13 @@ size and colour in a scene of two or three objects?
 
 A small transformer (3 layers, width 96, 9 query tokens) learns to read object k's attributes
 (k = 1..3, left to right; "none" where a scene has fewer objects) from one feature set at a
-time: the tokens the bundle's mapper reads (pooled embedding + 4×4 grid), or the ViT's full
+time: the tokens the bundle's mapper reads (pooled embedding + its patch grid), or the ViT's full
 8×8 grid after a given block. Accuracy on held-back scenes says what a reader can get out.
 
     PYTHONPATH=. python docs/experiments/feature_probe.py --features mapper,block4,block2  # ~12 min
 
-Measured 2026-11-28 on the shipped encoder (12,000 scenes, 1,500 steps; 64-px renders and block
+Measured 2026-11-28 on the encoder then shipped, trained without the captioning loss, whose
+mapper read a 4×4 grid (12,000 scenes, 1,500 steps; 64-px renders and block
 outputs before the final norm, in an earlier form of this script): shape / size / colour
 51% / 90% / 96% from the mapper's tokens, 60% / 94% / 97% after block 4 (the last), 57% / 93% /
 98% after block 3, 68% / 95% / 98% after block 2.
