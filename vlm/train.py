@@ -288,7 +288,7 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
             items = [data[i] for i in batch]
             pixels = encoder.pixels([image for image, _ in items])
             tokens = encoder.tokenizer([rng.choice(texts) for _, texts in items])
-            # the caption of one scene of each twin pair: half the decoder's cost
+            # captions of half the batch, one scene of each twin pair: half the decoder's cost
             captioned = [texts[0] for _, texts in items[::2]]
             captions = encoder.tokenizer(captioned) if captioning else None
             yield pixels.to(accelerator.device), tokens.to(accelerator.device), captions
