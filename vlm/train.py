@@ -50,7 +50,7 @@ SIZES = {
         lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400,
         # ClipCap's choice for a frozen LM: the transformer mapper
         mapper=dict(kind="transformer", input="tokens", num_tokens=65, prefix_length=20,
-                    num_layers=3, num_heads=4),
+                    num_layers=2, num_heads=4),
     ),
     "tiny": dict(
         clip=clip_config(image_size=32, patch_size=8, width=32, layers=1, embed_dim=32,
@@ -79,8 +79,8 @@ class TrainConfig:
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
     lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
-    prefix_steps: int = 3000
-    prefix_batch_size: int = 128
+    prefix_steps: int = 7000
+    prefix_batch_size: int = 64  # smaller batches, more steps: lower loss for the same samples
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
     prefix_epochs: float | None = None  # if set, replaces prefix_steps (epochs over the pairs)
