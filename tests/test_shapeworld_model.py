@@ -130,6 +130,23 @@ def test_feature_probe_experiment_reads_features_and_runs():
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
 
 
+def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
+    """docs/experiments/coca_ceiling.py still runs: it rebuilds the CLIP stage's captioning
+    decoder from a run's checkpoint (vocabulary included) and scores its greedy captions."""
+    from vlm.train import TrainConfig, train
+
+    experiment = _experiment("coca_ceiling")
+    train(TrainConfig(out=tmp_path, size="tiny", stages=("clip",), clip_steps=2, batch_size=16,
+                      clip_examples=64))  # fmt: skip
+    encoder, head = experiment.load_caption_head(tmp_path, size="tiny")
+    rng = random.Random(1)
+    scenes = [sw.sample_scene(rng) for _ in range(5)]
+    captions = experiment.head_captions(encoder, head, [sw.render(s) for s in scenes], 2)
+    assert len(captions) == 5 and all(isinstance(c, str) for c in captions)
+    scores = experiment.exact_by_count([sw.describe(s) for s in scenes], scenes)
+    assert scores["all"] == 1.0 and set(scores) <= {"all", "1", "2", "3"}
+
+
 def test_word_probability_experiment_scores_each_attribute_word():
     """docs/experiments/word_probabilities.py still runs: one probability per attribute word of
     the caption, in caption order, with and without the visual prefix, and copying works for

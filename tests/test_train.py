@@ -101,6 +101,8 @@ def test_caption_head_learns_captions_from_patch_tokens_and_skips_padding():
     assert loss.item() < 0.1 * first
     # what it writes depends on the image: the other image's patches make its captions unlikely
     assert head(patches.flip(0), tokens).item() > 5 * loss.item()
+    # and it writes them: greedy decoding gives each image's caption, without start and end
+    assert head.generate(patches, start=49406, end=49407) == [[320, 1901], [320, 1746, 2866]]
 
 
 def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_path):

@@ -244,6 +244,7 @@ class CaptionHead(torch.nn.Module):
         lookup = torch.zeros(max(vocabulary) + 1, dtype=torch.long)  # open_clip id -> ours
         lookup[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
         self.register_buffer("lookup", lookup, persistent=False)
+        self.register_buffer("vocabulary", torch.tensor(vocabulary))  # kept in checkpoints
         self.embedding = torch.nn.Embedding(len(vocabulary), width)
         self.position = torch.nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.decoder = MultimodalTransformer(
@@ -261,6 +262,25 @@ class CaptionHead(torch.nn.Module):
         targets = ids[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)
         return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
 
+    @torch.no_grad()
+    def generate(self, patch_tokens: torch.Tensor, start: int, end: int) -> list[list[int]]:
+        """Greedy captions of the images (open_clip ids between `start` and `end`): what the
+        encoder's patch tokens say, read by the decoder that trained with them."""
+        ids = self.lookup.new_full((patch_tokens.shape[0], 1), int(self.lookup[start]))
+        for _ in range(self.position.shape[0] - 1):
+            inputs = self.embedding(ids) + self.position[: ids.shape[1]]
+            next_ids = self.decoder(patch_tokens, inputs)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_ids], dim=1)
+        captions = []
+        for row in self.vocabulary[ids[:, 1:]].tolist():
+            captions.append(row[: row.index(end)] if end in row else row)
+        return captions
+
+
+def caption_vocabulary(tokenizer, captions: list[str]) -> list[int]:
+    """CaptionHead's vocabulary: the open_clip ids the captions use, and padding (0)."""
+    return sorted(set(tokenizer(captions).unique().tolist()) | {0})
+
 
 def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encoder:
     """Stage 1: contrastive image-text training of a small open_clip CLIP, with CoCa's
@@ -275,7 +295,7 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
     captioning = config.clip_caption_weight > 0
     if captioning:
         captions = sorted({texts[0] for texts in data.texts})  # the first: ShapeWorld's canonical
-        vocabulary = sorted(set(encoder.tokenizer(captions).unique().tolist()) | {0})
+        vocabulary = caption_vocabulary(encoder.tokenizer, captions)
         width = encoder.model.visual.transformer.width
         context = encoder.tokenizer.context_length
         model["caption"] = CaptionHead(vocabulary, width, CAPTION_LAYERS, context)
