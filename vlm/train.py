@@ -74,7 +74,7 @@ class TrainConfig:
     clip_steps: int = 1500
     clip_lr: float = 2e-3
     clip_examples: int = 60_000
-    clip_caption_weight: float = 1.0  # CoCa's captioning loss beside the contrastive one (0: off)
+    clip_caption_weight: float = 4.0  # CoCa's captioning loss beside the contrastive one (0: off)
     lm_steps: int = 3000
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
