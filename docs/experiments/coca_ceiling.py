@@ -1,8 +1,9 @@
 """Diagnosis: how much of each caption do the encoder's patch tokens hold?
 
 The CLIP stage trains CoCa's captioning decoder beside the encoder (`vlm.train.CaptionHead`),
-then drops it. Kept in the stage's checkpoint, it is a reader of the very tokens the prefix
-mapper reads, trained with the encoder instead of after it: its greedy captions, exact-matched
+then drops it. Kept in the stage's checkpoint, it reads the patch tokens the prefix mapper
+reads (before the linear projection into the joint space that the mapper reads them through),
+trained with the encoder instead of after it: its greedy captions, exact-matched
 with `describe` on fresh scenes, say roughly how much a mapper could get out of that encoder.
 Given a bundle too, its captions of the same scenes are scored beside.
 
