@@ -15,7 +15,9 @@ colour 0.73, shape 0.81, count 1.00, existence 0.51, size 0.86, relation 0.87; w
 before, about chance (existence 0.51). Existence is at chance even from text, so no prefix can
 make this LM answer it. Two LMs trained on documents that always put the two caption lines
 before the questions (1-4 of them, or 3-8) did no better on existence (0.51, 0.50), better on
-relations (1.00, 0.99) and worse on sizes (0.50, 0.50).
+relations (1.00, 0.99) and worse on sizes (0.50, 0.50). One trained twice as long (6,000
+steps): existence 0.48, size 0.70. A bigger one (4 layers, width 128, twice the time a step):
+existence 0.68, colour 0.78, shape 0.85, but size 0.50 again.
 """
 
 from __future__ import annotations
