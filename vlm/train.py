@@ -267,10 +267,14 @@ class CaptionHead(torch.nn.Module):
         """Greedy captions of the images (open_clip ids between `start` and `end`): what the
         encoder's patch tokens say, read by the decoder that trained with them."""
         ids = self.lookup.new_full((patch_tokens.shape[0], 1), int(self.lookup[start]))
+        ended = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(self.position.shape[0] - 1):
             inputs = self.embedding(ids) + self.position[: ids.shape[1]]
             next_ids = self.decoder(patch_tokens, inputs)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_ids], dim=1)
+            ended |= next_ids[:, 0] == self.lookup[end]
+            if ended.all():  # every caption has its end: the rest would be cut off anyway
+                break
         captions = []
         for row in self.vocabulary[ids[:, 1:]].tolist():
             captions.append(row[: row.index(end)] if end in row else row)
