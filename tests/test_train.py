@@ -119,3 +119,24 @@ def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_
                       clip_caption_weight=0.0, **SMALL))  # fmt: skip
     plain = Encoder.load({"model": f"local-dir:{tmp_path / 'plain' / 'encoder'}"})
     assert encoder.model.state_dict().keys() == plain.model.state_dict().keys()
+
+
+def test_answer_mask_marks_only_the_answers_in_packed_text(run):
+    from transformers import AutoTokenizer
+
+    from vlm.train import answer_mask, pack_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(run[0] / "lm")
+    documents = [
+        "Caption: a small red circle\nQuestion: is there a red circle? Answer: yes\n"
+        "Question: what color is the circle? Answer: red",
+        "Question: how many shapes are there? Answer: one",
+    ]
+    length = sum(len(tokenizer(d)["input_ids"]) + 1 for d in documents)  # one block, EOS each
+    blocks = pack_texts(tokenizer, documents, length)
+    marked = blocks[answer_mask(tokenizer, blocks, "Answer:")]
+    assert tokenizer.decode(marked).split() == ["yes", "red", "one"]  # not the newline or EOS
+    # in short blocks, a block that starts inside an answer cannot tell: nothing there is marked
+    blocks = pack_texts(tokenizer, documents, 8)
+    marked = tokenizer.decode(blocks[answer_mask(tokenizer, blocks, "Answer:")])
+    assert marked and set(marked) <= set(" yesredone")

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         ("checkpoint_every", int),
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
         ("clip_caption_weight", float),
-        ("lm_steps", int), ("lm_lr", float), ("lm_examples", int),
+        ("lm_steps", int), ("lm_lr", float), ("lm_examples", int), ("lm_answer_weight", float),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
         ("prefix_epochs", float),
     ]:  # fmt: skip

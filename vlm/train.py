@@ -35,6 +35,7 @@ from .device import default_device
 from .encoder import Encoder
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
 from .features import FeatureCache
+from .pipeline import PipelineConfig
 
 STAGES = ("clip", "lm", "prefix")
 CAPTION_LAYERS = 1  # CoCa decoder depth in the CLIP stage (2 layers: 11% more time a step)
@@ -75,11 +76,12 @@ class TrainConfig:
     clip_lr: float = 2e-3
     clip_examples: int = 60_000
     clip_caption_weight: float = 4.0  # CoCa's captioning loss beside the contrastive one (0: off)
-    lm_steps: int = 3000
+    lm_steps: int = 4500
     lm_lr: float = 2e-3
     lm_examples: int = 50_000
     lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
-    prefix_steps: int = 7000
+    lm_answer_weight: float = 10.0  # loss weight of answer tokens (after "Answer:") vs the rest
+    prefix_steps: int = 6000
     prefix_batch_size: int = 64  # smaller batches, more steps: lower loss for the same samples
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
@@ -200,14 +202,19 @@ def _epochs(
             yield [j * unit + k for j in mine for k in range(unit)]
 
 
+def answer_cue(question_template: str) -> str:
+    """The words a question template ends with, after which the answer comes ("Answer:")."""
+    return question_template.split("{question}")[-1].strip()
+
+
 def split_prompt(text: str, config) -> tuple[str, str]:
     """(prompt, target) of a prefix-stage text: the task prompt the pipeline will give at
     inference ("Caption:", "Question: … Answer:") and what the LM must produce after it."""
-    answer_cue = config.question_template.split("{question}")[-1].strip()  # "Answer:"
+    cue = answer_cue(config.question_template)
     if config.caption_prompt and text.startswith(config.caption_prompt):
         return config.caption_prompt, text[len(config.caption_prompt) :]
-    if answer_cue and answer_cue in text:
-        cut = text.rindex(answer_cue) + len(answer_cue)
+    if cue and cue in text:
+        cut = text.rindex(cue) + len(cue)
         return text[:cut], text[cut:]
     return "", text
 
@@ -347,20 +354,48 @@ def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: blocks * block_size]).view(blocks, block_size)
 
 
+def answer_mask(tokenizer, blocks: torch.Tensor, cue: str) -> torch.Tensor:
+    """True at the tokens of every answer in packed `blocks`: those after `cue` (" Answer:")
+    up to the newline or EOS that ends it."""
+    cue_ids = torch.tensor(tokenizer(" " + cue, add_special_tokens=False)["input_ids"])
+    vocab = tokenizer.get_vocab()
+    ends = [i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t])]
+    ends = torch.tensor([*ends, tokenizer.eos_token_id])
+    n, length = blocks.shape
+    after_cue = torch.zeros_like(blocks, dtype=torch.bool)  # the token before ends the cue
+    windows = blocks.unfold(1, len(cue_ids), 1)  # [n, length - len(cue) + 1, len(cue)]
+    after_cue[:, len(cue_ids) :] = (windows == cue_ids).all(-1)[:, :-1]
+    positions = torch.arange(length).expand(n, length)
+    last = lambda marks: torch.where(marks, positions, -1).cummax(1).values  # noqa: E731
+    return last(after_cue) > last(torch.isin(blocks, ends))
+
+
 def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
-    """Stage 2: a byte-level BPE tokenizer and a small GPT-2 trained on the dataset's text."""
+    """Stage 2: a byte-level BPE tokenizer and a small GPT-2 trained on the dataset's text.
+
+    Answer tokens weigh `lm_answer_weight` times the rest in the loss: they are the few
+    tokens that only reading the context predicts (a caption is as random as its scene). At
+    weight 1 the LM never learned to look an answer up: with the caption on the line before,
+    "is there a green circle?" was answered at chance (0.51); at 10, 0.95
+    (docs/experiments/text_answers.py)."""
     texts = dataset.texts(config.lm_examples, config.seed)
     tokenizer = train_tokenizer(texts[:20000], SIZES[config.size]["vocab_size"])
     lm = build_lm(tokenizer, **SIZES[config.size]["lm"])
     blocks = pack_texts(tokenizer, texts, BLOCK_SIZE)
+    template = dataset.pipeline_config().get("question_template", PipelineConfig.question_template)
+    cue = answer_cue(template)
+    weights = 1 + (config.lm_answer_weight - 1) * answer_mask(tokenizer, blocks, cue).float()
 
     def batches(start: int):
         seed = f"lm-{config.seed}-{start}"
         for batch in _epochs(len(blocks), config.lm_batch_size, seed, accelerator):
-            yield blocks[batch].to(accelerator.device)
+            yield blocks[batch].to(accelerator.device), weights[batch].to(accelerator.device)
 
-    def loss_fn(module, tokens):
-        return module(input_ids=tokens, labels=tokens).loss
+    def loss_fn(module, batch):
+        tokens, weight = batch
+        logits = module(input_ids=tokens).logits[:, :-1]
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return (loss * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
 
     lm = run_stage("lm", lm, loss_fn, batches, config.lm_steps, config.lm_lr, config, accelerator,
                    batch_size=config.lm_batch_size)  # fmt: skip
