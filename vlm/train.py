@@ -356,7 +356,9 @@ def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
 
 def answer_mask(tokenizer, blocks: torch.Tensor, cue: str) -> torch.Tensor:
     """True at the tokens of every answer in packed `blocks`: those after `cue` (" Answer:")
-    up to the newline or EOS that ends it."""
+    up to the newline or EOS that ends it. Nothing is marked when there is no cue."""
+    if not cue:
+        return torch.zeros_like(blocks, dtype=torch.bool)
     cue_ids = torch.tensor(tokenizer(" " + cue, add_special_tokens=False)["input_ids"])
     vocab = tokenizer.get_vocab()
     ends = [i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t])]

@@ -15,11 +15,11 @@ before: colour 0.73, shape 0.81, count 1.00, existence 0.51, size 0.86, relation
 the number of objects it did not find the object asked about: colour 0.57 / 0.47 at two /
 three objects (about one of the scene's colours at random), existence 0.51 at every count (an
 LM without dropout answered it by the count: "no" at one object 95% of the time, "yes" at two
-or three 90-95%, whatever was asked). Neither captions always before
-the questions (existence 0.51 / 0.50), twice the steps (0.48) nor 4 layers of width 128 (0.68,
-sizes 0.50) fixed it. Answers are a few percent of the LM's tokens among captions no context
-predicts; weighing them 10 times the rest in the LM's loss (`lm_answer_weight`), without
-dropout and for 4,500 steps, did. The shipped LM: colour 0.78, shape 0.82, count 1.00,
+or three 90-95%, whatever was asked). Neither captions always before the questions
+(existence 0.51 / 0.50), twice the steps (0.48) nor 4 layers of width 128 (0.68, sizes 0.50)
+fixed it. Answers are a few percent of the LM's tokens among captions no context predicts;
+weighing them 10 times the rest in the LM's loss (`lm_answer_weight`), without dropout and for
+4,500 steps, did. The shipped LM: colour 0.78, shape 0.82, count 1.00,
 existence 0.95 (0.93 / 0.92 at two / three objects), size 0.83, relation 1.00.
 """
 
