@@ -3,6 +3,7 @@ give exactly ClipCap's prefix; a pickle that would run code is refused."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from vlm import Pipeline
+from vlm import device as dev
+from vlm.tasks import ALL_TASKS, UnsupportedTaskError
 
 E = 32  # GPT-2 width of the small stand-in (the format allows any)
 
@@ -165,3 +168,106 @@ def test_checkpoint_without_a_mapper_is_a_clear_error(parts, tmp_path):
     torch.save(gpt_state(parts["lm"]), tmp_path / "gpt_only.pt")
     with pytest.raises(ValueError, match="clip_project"):
         Pipeline.from_clipcap(tmp_path / "gpt_only.pt", device="cpu", **parts)
+
+
+# ---------------------------------------------------------------------------- precision policy
+
+
+def test_decode_precision_policy(monkeypatch):
+    """On a bf16 GPU (faked: no GPU is needed to decide) the encoder may autocast, but the
+    decode runs in the weights' own dtype unless mixed precision is asked for."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("VLM_PRECISION", raising=False)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dev.autocast_dtype(gpu) == torch.bfloat16 and dev.autocast_dtype(cpu) is None
+    assert dev.decode_dtype(gpu) is None and dev.decode_dtype(gpu, "fp32") is None
+    assert dev.decode_dtype(gpu, "mixed") == torch.bfloat16
+    assert dev.decode_dtype(cpu, "mixed") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert dev.decode_dtype(gpu, "mixed") == torch.float16
+    monkeypatch.setenv("VLM_PRECISION", "mixed")
+    assert dev.decode_dtype(gpu) == torch.float16
+    monkeypatch.setenv("VLM_PRECISION", "fp32")
+    assert dev.decode_dtype(gpu, "mixed") is None and dev.autocast_dtype(gpu) is None
+
+
+def _decode_dtypes(pipeline, picture) -> set[torch.dtype]:
+    """The dtypes the image tower, the mapper and the LM's head compute in while captioning
+    `picture`."""
+    seen: set[torch.dtype] = set()
+    modules = pipeline.encoder.model.visual, pipeline.mapper, pipeline.lm.get_output_embeddings()
+    hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype)) for m in modules]
+    try:
+        pipeline.caption([picture], max_new_tokens=3)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def random_parts(tmp_path_factory):
+    """Like `parts`, with a random (untrained) tiny encoder: a published checkpoint's format
+    without waiting for the trained fixtures."""
+    from transformers import AutoTokenizer
+
+    from vlm.factory import build_encoder
+    from vlm.presets import SHAPEWORLD_DIR
+    from vlm.train import SIZES
+
+    root = tmp_path_factory.mktemp("clipcap-random")
+    torch.manual_seed(0)
+    build_encoder(SIZES["tiny"]["clip"]).save(root / "encoder")
+    tokenizer = AutoTokenizer.from_pretrained(SHAPEWORLD_DIR / "lm")
+    eos = tokenizer.eos_token_id
+    GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=E, n_layer=2, n_head=2,
+               bos_token_id=eos, eos_token_id=eos).save_pretrained(root / "gpt2")  # fmt: skip
+    tokenizer.save_pretrained(root / "gpt2")
+    return {"encoder": {"model": f"local-dir:{root / 'encoder'}"}, "lm": str(root / "gpt2")}
+
+
+def test_published_checkpoint_decodes_in_its_own_precision(
+    random_parts, images, tmp_path, monkeypatch
+):
+    """Where mixed precision is available (here: the CPU made to look like a bf16 GPU), a
+    ClipCap checkpoint still decodes in fp32, as published; "mixed" is an opt-in."""
+    mlp_checkpoint(tmp_path / "coco_weights.pt", random_parts["lm"], 32)
+    pipeline = Pipeline.from_clipcap(tmp_path / "coco_weights.pt", device="cpu", **random_parts)
+    assert pipeline.config.precision == "fp32"
+    monkeypatch.setattr(dev, "half_dtype", lambda device: torch.bfloat16)
+    monkeypatch.delenv("VLM_PRECISION", raising=False)
+    picture = list(images.values())[0]
+    assert _decode_dtypes(pipeline, picture) == {torch.float32}
+    monkeypatch.setattr(pipeline.config, "precision", "mixed")
+    assert _decode_dtypes(pipeline, picture) == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def test_clipcap_captions_but_does_not_answer(random_parts, images, tmp_path):
+    """Its GPT-2 was fine-tuned on captions: questions and few-shot text get a clear error
+    that says who can, and the declaration survives save and reload."""
+    mlp_checkpoint(tmp_path / "coco_weights.pt", random_parts["lm"], 32)
+    pipeline = Pipeline.from_clipcap(tmp_path / "coco_weights.pt", device="cpu", **random_parts)
+    assert pipeline.tasks == {"caption", "classify", "search", "explain"}
+    picture = list(images.values())[0]
+    with pytest.raises(UnsupportedTaskError, match="answer questions.*blip2-opt-2.7b"):
+        pipeline.answer([picture], "what is it?")
+    with pytest.raises(UnsupportedTaskError, match="few-shot.*shapeworld"):
+        pipeline.continue_sequence([picture, "Caption:"])
+    pipeline.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["tasks"] == ["caption", "classify", "explain", "search"]
+    assert Pipeline.from_pretrained(tmp_path / "saved", device="cpu").tasks == pipeline.tasks
+
+
+def test_a_folder_without_declared_tasks_does_everything(random_parts, tmp_path):
+    """Folders saved before tasks were declared keep working as they did."""
+    mlp_checkpoint(tmp_path / "coco_weights.pt", random_parts["lm"], 32)
+    pipeline = Pipeline.from_clipcap(tmp_path / "coco_weights.pt", device="cpu", **random_parts)
+    pipeline.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["tasks"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert Pipeline.from_pretrained(tmp_path / "old", device="cpu").tasks == ALL_TASKS

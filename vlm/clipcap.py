@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Iterable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .encoder import Encoder
 from .mapper import PrefixMapper
+from .tasks import CAPTION_TASKS
 
 # GPT-2's causal-mask buffers, saved by old transformers, are not parameters any more.
 _STALE_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
@@ -71,6 +73,8 @@ def load_clipcap(
     lm: str = "openai-community/gpt2",
     normalize_input: bool | None = None,
     name: str = "clipcap",
+    tasks: Iterable[str] = CAPTION_TASKS,
+    precision: str = "fp32",
     device=None,
 ):
     """A Pipeline from a ClipCap checkpoint file.
@@ -78,7 +82,11 @@ def load_clipcap(
     `encoder` is the open_clip spec (default ViT-B-32 with OpenAI's weights, QuickGELU as
     CLIP had); `lm` gives GPT-2's config and tokenizer (its weights come from the file when
     it holds `gpt.*`). `normalize_input` defaults to ClipCap's own choice: raw embeddings for
-    the MLP mapper (predict.py), L2-normalised ones for the transformer (its notebook)."""
+    the MLP mapper (predict.py), L2-normalised ones for the transformer (its notebook).
+
+    `tasks`: ClipCap was trained on captions only, so by default it captions (and its CLIP
+    ranks labels, searches and explains) but does not answer. `precision="fp32"` decodes as
+    published (no autocast); "mixed" opts into bf16/fp16 autocast on a GPU."""
     from .pipeline import Pipeline, PipelineConfig
 
     state = load_state_dict(checkpoint)
@@ -105,6 +113,7 @@ def load_clipcap(
         normalize_input = "linear.weight" in mapper_state
     mapper = mapper_from_state(mapper_state, language_model.config.hidden_size, normalize_input)
     config = PipelineConfig(
-        encoder=encoder_spec, mapper=mapper.config, lm=lm, name=name, stop=["."]
-    )
+        encoder=encoder_spec, mapper=mapper.config, lm=lm, name=name, stop=["."],
+        tasks=sorted(tasks), precision=precision,
+    )  # fmt: skip
     return Pipeline(image_encoder, language_model, tokenizer, mapper, config, device)

@@ -1,4 +1,17 @@
-"""The one place that decides where models run and in which precision."""
+"""The one place that decides where models run and in which precision.
+
+Two precisions, two uses:
+
+- *Encoding* for search, zero-shot labels and heatmaps ranks by cosine similarity: it runs
+  under bf16 (or fp16) autocast on a GPU, where it is several times faster.
+- *Decoding* (image features -> mapper -> LM -> tokens) writes text, and a published checkpoint
+  must write the text it was published with: there no autocast, every weight runs in the
+  dtype it was loaded in (fp32 for ClipCap's GPT-2, fp16 for BLIP-2 on a GPU, as its authors
+  ran it). Mixed precision for the decode is an opt-in: `precision="mixed"` in a pipeline's
+  config or `VLM_PRECISION=mixed`.
+
+`VLM_PRECISION=fp32` turns autocast off everywhere.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +19,8 @@ import contextlib
 import os
 
 import torch
+
+PRECISIONS = ("fp32", "mixed")  # the decode: weights' own dtype, or autocast (opt-in)
 
 
 def default_device() -> torch.device:
@@ -22,17 +37,43 @@ def available_cores() -> int:
     return max(1, cores or 1)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on CPU or when
-    VLM_PRECISION=fp32 asks for full precision."""
-    if device.type != "cuda" or os.environ.get("VLM_PRECISION", "auto").lower() == "fp32":
+def _requested_precision() -> str:
+    return os.environ.get("VLM_PRECISION", "auto").lower()
+
+
+def half_dtype(device: torch.device) -> torch.dtype | None:
+    """The 16-bit float a GPU runs best (bf16 where supported, else fp16); None on a CPU."""
+    if torch.device(device).type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The encoder's autocast dtype: 16-bit on GPUs, none (fp32) on CPU or when
+    VLM_PRECISION=fp32 asks for full precision."""
+    if _requested_precision() == "fp32":
+        return None
+    return half_dtype(device)
+
+
+def decode_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype | None:
+    """The decode's autocast dtype: None (each weight in its loaded dtype, as published) unless
+    `precision` (a pipeline's config) or VLM_PRECISION asks for "mixed"."""
+    requested = _requested_precision()
+    if requested == "fp32" or "mixed" not in (precision, requested):
+        return None
+    return half_dtype(device)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for inference on `device` (a no-op on CPU)."""
-    dtype = autocast_dtype(device)
+    """The encoder's mixed-precision context on `device` (a no-op on CPU)."""
+    return autocast_to(device, autocast_dtype(device))
+
+
+def autocast_to(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`; None: no autocast."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import open_clip
@@ -15,10 +16,31 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from PIL import Image
 from safetensors.torch import save_file
 
-from .device import autocast
+from .device import autocast, autocast_to
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
+
+
+class ImageEncoder(Protocol):
+    """The encoder role a Pipeline needs for its visual prefix: `Encoder` (open_clip, which
+    also has the text tower for zero-shot, search and heatmaps) or `vlm.blip2.
+    Blip2ImageEncoder`. It gives what the mapper's `input` names: `encode_pixels` ("embedding"),
+    `encode_tokens` ("tokens") or `encode_hidden_states` ("hidden_states"). The mapper role:
+    an nn.Module with `input`, `prefix_length` and `config`, mapping those features to
+    [B, prefix_length, d_lm]."""
+
+    model: torch.nn.Module
+    spec: dict
+    is_local: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def image_side(self) -> int: ...
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor: ...
 
 
 class Encoder:
@@ -106,9 +128,12 @@ class Encoder:
         return torch.stack([self.preprocess(image) for image in images])
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image embeddings (float32) for preprocessed pixels."""
-        with self._visual_lock, autocast(self.device):  # never while tokens are switched on
+    def encode_pixels(
+        self, pixels: torch.Tensor, normalize: bool = False, mixed: bool = True
+    ) -> torch.Tensor:
+        """Image embeddings (float32) for preprocessed pixels; `mixed=False` computes them in
+        full precision (the prefix of a published checkpoint, see `vlm.device`)."""
+        with self._visual_lock, self._autocast(mixed):  # never while tokens are switched on
             features = self.model.encode_image(pixels.to(self.device))
         features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
@@ -118,17 +143,24 @@ class Encoder:
         return self.encode_pixels(self.pixels(images), normalize=normalize)
 
     @torch.inference_mode()
-    def encode_tokens(self, pixels: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    def encode_tokens(
+        self, pixels: torch.Tensor, grid: int = 4, mixed: bool = True
+    ) -> torch.Tensor:
         """Image tokens in the joint space, [B, 1 + grid², D]: the pooled embedding, then the
         ViT's patch tokens projected like it and average-pooled to a grid × grid layout."""
-        pooled, patches = self._pooled_and_patches(pixels.to(self.device))
+        pooled, patches = self._pooled_and_patches(pixels.to(self.device), mixed)
         b, n, d = patches.shape
         side = int(round(n**0.5))
         patches = patches.transpose(1, 2).reshape(b, d, side, side)
         patches = F.adaptive_avg_pool2d(patches, grid).flatten(2).transpose(1, 2)
         return torch.cat([pooled[:, None], patches], dim=1)
 
-    def _pooled_and_patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _autocast(self, mixed: bool = True):
+        return autocast(self.device) if mixed else autocast_to(self.device, None)
+
+    def _pooled_and_patches(
+        self, pixels: torch.Tensor, mixed: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ViT's pooled embedding and its patch tokens, both in the joint space (fp32)."""
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
@@ -136,7 +168,7 @@ class Encoder:
         with self._visual_lock:  # open_clip gives tokens only through this shared switch
             visual.output_tokens = True
             try:
-                with autocast(self.device):
+                with self._autocast(mixed):
                     pooled, tokens = visual(pixels)
             finally:
                 visual.output_tokens = False

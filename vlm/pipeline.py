@@ -21,10 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .device import autocast, default_device
-from .encoder import Encoder
+from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
+from .encoder import Encoder, ImageEncoder
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
+from .tasks import UnsupportedTaskError, models_for, task_set
 
 CONFIG_NAME = "config.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
@@ -50,6 +51,14 @@ class PipelineConfig:
     # enumerate the forms a label takes (ShapeWorld: "a small {}", "a large {}")
     template_pooling: str = "mean"
     label_sets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # what the weights were trained for (vlm.tasks.TASKS); None: every task
+    tasks: list[str] | None = None
+    # the decode (mapper + LM): "fp32" runs each weight in its loaded dtype, as published;
+    # "mixed" autocasts to bf16/fp16 on a GPU (faster, may change tokens); see vlm.device
+    precision: str = "fp32"
+    # each image's prefix is followed by the LM's BOS token, as BLIP-2 feeds OPT
+    bos_after_image: bool = False
+    family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:
@@ -62,20 +71,23 @@ class Pipeline:
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: ImageEncoder,
         lm: torch.nn.Module,
         tokenizer,
-        mapper: PrefixMapper,
+        mapper: PrefixMapper | torch.nn.Module,
         config: PipelineConfig,
         device: torch.device | str | None = None,
     ):
         self.device = torch.device(device) if device is not None else default_device()
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"precision {config.precision!r}: choose one of {PRECISIONS}")
         self.encoder = encoder
-        self.encoder.model.to(self.device)
-        self.lm = lm.to(self.device).eval().requires_grad_(False)
+        _place(self.encoder.model, self.device)
+        self.lm = _place(lm, self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.mapper = mapper.to(self.device).eval()
+        self.mapper = _place(mapper, self.device).eval()
         self.config = config
+        self.tasks = task_set(config.tasks)
         self._class_weights: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._class_weights_lock = threading.Lock()
         self._stop_ids = [self.tokenizer.eos_token_id] + [
@@ -87,19 +99,26 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device=None) -> Pipeline:
         """Load a preset name (see `vlm.presets`), a saved folder or a hub repo id."""
+        from .blip2 import is_blip2_config, load_blip2
         from .presets import PRESETS
 
         name = str(name_or_path)
         if name in PRESETS:
             return PRESETS[name].load(device)
         folder = Path(name).expanduser()
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+        if not folder.is_dir():  # a hub repo: its config first, to fetch only what it needs
+            from huggingface_hub import hf_hub_download, snapshot_download
 
+            data = json.loads(Path(hf_hub_download(name, CONFIG_NAME)).read_text())
+            if is_blip2_config(data):
+                return load_blip2(name, device=device)
             folder = Path(snapshot_download(name))
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: not a saved vlm pipeline")
-        config = PipelineConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        if is_blip2_config(data):
+            return load_blip2(folder, device=device)
+        config = PipelineConfig.from_dict(data)
         encoder = Encoder.load(config.encoder, root=folder)
         lm_source = folder / config.lm if (folder / config.lm).is_dir() else config.lm
         lm = AutoModelForCausalLM.from_pretrained(lm_source, dtype=torch.float32)
@@ -117,9 +136,15 @@ class Pipeline:
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None):
         """Write a folder that `from_pretrained` loads; `dtype` (e.g. fp16) shrinks the files."""
+        if self.config.family == "blip2":  # the published layout, as transformers writes it
+            from .blip2 import save_blip2
+
+            return save_blip2(self, directory, dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.replace(self.config, lm="lm", mapper=self.mapper.config)
+        config = dataclasses.replace(
+            self.config, lm="lm", mapper=self.mapper.config, tasks=sorted(self.tasks)
+        )
         if self.encoder.is_local:
             self.encoder.save(directory / "encoder", dtype=dtype)
             config.encoder = {"model": "local-dir:encoder"}
@@ -168,17 +193,36 @@ class Pipeline:
 
     @torch.inference_mode()
     def features_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`image_features` of images already preprocessed into pixels [B, 3, H, W]."""
+        """`image_features` of images already preprocessed into pixels [B, 3, H, W]: what the
+        mapper's `input` names ("embedding", "tokens", or the vision tower's "hidden_states"
+        for BLIP-2's Q-Former), in the decode's precision."""
+        mixed = self.decode_dtype is not None
         if self.mapper.input == "tokens":
             grid = int(round((self.mapper.config["num_tokens"] - 1) ** 0.5))
-            return self.encoder.encode_tokens(pixels, grid=grid)
-        return self.encoder.encode_pixels(pixels)
+            return self.encoder.encode_tokens(pixels, grid=grid, mixed=mixed)
+        if self.mapper.input == "hidden_states":
+            return self.encoder.encode_hidden_states(pixels)
+        return self.encoder.encode_pixels(pixels, mixed=mixed)
+
+    @property
+    def decode_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the caption/answer path: None (weights as loaded, the
+        published precision) unless mixed precision was asked for (see `vlm.device`)."""
+        return decode_dtype(self.device, self.config.precision)
+
+    def _decode_autocast(self):
+        return autocast_to(self.device, self.decode_dtype)
+
+    def _require(self, task: str) -> None:
+        """Refuse a task the model was not trained for, naming the models that were."""
+        if task not in self.tasks:
+            raise UnsupportedTaskError(task, self.config.name, models_for(task))
 
     @torch.inference_mode()
     def prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Visual prefix embeddings [B, k, d_lm] for the images."""
         features = self.image_features(images)
-        with autocast(self.device):
+        with self._decode_autocast():
             return self.mapper(features).float()
 
     # ------------------------------------------------------------------ text through the LM
@@ -189,6 +233,9 @@ class Pipeline:
     def _embed_parts(self, parts: Sequence[Part | torch.Tensor]) -> torch.Tensor:
         """One sequence of LM input embeddings [L, d] from images, prefixes and text."""
         table = self.lm.get_input_embeddings()
+        bos = None
+        if self.config.bos_after_image:
+            bos = table(torch.tensor([self.tokenizer.bos_token_id], device=self.device))
         pieces = []
         for part in parts:
             if isinstance(part, torch.Tensor):
@@ -197,8 +244,11 @@ class Pipeline:
                 if part:
                     ids = torch.tensor(self._token_ids(part), device=self.device)
                     pieces.append(table(ids))
+                continue
             else:
                 pieces.append(self.prefix([part])[0].to(table.weight.dtype))
+            if bos is not None:
+                pieces.append(bos)
         return torch.cat(pieces)
 
     def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +293,7 @@ class Pipeline:
         embeds, mask = self._left_pad(sequences)
         max_new_tokens = min(max_new_tokens, self._room(embeds.shape[1]))
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
-        with autocast(self.device):
+        with self._decode_autocast():
             tokens = self.lm.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,
@@ -268,7 +318,7 @@ class Pipeline:
         embeds, mask = self._left_pad(full)
         self._room(embeds.shape[1], need=0)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast(self.device):
+        with self._decode_autocast():
             logits = self.lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions
             ).logits
@@ -295,6 +345,7 @@ class Pipeline:
         batch_size: int = 16,
     ) -> list[str]:
         """A caption for each image (greedy by default; beam search or nucleus sampling)."""
+        self._require("caption")
         images = self._images(images)
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
@@ -331,6 +382,7 @@ class Pipeline:
 
         With `choices`, picks the choice the LM finds most likely after the prefix and the
         question; `return_scores=True` then gives (answer, {choice: probability}) pairs."""
+        self._require("answer")
         sequences = self._question_sequences(images, questions)
         if not choices:
             answers = self._generate(sequences, max_new_tokens=max_new_tokens)
@@ -348,6 +400,7 @@ class Pipeline:
         """Few-shot, Frozen-style: interleaved images and text, continued by the frozen LM.
 
         e.g. [img1, "a small red circle\\n", img2, "a large blue star\\n", query_image]."""
+        self._require("few_shot")
         if not parts:
             raise ValueError("nothing to continue: give at least one image or text")
         return self._generate([self._embed_parts(parts)], max_new_tokens=max_new_tokens, **kw)[0]
@@ -398,6 +451,7 @@ class Pipeline:
         templates: Sequence[str] | None = None,
     ) -> list[dict[str, float]]:
         """CLIP zero-shot: for each image, {label: probability} over the labels, best first."""
+        self._require("classify")
         labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
         if not labels:
             raise ValueError("give at least one label")
@@ -411,6 +465,7 @@ class Pipeline:
 
     def build_index(self, images_or_paths, batch_size: int = 32, **kwargs):
         """A text/image search index over images or image files (see `vlm.search`)."""
+        self._require("search")
         from .search import SearchIndex
 
         index = SearchIndex(self.encoder, **kwargs)
@@ -419,7 +474,16 @@ class Pipeline:
 
     def explain(self, image: ImageInput, text: str):
         """Where in the image `text` matches: a [grid, grid] patch–text similarity map."""
+        self._require("explain")
         return self.encoder.patch_similarity(self._images(image)[0], text)
+
+
+def _place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move `module` to `device`, unless accelerate already placed it (a `device_map` that
+    spreads a big model over GPU and CPU): its hooks move the tensors then."""
+    if any(hasattr(m, "_hf_hook") for m in module.modules()):
+        return module
+    return module.to(device)
 
 
 def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:

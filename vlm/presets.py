@@ -1,10 +1,13 @@
-"""The one registry of named models: where each one's weights live and how it loads."""
+"""The one registry of named models: where each one's weights live, how it loads, what it
+was trained to do, and which one this machine serves by default."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
+
+from .tasks import ALL_TASKS, CAPTION_TASKS, PREFIX_LM_TASKS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHAPEWORLD_DIR = ASSETS / "shapeworld"
@@ -14,16 +17,23 @@ SHAPEWORLD_DIR = ASSETS / "shapeworld"
 class Preset:
     """A named model. `folder`: a saved pipeline shipped with vlm. `clipcap`: a ClipCap
     checkpoint file in a hub repo (`repo_id`, `filename`) or a local file (`env` names the
-    variable that holds its path), loaded with `load_clipcap(**clipcap)`."""
+    variable that holds its path), loaded with `load_clipcap(**clipcap)`. `blip2`: a hub repo
+    in transformers' Blip2ForConditionalGeneration layout (`repo_id`).
+
+    `tasks` are what its weights were trained for (see `vlm.tasks`); `needs_gpu` marks a model
+    too slow or too big to serve from a CPU."""
 
     name: str
     description: str
+    tasks: frozenset[str] = ALL_TASKS
     folder: Path | None = None
     repo_id: str | None = None
     filename: str | None = None
     env: str | None = None
     clipcap: dict = dataclasses.field(default_factory=dict)
-    # every (repo, file) the model needs from the hub, to tell whether it runs offline
+    blip2: bool = False
+    needs_gpu: bool = False
+    # the (repo, file) pairs it needs from the hub besides its encoder's weights
     hub_files: tuple[tuple[str, str], ...] = ()
 
     def checkpoint(self) -> str:
@@ -43,12 +53,15 @@ class Preset:
         """True when everything it needs is already on this machine (no network needed)."""
         if self.folder is not None:
             return (self.folder / "config.json").is_file()
-        if self.env:
-            return bool(os.environ.get(self.env)) and Path(os.environ[self.env]).is_file()
-        from huggingface_hub import try_to_load_from_cache
+        if self.blip2:
+            from .blip2 import is_cached
 
-        return all(
-            isinstance(try_to_load_from_cache(repo, file), str) for repo, file in self.hub_files
+            return is_cached(self.repo_id)
+        if self.env and not (os.environ.get(self.env) and Path(os.environ[self.env]).is_file()):
+            return False
+        encoder = self.clipcap.get("encoder")
+        return all(_in_cache(repo, file) for repo, file in self.hub_files) and (
+            encoder is None or encoder_cached(encoder)
         )
 
     def load(self, device=None):
@@ -56,35 +69,92 @@ class Preset:
 
         if self.folder is not None:
             return Pipeline.from_pretrained(self.folder, device=device)
+        if self.blip2:
+            from .blip2 import load_blip2
+
+            return load_blip2(self.repo_id, device=device, name=self.name)
         return Pipeline.from_clipcap(
-            self.checkpoint(), name=self.name, device=device, **self.clipcap
+            self.checkpoint(), name=self.name, tasks=self.tasks, device=device, **self.clipcap
         )
 
 
+def _in_cache(repo: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def encoder_weight_files(model: str, pretrained: str) -> tuple[str, tuple[str, ...]] | None:
+    """The hub repo open_clip downloads `model`/`pretrained` from and the files it tries there,
+    in its order (open_clip 3.3: `open_clip_model.safetensors` first, the `.bin` as a fallback);
+    None for weights that do not come from the hub."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives, get_pretrained_cfg
+
+    hub = get_pretrained_cfg(model, pretrained).get("hf_hub")
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub)  # as open_clip reads it: "org/name/" or "org/name/file"
+    filename = filename or HF_WEIGHTS_NAME
+    return repo, (*_get_safe_alternatives(filename), filename)
+
+
+def encoder_cached(spec: dict) -> bool:
+    """Whether open_clip can build the encoder `spec` without the network."""
+    pretrained = spec.get("pretrained")
+    if not pretrained or spec["model"].startswith("local-dir:") or Path(pretrained).is_file():
+        return True
+    files = encoder_weight_files(spec["model"], pretrained)
+    return files is not None and any(_in_cache(files[0], f) for f in files[1])
+
+
 _GPT2 = "openai-community/gpt2"
-# GPT-2's config and tokenizer; ClipCap checkpoints carry the weights themselves
+# GPT-2's config and tokenizer; ClipCap's COCO checkpoint carries the weights itself
 _GPT2_FILES = tuple((_GPT2, f) for f in ("config.json", "vocab.json", "merges.txt"))
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
+            name="blip2-opt-2.7b",
+            description="BLIP-2: a Q-Former reads a frozen EVA ViT-g for a frozen OPT-2.7B "
+            "(captions and answers about real photos)",
+            tasks=PREFIX_LM_TASKS,
+            repo_id="Salesforce/blip2-opt-2.7b",
+            blip2=True,
+            needs_gpu=True,
+        ),
+        Preset(
+            name="blip2-opt-6.7b",
+            description="BLIP-2 with a frozen OPT-6.7B (better answers, twice the memory)",
+            tasks=PREFIX_LM_TASKS,
+            repo_id="Salesforce/blip2-opt-6.7b",
+            blip2=True,
+            needs_gpu=True,
+        ),
+        Preset(
             name="clipcap-coco",
             description="ClipCap (MLP mapper, fine-tuned GPT-2) trained on COCO captions",
+            tasks=CAPTION_TASKS,  # its GPT-2 was fine-tuned on captions: it does not answer
             repo_id="akhaliq/CLIP-prefix-captioning-COCO-weights",
             filename="coco_weights.pt",
             clipcap=dict(encoder={"model": "ViT-B-32-quickgelu", "pretrained": "openai"}, lm=_GPT2),
             hub_files=(
                 ("akhaliq/CLIP-prefix-captioning-COCO-weights", "coco_weights.pt"),
-                ("timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin"),
                 *_GPT2_FILES,
             ),
         ),
         Preset(
             name="clipcap-coco-transformer",
             description="ClipCap (transformer mapper, frozen GPT-2, CLIP RN50x4) on COCO",
+            tasks=CAPTION_TASKS,  # the mapper was trained on captions only
             env="VLM_CLIPCAP_TRANSFORMER_WEIGHTS",
-            clipcap=dict(encoder={"model": "RN50x4", "pretrained": "openai"}, lm=_GPT2),
+            # CLIP RN50x4 was trained with QuickGELU; open_clip's plain "RN50x4" name lacks it
+            clipcap=dict(encoder={"model": "RN50x4-quickgelu", "pretrained": "openai"}, lm=_GPT2),
+            hub_files=(
+                *_GPT2_FILES,
+                (_GPT2, "model.safetensors"),
+            ),
         ),
         Preset(
             name="shapeworld",
@@ -100,9 +170,13 @@ def available_presets() -> list[str]:
     return [name for name, preset in PRESETS.items() if preset.is_cached()]
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face hub answers within `timeout` seconds (never when offline)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if _offline():
         return False
     import socket
     from urllib.parse import urlparse
@@ -117,16 +191,49 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def choose_default_model(preferred: str = "clipcap-coco") -> tuple[str, str]:
-    """The model to serve when none is named, and why: ClipCap when its weights are cached
-    or the hub answers quickly, else the bundled ShapeWorld model."""
-    if PRESETS[preferred].is_cached():
-        return preferred, f"{preferred} is in the local Hugging Face cache"
-    if hub_reachable():
-        return preferred, f"{preferred} is downloaded from the Hugging Face hub"
-    reason = (
-        "HF_HUB_OFFLINE is set"
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        else "the Hugging Face hub is not reachable"
-    )
-    return "shapeworld", f"{preferred} is not cached and {reason}, so the bundled model runs"
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def runnable_presets(hub: bool | None = None) -> list[str]:
+    """The presets this machine can serve: in the cache or downloadable (`hub`: whether the
+    hub is reachable, asked once with a short timeout when not given), and on a GPU for the
+    models that need one."""
+    gpu = has_gpu()
+    fits = [name for name, p in PRESETS.items() if gpu or not p.needs_gpu]
+    cached = [name for name in fits if PRESETS[name].is_cached()]
+    if len(cached) < len(fits) and hub is None:
+        hub = hub_reachable()
+    return [
+        name
+        for name in fits
+        if name in cached or (hub and not PRESETS[name].env and PRESETS[name].repo_id)
+    ]
+
+
+def models_for_task(task: str, runnable: list[str]) -> list[str]:
+    """Of the `runnable` presets, those trained for `task`: where to route a task that the
+    model in use cannot do (e.g. zero-shot labels for BLIP-2 go to a CLIP-based model)."""
+    return [name for name in runnable if task in PRESETS[name].tasks]
+
+
+def choose_default_model() -> tuple[str, str]:
+    """The model to serve when none is named, and why: BLIP-2 on a GPU, ClipCap on a CPU
+    (each when cached or the hub answers quickly), else the bundled ShapeWorld model. Never
+    waits on the network longer than `hub_reachable`'s timeout, and not at all offline."""
+    gpu = has_gpu()
+    wanted = ["blip2-opt-2.7b", "clipcap-coco"] if gpu else ["clipcap-coco"]
+    for name in wanted:
+        if PRESETS[name].is_cached():
+            return name, f"{name} is in the local Hugging Face cache" + (
+                " and a GPU is present" if PRESETS[name].needs_gpu else ""
+            )
+    hub = hub_reachable()
+    if hub:
+        name = wanted[0]
+        where = "a GPU is present" if gpu else "there is no GPU, so the CPU-sized model runs"
+        return name, f"{name} is downloaded from the Hugging Face hub ({where})"
+    reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub is not reachable"
+    return "shapeworld", f"{wanted[-1]} is not cached and {reason}, so the bundled model runs"
