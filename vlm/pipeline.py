@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .device import autocast, default_device
 from .encoder import Encoder
+from .explain import GENERIC_REFERENCES, occlusion_map
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 
@@ -418,8 +419,11 @@ class Pipeline:
         return index
 
     def explain(self, image: ImageInput, text: str):
-        """Where in the image `text` matches: a [grid, grid] patch–text similarity map."""
-        return self.encoder.patch_similarity(self._images(image)[0], text)
+        """Where in the image `text` matches: a [grid, grid] occlusion map contrasted with the
+        model's first label set (see `vlm.explain`); higher means more of `text` is there."""
+        sets = list(self.config.label_sets.values())
+        references = sets[0] if sets else GENERIC_REFERENCES
+        return occlusion_map(self.encoder, self._images(image)[0], text, references)
 
 
 def _save_lm(lm, directory: Path, dtype: torch.dtype | None) -> None:
