@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
+from .explain import GENERIC_REFERENCES, occlusion_map
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 from .tasks import UnsupportedTaskError, models_for, task_set
@@ -473,9 +474,12 @@ class Pipeline:
         return index
 
     def explain(self, image: ImageInput, text: str):
-        """Where in the image `text` matches: a [grid, grid] patch–text similarity map."""
+        """Where in the image `text` matches: a [grid, grid] occlusion map contrasted with the
+        model's first label set (see `vlm.explain`); higher means more of `text` is there."""
         self._require("explain")
-        return self.encoder.patch_similarity(self._images(image)[0], text)
+        sets = list(self.config.label_sets.values())
+        references = sets[0] if sets else GENERIC_REFERENCES
+        return occlusion_map(self.encoder, self._images(image)[0], text, references)
 
 
 def _place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
