@@ -80,6 +80,27 @@ def test_beam_search_gives_the_library_s_beam_caption(client, bundled):
         assert caption(client, path, "beam search", beams=4) == expected
 
 
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("greedy", dict(max_new_tokens=7)),
+        ("beam search", dict(max_new_tokens=7, num_beams=5)),
+        ("nucleus sampling", dict(max_new_tokens=7, do_sample=True, top_p=0.8, temperature=0.6)),
+    ],
+)
+def test_each_mode_passes_its_options_to_the_pipeline(mode, expected, example, monkeypatch):
+    """The bundled model's beam captions equal its greedy ones on every bundled example, so
+    the API cannot tell them apart: the options the handler hands the pipeline are checked."""
+    import app
+
+    models = app.Models("shapeworld")
+    calls = []
+    monkeypatch.setattr(models.get(None), "caption", lambda images, **kw: calls.append(kw) or ["x"])
+    handlers = app.make_handlers(models, example[0].parent)
+    assert handlers["caption"](str(example[0]), mode, 5, 0.8, 0.6, 7) == "x"
+    assert calls == [expected]
+
+
 def test_nucleus_sampling_samples(client, bundled, example):
     path, truth = example
     # the lowest temperature leaves one token in the nucleus: the greedy caption
