@@ -92,3 +92,19 @@ def test_a_cache_is_read_back_only_by_the_encoder_that_filled_it(
     by_tokens.add(examples, num_workers=0)
     assert by_tokens.get(keys).shape == (3, 5, trained.encoder.embed_dim)
     assert len(list(tmp_path.iterdir())) == 3  # one folder per fingerprint
+
+
+def test_a_built_encoder_and_its_saved_copy_share_a_fingerprint(trained, tmp_path):
+    """An encoder as training builds it and the same encoder loaded from its folder compute
+    the same features: one fingerprint (the built one keeps its mean and std as tuples, the
+    loaded one as lists; the fingerprint once told them apart, so a cache filled by one was
+    never read by the other)."""
+    from vlm.factory import build_encoder
+    from vlm.train import SIZES
+
+    built = build_encoder(SIZES["tiny"]["clip"])
+    built.save(tmp_path / "encoder")
+    loaded = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"})
+    assert fingerprint(with_parts(trained, encoder=built)) == fingerprint(
+        with_parts(trained, encoder=loaded)
+    )
