@@ -34,8 +34,9 @@ def run(tmp_path_factory):
 
 def test_every_stage_lowers_its_loss(run):
     out, _, _ = run
-    # the tiny prefix stage starts near the LM's own loss on the text, so its drop is smaller
-    for stage, factor in (("clip", 0.9), ("lm", 0.9), ("prefix", 0.95)):
+    # measured (best of the last three logged losses / the first): clip 0.43, lm 0.05, prefix
+    # 0.89; the prefix stage starts near the LM's own loss on the text, so its drop is smaller
+    for stage, factor in (("clip", 0.6), ("lm", 0.15), ("prefix", 0.93)):
         curve = [loss for _, loss in losses(out, stage)]
         assert min(curve[-3:]) < factor * curve[0], (stage, curve)
 
