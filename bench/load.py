@@ -64,8 +64,16 @@ class Server:
 
     def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 300):
         port = free_port()
+        # pinned: a HOME of its own (no Hugging Face cache, so no cached clipcap-coco) and,
+        # of this shell's settings, only where it runs (threads, device); `env` adds more
+        (workdir / "home").mkdir(exist_ok=True)
+        where = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "VLM_DEVICE")
         environment = {
-            **os.environ,
+            **{name: os.environ[name] for name in where if name in os.environ},
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(workdir / "home"),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(workdir),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "GRADIO_ANALYTICS_ENABLED": "False",

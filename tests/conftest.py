@@ -10,6 +10,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("VLM_DEVICE", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import functools  # noqa: E402
 import random  # noqa: E402
 from itertools import repeat  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -119,3 +120,11 @@ def image_files(images, tmp_path_factory) -> dict[str, Path]:
         paths[caption] = folder / f"{i}-{caption.replace(' ', '_')}.png"
         image.save(paths[caption])
     return paths
+
+
+@functools.cache
+def shapeworld_pipeline():
+    """The bundled model, loaded once per session: what a server running it must answer."""
+    from vlm import Pipeline
+
+    return Pipeline.from_pretrained("shapeworld", device="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,9 +17,12 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from vlm import shapeworld as sw
 from vlm.examples import shapeworld_examples
 
 ROOT = Path(__file__).resolve().parent.parent
+OBJECT = rf"a (small|large) ({'|'.join(sw.COLORS)}) ({'|'.join(sw.SHAPES)})"
+CAPTION = re.compile(rf"{OBJECT}( left of {OBJECT}){{0,2}}")  # ShapeWorld's caption grammar
 ARTIFACTS = Path(os.environ.get("VLM_TEST_ARTIFACTS", ROOT / "artifacts"))
 
 
@@ -28,12 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(tmp_path: Path, *args: str, env: dict | None = None):
-    port = free_port()
-    environment = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-        "VLM_INDEX_DIR": str(tmp_path / "indexes"), **(env or {}),
+def pinned_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The whole environment of a server under test, nothing inherited: a HOME of its own (so
+    no Hugging Face cache, no cached clipcap-coco), offline, and no VLM_* setting but these."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+        "LANG": "C.UTF-8", "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        "VLM_INDEX_DIR": str(tmp_path / "indexes"), "VLM_DEVICE": "cpu", "TQDM_DISABLE": "1",
+        **extra,
     }  # fmt: skip
+
+
+def start_app(tmp_path: Path, *args: str, env: dict | None = None):
+    """app.py on a free loopback port in a pinned environment (`env` adds to it)."""
+    port = free_port()
+    environment = pinned_env(tmp_path, **(env or {}))
     log = open(tmp_path / f"app-{port}.log", "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
@@ -41,30 +57,30 @@ def start_app(tmp_path: Path, *args: str, env: dict | None = None):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     started = time.time()
-    while time.time() - started < 180:
+    while time.time() - started < 600:  # a guard against a hang, not a speed check
         if process.poll() is not None:
             raise RuntimeError((tmp_path / f"app-{port}.log").read_text())
         try:
             urllib.request.urlopen(url, timeout=2)
-            return process, url, time.time() - started
+            return process, url, time.time() - started  # seconds: reported, never asserted
         except OSError:
             time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the app did not start in 180 s")
+    raise RuntimeError("the app did not start in 600 s")
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    process, url, seconds = start_app(tmp)
-    yield url, seconds
+    process, url, _ = start_app(tmp)
+    yield url
     process.terminate()
     process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def client(app):
-    return Client(app[0], verbose=False)
+    return Client(app, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +90,11 @@ def one_object():
 
 
 def test_offline_launch_picks_the_bundled_model_and_says_so(app):
-    url, seconds = app
+    url = app
     config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
     texts = [str(c.get("props", {}).get("value", "")) for c in config["components"]]
     notice = next(t for t in texts if "Model:" in t)
     assert "shapeworld" in notice and "HF_HUB_OFFLINE" in notice
-    assert seconds < 120
 
 
 def test_caption_endpoint(client, one_object):
@@ -90,8 +105,11 @@ def test_caption_endpoint(client, one_object):
 def test_caption_files_endpoint_gives_a_table_and_csv(client):
     paths = [str(p) for p, _ in shapeworld_examples()[:3]]
     table, csv_file = client.predict([handle_file(p) for p in paths], api_name="/caption_files")
-    assert len(table["data"]) == 3
-    assert Path(csv_file).read_text().startswith("file,caption")
+    truths = [t["caption"] for _, t in shapeworld_examples()[:3]]
+    assert [tuple(row) for row in table["data"]] == [
+        (Path(p).name, t) for p, t in zip(paths, truths, strict=True)
+    ]
+    assert Path(csv_file).read_text().splitlines()[0] == "file,caption"
 
 
 def test_classify_endpoint_ranks_the_right_label_first(client, one_object):
@@ -120,14 +138,27 @@ def test_answer_endpoint(client, one_object):
     assert answer == "one" and scores["label"] == "one"
 
 
-def test_few_shot_endpoint_returns_text(client):
+def test_few_shot_endpoint_continues_like_its_examples(client):
+    """Two captioned examples, then a query image: the continuation is a ShapeWorld caption,
+    the examples' format (its content is the bundled model's guess: see test_app_decoding)."""
     (p1, t1), (p2, t2), (p3, _) = shapeworld_examples()[:3]
     text = client.predict(
-        handle_file(str(p1)), f"Caption: {t1['caption']}", handle_file(str(p2)),
-        f"Caption: {t2['caption']}", None, "", handle_file(str(p3)), "Caption:", 20,
-        api_name="/few_shot",
+        handle_file(str(p1)), t1["caption"], handle_file(str(p2)), t2["caption"], None, "",
+        handle_file(str(p3)), "", 12, api_name="/few_shot",
     )  # fmt: skip
-    assert isinstance(text, str) and text.strip()
+    assert CAPTION.fullmatch(text), text
+
+
+def test_servers_get_a_pinned_environment(tmp_path, monkeypatch):
+    """What this shell has set (a model, limits, a Hugging Face cache) never reaches the
+    servers under test."""
+    for name, value in [("VLM_MODEL", "clipcap-coco"), ("VLM_MAX_LABELS", "3"),
+                        ("HF_HOME", "/somewhere"), ("HF_HUB_OFFLINE", "0")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    env = pinned_env(tmp_path, VLM_MAX_SESSIONS="4")
+    assert not {"VLM_MODEL", "VLM_MAX_LABELS", "HF_HOME"} & set(env)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLM_MAX_SESSIONS"] == "4"
+    assert Path(env["HOME"]).is_dir() and not any(Path(env["HOME"]).iterdir())
 
 
 def test_explain_endpoint_returns_an_image_of_the_input_size(client, one_object):
@@ -153,7 +184,7 @@ def test_bad_input_gives_a_clear_message(client, one_object):
 def test_drop_an_image_in_a_real_browser(app, one_object):
     from playwright.sync_api import sync_playwright
 
-    url, _ = app
+    url = app
     path, truth = one_object
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:

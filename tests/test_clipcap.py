@@ -104,6 +104,26 @@ def reference_transformer_mapper(state, x, prefix_length, clip_length, layers, h
     return h[:, clip_length:]
 
 
+def clipcap_trim(text: str) -> str:
+    return (text[: text.index(".") + 1] if "." in text else text).strip()
+
+
+def clipcap_greedy(pipeline, prefix: torch.Tensor, max_tokens: int) -> str:
+    """ClipCap's greedy decoding (predict.py's generate2), written out: the argmax token, fed
+    back as an embedding, until "." or the end of text."""
+    lm, tokenizer = pipeline.lm, pipeline.tokenizer
+    embeds, tokens = prefix, []
+    for _ in range(max_tokens):
+        token = int(lm(inputs_embeds=embeds).logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        tokens.append(token)
+        if "." in tokenizer.decode([token]):
+            break
+        embeds = torch.cat([embeds, lm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return clipcap_trim(tokenizer.decode(tokens))
+
+
 def test_mlp_checkpoint_loads_and_matches_clipcap(parts, images, tmp_path):
     clip_dim = 32
     state = mlp_checkpoint(tmp_path / "coco_weights.pt", parts["lm"], clip_dim)
@@ -120,9 +140,9 @@ def test_mlp_checkpoint_loads_and_matches_clipcap(parts, images, tmp_path):
     w2, b2 = state["clip_project.model.2.weight"], state["clip_project.model.2.bias"]
     expected = (torch.tanh(raw @ w0.T + b0) @ w2.T + b2).view(1, 10, E)
     assert torch.allclose(pipeline.prefix([picture]), expected, atol=1e-5)
-    captions = pipeline.caption([picture], max_new_tokens=5)
-    assert isinstance(captions[0], str)
     assert pipeline.config.stop == ["."]
+    # ClipCap's predict.py decodes greedily after the prefix and stops at "."
+    assert pipeline.caption([picture], max_new_tokens=5) == [clipcap_greedy(pipeline, expected, 5)]
 
 
 def test_transformer_checkpoint_loads_and_matches_clipcap(parts, images, tmp_path):
@@ -135,7 +155,12 @@ def test_transformer_checkpoint_loads_and_matches_clipcap(parts, images, tmp_pat
     raw = pipeline.encoder.encode_images([picture])
     expected = reference_transformer_mapper(state, raw / raw.norm(dim=-1, keepdim=True), 5, 3, 2)
     assert torch.allclose(pipeline.prefix([picture]), expected, atol=1e-5)
-    assert isinstance(pipeline.caption([picture], max_new_tokens=4, num_beams=2)[0], str)
+    assert pipeline.caption([picture], max_new_tokens=4) == [clipcap_greedy(pipeline, expected, 4)]
+    beams = pipeline.lm.generate(inputs_embeds=expected, max_new_tokens=4, num_beams=2,
+                                 eos_token_id=pipeline.tokenizer.eos_token_id,
+                                 pad_token_id=pipeline.tokenizer.eos_token_id)  # fmt: skip
+    beam_text = pipeline.tokenizer.decode(beams[0], skip_special_tokens=True)
+    assert pipeline.caption([picture], max_new_tokens=4, num_beams=2) == [clipcap_trim(beam_text)]
 
 
 def test_clipcap_pipeline_saves_and_reloads(parts, images, tmp_path):

@@ -95,8 +95,8 @@ def test_a_save_killed_midway_leaves_a_loadable_index(trained, saved_pipeline, s
         while not ready.exists():
             if child.poll() is not None:
                 pytest.fail(f"the child ended before the kill point:\n{child.communicate()}")
-            if time.time() - started > 120:
-                pytest.fail("the child did not reach the kill point in 120 s")
+            if time.time() - started > 600:  # a guard against a hang, not a speed check
+                pytest.fail("the child did not reach the kill point in 600 s")
             time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)

@@ -1,8 +1,10 @@
 """Explain: the occlusion map (vlm.explain) covers the right cells, points at the object a text
-names on ShapeWorld, and runs on the real open_clip towers (ViT and ResNet) with random weights."""
+names on the bundled ShapeWorld model (where the truth is known; floors are measured, not
+hoped for), and runs on the real open_clip towers (ViT and ResNet) with random weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -34,7 +36,7 @@ def test_occluded_fills_the_window_around_each_cell_with_the_border_colour():
 
 
 @pytest.fixture(scope="module")
-def shapeworld():
+def pipeline():
     return Pipeline.from_pretrained("shapeworld", device="cpu")
 
 
@@ -55,27 +57,15 @@ def _colour_hits(explain, scenes) -> float:
     return float(np.mean(hits))
 
 
-def test_the_map_peaks_on_the_object_whose_colour_the_text_names(shapeworld):
+def test_the_map_peaks_on_the_object_whose_colour_the_text_names(pipeline):
     """Two- and three-object scenes from a seed no experiment used; chance is about 0.4.
     The bundle's map hits about 0.85 (docs/explain.md); the patch cosine it replaced 0.5."""
     rng = random.Random(4242)
     scenes = [sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(16)]
-    now = _colour_hits(shapeworld.explain, scenes)
-    before = _colour_hits(shapeworld.encoder.patch_similarity, scenes)
+    now = _colour_hits(pipeline.explain, scenes)
+    before = _colour_hits(pipeline.encoder.patch_similarity, scenes)
     assert now >= 0.7
     assert now >= before + 0.15
-
-
-def test_a_lone_object_is_where_the_map_peaks(shapeworld):
-    rng = random.Random(77)
-    scenes = [sw.sample_scene(rng, 1) for _ in range(8)]
-    for scene in scenes:
-        grid = shapeworld.explain(sw.render(scene, 128), scene.objects[0].name)
-        side = grid.shape[0]
-        row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-        obj = scene.objects[0]
-        distance = np.hypot((col + 0.5) / side - obj.x, (row + 0.5) / side - obj.y)
-        assert distance <= obj.radius + 1.5 / side  # within the object or the next cell
 
 
 @pytest.mark.parametrize(
@@ -107,3 +97,59 @@ def test_real_towers_give_a_deterministic_map_of_their_grid(model_cfg):
     assert first.shape == (side, side) and np.isfinite(first).all()
     assert np.array_equal(first, again)
     assert first.std() > 0  # covering different cells changes the similarity differently
+
+
+def object_cells(obj: sw.Obj, grid: int) -> np.ndarray:
+    """The map cells whose centre lies within the object's bounding circle (plus half a cell)."""
+    ys, xs = np.mgrid[0:grid, 0:grid]
+    distance = np.hypot((xs + 0.5) / grid - obj.x, (ys + 0.5) / grid - obj.y)
+    return distance <= obj.radius * sw.BOUND + 0.5 / grid
+
+
+def peak(heatmap: np.ndarray) -> tuple[int, int]:
+    return np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+
+
+def test_the_map_has_the_grid_of_the_vit(pipeline):
+    scene = sw.sample_scene(random.Random(0), 1)
+    heatmap = pipeline.explain(sw.render(scene), scene.objects[0].phrase)
+    assert heatmap.shape == (8, 8) and np.isfinite(heatmap).all()  # 64 px, 8 px patches
+
+
+def test_one_object_the_peak_lies_on_the_object(pipeline):
+    """One large object and its phrase ("a large red circle"), as the app's examples ask: the
+    map's highest cell lies on the object (100% on these 40 scenes; the patch-text cosine shown
+    before: 80%). The object covers 17% of the cells, so a map turned or mirrored scores about
+    that (transposed: 50%)."""
+    rng = random.Random(2024)
+    hits, area = [], []
+    for _ in range(40):
+        obj = dataclasses.replace(sw.sample_scene(rng, 1).objects[0], size="large")
+        heatmap = pipeline.explain(sw.render(sw.Scene((obj,))), obj.phrase)
+        cells = object_cells(obj, heatmap.shape[0])
+        hits.append(bool(cells[peak(heatmap)]))
+        area.append(cells.mean())
+    print(f"one object: peak on it {np.mean(hits):.2f}, chance {np.mean(area):.2f}")
+    assert np.mean(hits) >= 0.9 > 3 * np.mean(area)
+
+
+def test_two_objects_the_named_one_gets_the_peak_more_often(pipeline):
+    """Two objects of different colours and shapes; the text names one of them (alternately
+    the left and the right one). The peak lies on the named object far more often than on
+    the other (72% vs 2% on these 50 scenes; the patch-text cosine shown before: 54% vs 16%);
+    a map that does not depend on the text puts it on each about equally often (56% vs 44%)."""
+    rng = random.Random(7)
+    on_named, on_other = [], []
+    while len(on_named) < 50:
+        scene = sw.sample_scene(rng, 2)
+        a, b = scene.objects
+        if a.color == b.color or a.shape == b.shape:
+            continue
+        named, other = (a, b) if len(on_named) % 2 else (b, a)
+        heatmap = pipeline.explain(sw.render(scene), named.phrase)
+        where = peak(heatmap)
+        on_named.append(bool(object_cells(named, heatmap.shape[0])[where]))
+        on_other.append(bool(object_cells(other, heatmap.shape[0])[where]))
+    named_rate, other_rate = np.mean(on_named), np.mean(on_other)
+    print(f"two objects: peak on the named one {named_rate:.2f}, on the other {other_rate:.2f}")
+    assert named_rate >= 0.6 and named_rate >= 5 * other_rate

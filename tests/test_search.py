@@ -72,7 +72,9 @@ def test_text_that_looks_like_a_path_is_searched_as_text(index, image_files):
     """Typed text never reaches the server's files: a path in a str is just text."""
     path = str(next(iter(image_files.values())))
     assert all(hit.score < 0.99 for hit in index.search(path, k=3))
-    assert index.search("/etc/passwd", k=1)  # text, not a file read
+    [hit] = index.search("/etc/passwd", k=1)  # text, not a file read: scored as that text
+    text = index.encoder.encode_text(["/etc/passwd"])[0].numpy()
+    assert hit.score == pytest.approx(float(index.index.reconstruct(hit.position) @ text), abs=1e-5)
 
 
 def test_decode_threads_worker_processes_and_inline_agree(trained, image_files, tmp_path):

@@ -101,8 +101,7 @@ def test_oracle_experiment_encodes_scenes_and_runs():
         torch.equal(a, b) for a, b in zip(before, pipeline.lm.parameters(), strict=True)
     )  # frozen
     report = oracle.evaluate_oracle(pipeline, mapper, n=4)
-    assert {"caption_exact", "vqa_overall"} <= report.keys()
-    assert all(0.0 <= value <= 1.0 for value in report.values())
+    assert {"caption_exact", "vqa_overall"} <= report.keys()  # 3 steps: its numbers mean nothing
 
 
 def test_feature_probe_experiment_reads_features_and_runs():
@@ -125,8 +124,7 @@ def test_feature_probe_experiment_reads_features_and_runs():
     assert grid.shape == (12, 1 + 8 * 8, 96)
     y = torch.tensor([probe.targets(s) for s in scenes])
     accuracy = probe.probe(grid, y, n_train=8, steps=2)
-    assert accuracy.keys() == {"shape", "size", "color"}
-    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+    assert accuracy.keys() == {"shape", "size", "color"}  # 2 steps: its numbers mean nothing
 
 
 def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
@@ -141,9 +139,20 @@ def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
     rng = random.Random(1)
     scenes = [sw.sample_scene(rng) for _ in range(5)]
     captions = experiment.head_captions(encoder, head, [sw.render(s) for s in scenes], 2)
-    assert len(captions) == 5 and all(isinstance(c, str) for c in captions)
-    scores = experiment.exact_by_count([sw.describe(s) for s in scenes], scenes)
-    assert scores["all"] == 1.0 and set(scores) <= {"all", "1", "2", "3"}
+    # the decoder writes only tokens of ShapeWorld's captions (its vocabulary, rebuilt from
+    # the checkpoint): read back wrongly, it would write any of CLIP's 49,408 tokens
+    words = {w for line in sw.corpus(random.Random(0), 500) for w in line.lower().split()}
+    words |= {*sw.SHAPES, *sw.COLORS, *sw.SIZES, "a", "left", "of"}
+    assert len(captions) == 5 and all(set(c.split()) <= words for c in captions), captions
+    # scored by object count, checked against a hand count: 3 of 5 right
+    guesses = [sw.describe(s) for s in scenes]
+    guesses[1], guesses[4] = "a small red circle", sw.describe(scenes[4]) + " left of a star"
+    counts = [len(s.objects) for s in scenes]
+    expected = {"all": 3 / 5}
+    for n in set(counts):
+        right = [i not in (1, 4) for i, c in enumerate(counts) if c == n]
+        expected[str(n)] = sum(right) / len(right)
+    assert experiment.exact_by_count(guesses, scenes) == pytest.approx(expected)
 
 
 def test_text_answers_experiment_scores_the_lm_with_and_without_the_caption():
@@ -210,4 +219,5 @@ def test_bundled_lm_tells_the_two_sizes_apart():
         )
         if kind == "size"
     ]
-    assert sum(sizes) / len(sizes) > 0.6  # copied from the line before (0.50 = a coin flip)
+    # copied from the line before: 0.93 on average, every one above 0.5 (a coin flip: 0.50)
+    assert sum(sizes) / len(sizes) > 0.85 and min(sizes) > 0.5, sizes

@@ -34,8 +34,9 @@ def run(tmp_path_factory):
 
 def test_every_stage_lowers_its_loss(run):
     out, _, _ = run
-    # the tiny prefix stage starts near the LM's own loss on the text, so its drop is smaller
-    for stage, factor in (("clip", 0.9), ("lm", 0.9), ("prefix", 0.95)):
+    # measured (best of the last three logged losses / the first): clip 0.43, lm 0.05, prefix
+    # 0.89; the prefix stage starts near the LM's own loss on the text, so its drop is smaller
+    for stage, factor in (("clip", 0.6), ("lm", 0.15), ("prefix", 0.93)):
         curve = [loss for _, loss in losses(out, stage)]
         assert min(curve[-3:]) < factor * curve[0], (stage, curve)
 
@@ -51,7 +52,7 @@ def test_prefix_stage_leaves_encoder_and_lm_bit_identical(run):
 
 
 def test_bundle_loads_and_is_fp16_on_disk(run):
-    out, _, _ = run
+    out, _, trained = run
     from safetensors import safe_open
 
     for weights in ("mapper.safetensors", "lm/model.safetensors"):
@@ -63,15 +64,28 @@ def test_bundle_loads_and_is_fp16_on_disk(run):
     assert lm_config["dtype"] == "float16"  # what is on disk, not the live model's float32
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
     assert pipeline.config.caption_prompt == "Caption:"
-    assert isinstance(pipeline.caption([torch.zeros(32, 32, 3).numpy()], max_new_tokens=4)[0], str)
+    # what loads is the trained model, rounded to fp16 once
+    for part in ("mapper", "lm"):
+        saved, live = getattr(pipeline, part).state_dict(), getattr(trained, part).state_dict()
+        assert saved.keys() == live.keys()
+        for key, value in live.items():
+            assert torch.equal(saved[key], value.cpu().half().float()), (part, key)
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
     config = TrainConfig(out=tmp_path, stages=("clip",), clip_steps=10, checkpoint_every=5, **SMALL)
     train(config)
     first = losses(tmp_path, "clip")
-    config.clip_steps, config.resume = 20, True
+    trained = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"}).model.state_dict()
+    # resumed at its end, the stage has no step left: the encoder it saves is what it restored
+    config.resume = True
     (tmp_path / "encoder" / "done").unlink()  # pretend the run stopped before finishing
+    train(config)
+    assert losses(tmp_path, "clip") == first  # no step ran
+    restored = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"}).model.state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in trained.items())
+    config.clip_steps = 20
+    (tmp_path / "encoder" / "done").unlink()
     train(config)
     steps = [s for s, _ in losses(tmp_path, "clip")]
     assert steps[: len(first)] == [s for s, _ in first]

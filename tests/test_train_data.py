@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CAPTIONS, COLOR_QUESTION
 from gradio_client import Client, handle_file
 from test_app import start_app
 from test_data import scenes, write_dataset
@@ -48,6 +49,11 @@ def run(coco, saved_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("coco-run")
     cli(train_args(coco, out, saved_pipeline, "--prefix-steps", "20"))
     first = log_rows(out)
+    shutil.copy(out / "pipeline" / "mapper.safetensors", out / "mapper-after-20.safetensors")
+    # resumed at its end, the run has no step left: what it saves is what it restored
+    cli(train_args(coco, out, saved_pipeline, "--prefix-steps", "20", "--resume"))
+    assert log_rows(out) == first
+    shutil.copy(out / "pipeline" / "mapper.safetensors", out / "mapper-restored.safetensors")
     cli(train_args(coco, out, saved_pipeline, "--prefix-steps", "60", "--resume"))
     return out, first, log_rows(out)[len(first) :]
 
@@ -56,6 +62,17 @@ def test_trains_resumes_and_lowers_the_loss(run):
     out, first, second = run
     assert [r["step"] for r in first][-1] == 19
     assert second[0]["step"] == 20 and second[-1]["step"] == 59  # resumed, not restarted
+    from safetensors.torch import load_file
+
+    after_20, restored = (
+        load_file(out / f"mapper-{n}.safetensors") for n in ("after-20", "restored")
+    )
+    assert after_20.keys() == restored.keys()
+    assert all(torch.equal(after_20[k], restored[k]) for k in after_20)  # the weights, restored
+    assert not all(
+        torch.equal(after_20[k], v)
+        for k, v in load_file(out / "pipeline" / "mapper.safetensors").items()
+    )
     losses = [r["loss"] for r in first + second]
     assert min(losses[-3:]) < 0.9 * losses[0], losses
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
@@ -98,9 +115,32 @@ def test_eval_captions_prints_coco_metrics_and_recall(run, coco, tmp_path, capsy
         expected.add("METEOR")
     assert expected <= set(result["scores"]) and "| CIDEr |" in table
     assert result["images"] == 12 and len(result["predictions"]) == 12  # the test split
-    assert all(0 <= v <= 1 for k, v in result["scores"].items() if k != "CIDEr")
-    # 12 images: recall@10 of text→image must beat chance (10/12 at best by luck)
-    assert result["scores"]["text→image R@10"] >= result["scores"]["text→image R@1"]
+    # (this model's tiny encoder learned three scenes, not these: its recall here is chance,
+    # R@1 0.04 and R@10 0.79 against 1/12 and 10/12; the next test checks what it learned)
+
+
+def test_eval_captions_scores_a_model_on_what_it_learned(saved_pipeline, image_files, tmp_path):
+    """The three scenes the tiny model knows, as a Karpathy test split: it captions each one
+    exactly and retrieves each one by its caption (chance: R@1 = 1/3)."""
+    folder = tmp_path / "images" / "test2014"
+    folder.mkdir(parents=True)
+    records = []
+    for i, (caption, path) in enumerate(image_files.items()):
+        shutil.copy(path, folder / path.name)
+        sentences = [{"raw": caption, "tokens": caption.split()}]
+        records.append({"filepath": "test2014", "filename": path.name, "cocoid": i,
+                        "split": "test", "sentences": sentences})  # fmt: skip
+    data = tmp_path / "images" / "dataset_coco.json"
+    data.write_text(json.dumps({"images": records, "dataset": "coco"}))
+    report = tmp_path / "scores.json"
+    cli(["eval", "captions", "--data", str(data), "--model", str(saved_pipeline), "--out",
+         str(report)])  # fmt: skip
+    result = json.loads(report.read_text())
+    assert [r["caption"] for r in result["predictions"]] == CAPTIONS
+    scores = result["scores"]
+    assert scores["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["ROUGE-L"] == pytest.approx(1.0)
+    assert scores["text→image R@1"] == 1.0 and scores["image→text R@1"] == 1.0
 
 
 def test_saved_folder_serves_in_the_app(run, coco, tmp_path):
@@ -128,10 +168,19 @@ def test_caption_scores_match_known_values():
     wrong, _ = caption_scores(refs, {"1": "green squares everywhere", "2": "nothing here"})
     assert wrong["BLEU-1"] < 0.01 and wrong["CIDEr"] == pytest.approx(0.0, abs=1e-6)
     assert wrong["ROUGE-L"] == pytest.approx(0.0)
-    if java_available():
-        assert perfect["METEOR"] > 0.9 and wrong["METEOR"] < 0.1
-    else:
-        assert "METEOR" not in perfect and notes
+    if not java_available():  # said, not silently dropped
+        assert "METEOR" not in perfect and any("METEOR" in n for n in notes), notes
+
+
+# pycocoevalcap's METEOR runs a Java jar. CI (.ci/run) does not install a JRE: a headless one
+# adds ~200 MB and a minute to every run for one metric whose code is pycocoevalcap's, not
+# ours; what is ours (leaving METEOR out with a note when Java is missing) is tested above.
+@pytest.mark.skipif(not java_available(), reason="METEOR needs Java (apt install default-jre)")
+def test_meteor_scores_known_captions():
+    refs = {"1": ["a small red circle", "a red circle"], "2": ["a large blue star"]}
+    perfect, _ = caption_scores(refs, {"1": "a small red circle", "2": "a large blue star"})
+    wrong, _ = caption_scores(refs, {"1": "green squares everywhere", "2": "nothing here"})
+    assert perfect["METEOR"] > 0.9 and wrong["METEOR"] < 0.1
 
 
 def test_recall_at_k_and_answer_normalisation():
@@ -185,10 +234,55 @@ def test_any_causal_lm_family_trains_and_serves(family, coco, saved_pipeline, tm
     assert type(pipeline.lm).__name__.lower().startswith(family.replace("_", "").split("2")[0])
     width = pipeline.lm.get_input_embeddings().embedding_dim
     assert pipeline.prefix([sw_image()]).shape == (1, 3, width)  # OPT: 16, not hidden_size
-    assert isinstance(pipeline.caption(sw_image(), max_new_tokens=5)[0], str)
+    # what the pipeline writes and scores is what this family's LM says after the prefix,
+    # read one token at a time without padding, caches or position tricks
+    assert pipeline.caption(sw_image(), max_new_tokens=5) == [greedy_by_hand(pipeline, 5)]
     answer, scores = pipeline.answer(sw_image(), "what color is it?", ["red", "blue"],
                                      return_scores=True)[0]  # fmt: skip
-    assert answer in ("red", "blue") and sum(scores.values()) == pytest.approx(1.0)
+    by_hand = choice_probabilities_by_hand(pipeline, "what color is it?", ["red", "blue"])
+    assert scores == pytest.approx(by_hand, abs=1e-4)
+    assert answer == max(by_hand, key=by_hand.get)
+
+
+def _embed(pipeline, text: str) -> torch.Tensor:
+    ids = pipeline.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return pipeline.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+
+@torch.inference_mode()
+def greedy_by_hand(pipeline, max_tokens: int) -> str:
+    embeds = torch.cat([pipeline.prefix([sw_image()])[0], _embed(pipeline, "")])[None]
+    stops = {pipeline.tokenizer.eos_token_id} | {
+        ids[0] for s in pipeline.config.stop
+        if len(ids := pipeline.tokenizer(s, add_special_tokens=False)["input_ids"]) == 1
+    }  # fmt: skip
+    tokens = []
+    for _ in range(max_tokens):
+        token = int(pipeline.lm(inputs_embeds=embeds).logits[0, -1].argmax())
+        tokens.append(token)
+        if token in stops:
+            break
+        next_embed = pipeline.lm.get_input_embeddings()(torch.tensor([[token]]))
+        embeds = torch.cat([embeds, next_embed], dim=1)
+    text = pipeline.tokenizer.decode(tokens, skip_special_tokens=True)
+    for stop in pipeline.config.stop:
+        text = text[: text.index(stop) + len(stop)] if stop in text else text
+    return text.strip()
+
+
+@torch.inference_mode()
+def choice_probabilities_by_hand(pipeline, question: str, choices: list[str]) -> dict:
+    prefix = pipeline.prefix([sw_image()])[0]
+    asked = pipeline.config.question_template.format(question=question)
+    scores = []
+    for choice in choices:
+        ids = pipeline.tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+        embeds = torch.cat([prefix, _embed(pipeline, asked), _embed(pipeline, " " + choice)])
+        logprobs = pipeline.lm(inputs_embeds=embeds[None]).logits[0].log_softmax(-1)
+        n = len(ids)
+        scores.append(sum(float(logprobs[-n - 1 + i, t]) for i, t in enumerate(ids)))
+    probs = torch.tensor(scores).softmax(-1).tolist()
+    return dict(zip(choices, probs, strict=True))
 
 
 def sw_image():
@@ -262,7 +356,16 @@ def test_accelerate_launch_two_processes_on_cpu(coco, saved_pipeline, tmp_path):
     assert rows[-1]["samples"] == 6 * 16  # the global batch, split across the processes
     listed = [json.loads(p.read_text()) for p in (out / "features").glob("*/shard-*.json")]
     assert len(listed) == 2 and sum(map(len, listed)) == 24  # each process encoded its half
-    assert Pipeline.from_pretrained(out / "pipeline", device="cpu").caption(sw_image())
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the one mapper learned from both halves
+    # one bundle: the given encoder and LM untouched (in fp16), the trained mapper
+    bundle = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    given = Pipeline.from_pretrained(saved_pipeline, device="cpu")
+    for part in ("lm", "encoder"):
+        module = getattr(bundle, part) if part == "lm" else bundle.encoder.model
+        source = getattr(given, part) if part == "lm" else given.encoder.model
+        for key, value in source.state_dict().items():
+            assert torch.equal(module.state_dict()[key], value.half().float()), (part, key)
+    assert greedy_by_hand(bundle, 8) == bundle.caption(sw_image(), max_new_tokens=8)[0]
 
 
 # ---------------------------------------------------------------------------- the rest
@@ -279,13 +382,33 @@ def test_captions_and_questions_train_together_and_eval_vqa(coco, saved_pipeline
     cli(["eval", "vqa", "--data", str(qa), "--model", str(out / "pipeline"), "--limit", "10",
          "--out", str(report)])  # fmt: skip
     result = json.loads(report.read_text())
-    assert result["questions"] == 10 and 0 <= result["scores"]["accuracy"] <= 1
-    rows = result["predictions"]
-    recomputed = sum(normalize_answer(r["answer"]) == normalize_answer(r["truth"][0]) for r in rows)
-    assert result["scores"]["accuracy"] == pytest.approx(recomputed / 10)
+    assert result["questions"] == 10 and len(result["predictions"]) == 10
 
 
-def test_eval_zeroshot_on_a_labelled_folder(trained, saved_pipeline, images, tmp_path, capsys):
+def test_vqa_scores_several_annotators_as_vqa_does(saved_pipeline, image_files, tmp_path):
+    """VQA accuracy with ten annotators is min(#agreeing / 3, 1) after VQA's normalisation;
+    with one answer, exact. The tiny model answers each scene's colour right (test_pipeline),
+    so the expected score is computed here by hand, not by the code under test."""
+    red, blue, yellow = (str(image_files[c]) for c in CAPTIONS)
+    rows = [  # (image, annotators' answers): the model's answer is the image's colour
+        (red, ["red", "Red."] + ["blue"] * 7 + ["pink"]),  # 2 agree: 2/3
+        (blue, ["blue"] + ["green"] * 9),  # 1/3
+        (yellow, ["yellow", "Yellow", "yellow!", "yellow"] + ["white"] * 6),  # 4 agree: 1
+        (red, ["red"]),  # one answer, right: 1
+        (blue, ["green"]),  # one answer, wrong: 0
+    ]  # fmt: skip
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"image": image, "question": COLOR_QUESTION, "answers": answers}
+                                for image, answers in rows]))  # fmt: skip
+    report = tmp_path / "vqa.json"
+    cli(["eval", "vqa", "--data", str(data), "--model", str(saved_pipeline), "--out",
+         str(report)])  # fmt: skip
+    result = json.loads(report.read_text())
+    assert [r["answer"] for r in result["predictions"]] == ["red", "blue", "yellow", "red", "blue"]
+    assert result["scores"]["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 1 + 1 + 0) / 5)
+
+
+def test_eval_zeroshot_on_a_labelled_folder(saved_pipeline, images, tmp_path, capsys):
     for i, (caption, image) in enumerate(images.items()):  # the three scenes the model knows
         folder = tmp_path / "labelled" / caption.removeprefix("a large ").replace(" ", "_")
         folder.mkdir(parents=True)
@@ -293,16 +416,13 @@ def test_eval_zeroshot_on_a_labelled_folder(trained, saved_pipeline, images, tmp
     cli(["eval", "zeroshot", "--data", str(tmp_path / "labelled"), "--model",
          str(saved_pipeline), "--json"])  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    expected = [
-        next(iter(trained.classify(image, ["red square", "blue circle", "yellow star"])[0]))
-        == caption.removeprefix("a large ")
-        for caption, image in images.items()
-    ]  # fmt: skip
-    assert result["images"] == 3 and result["scores"]["top-1"] == pytest.approx(sum(expected) / 3)
-    assert result["scores"]["top-1"] == 1.0  # the tiny model tells its three scenes apart
+    assert result["images"] == 3 and result["scores"]["top-1"] == 1.0  # it tells them apart
+    assert {k: v for k, v in result["scores"].items() if k != "top-1"} == {
+        "top-1 red square": 1.0, "top-1 blue circle": 1.0, "top-1 yellow star": 1.0,
+    }  # fmt: skip
 
 
-def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch):
+def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch, tmp_path):
     import huggingface_hub
 
     calls = {}
@@ -312,14 +432,21 @@ def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch):
 
     def upload_folder(self, repo_id, folder_path, **kw):
         calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
-        calls["repo"] = repo_id
+        calls["repo"], calls["kind"] = repo_id, kw.get("repo_type")
+        shutil.copytree(folder_path, uploaded)  # what reached the hub, kept to load back
 
+    uploaded = tmp_path / "uploaded"
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     out, _, _ = run
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
-    url = pipeline.push_to_hub("someone/tiny-captioner")
-    assert url.endswith("someone/tiny-captioner") and calls["repo"] == "someone/tiny-captioner"
+    pipeline.push_to_hub("someone/tiny-captioner")
+    assert calls["create"][0] == "someone/tiny-captioner" and calls["create"][1]["exist_ok"]
+    assert calls["repo"] == "someone/tiny-captioner" and calls["kind"] == "model"
     assert calls["files"] == ["config.json", "encoder", "lm", "mapper.safetensors"]
+    again = Pipeline.from_pretrained(uploaded, device="cpu")  # the upload loads as the same model
+    picture = sw_image()
+    assert again.caption(picture) == pipeline.caption(picture)
+    torch.testing.assert_close(again.prefix([picture]), pipeline.prefix([picture]))
 
 
 def test_all_three_stages_train_from_scratch_on_files(coco, tmp_path):
@@ -331,4 +458,13 @@ def test_all_three_stages_train_from_scratch_on_files(coco, tmp_path):
     assert {r["stage"] for r in log_rows(out)} == {"clip", "lm", "prefix"}
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
     assert pipeline.encoder.image_side == 32 and len(pipeline.tokenizer) <= 300
-    assert isinstance(pipeline.caption(sw_image(), max_new_tokens=4)[0], str)
+    # the bundle is made of what the first two stages trained (fp16 on disk), not fresh parts
+    from transformers import AutoModelForCausalLM
+
+    from vlm.encoder import Encoder
+
+    clip = Encoder.load({"model": f"local-dir:{out / 'encoder'}"}).model.state_dict()
+    lm = AutoModelForCausalLM.from_pretrained(out / "lm").state_dict()
+    for trained_part, bundled in ((clip, pipeline.encoder.model), (lm, pipeline.lm)):
+        for key, value in trained_part.items():
+            assert torch.equal(bundled.state_dict()[key], value.half().float()), key

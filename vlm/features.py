@@ -36,7 +36,9 @@ def fingerprint(pipeline) -> str:
     # not the encoder's name or path (the same weights may live anywhere): what it computes
     config = getattr(encoder.model, "model_cfg", None)
     digest.update(json.dumps([config, encoder.image_side, kind], default=str).encode())
-    digest.update(repr(encoder.preprocess).encode())
+    # the preprocessing as written out; a built encoder keeps its mean and std as tuples, the
+    # same encoder loaded from its folder as lists: the same numbers, the same features
+    digest.update(repr(encoder.preprocess).translate(str.maketrans("[]", "()")).encode())
     for name, tensor in sorted(encoder.model.visual.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
