@@ -82,7 +82,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------- every form, every endpoint
+# ----------------------------------------------------------------------------- every image form
 
 # each image endpoint's arguments, with the image given as `x`
 ENDPOINTS = {
@@ -216,7 +216,8 @@ def test_classify_limits_templates_labels_and_their_product(server, scene):
     cases = [
         (labels, "\n".join(f"a photo of {{}} number {i}" for i in range(200)),
          "too many templates (200; the limit is 100)"),
-        ("red circle", "a " * 150 + "{}", "template 1 is too long (302 characters; the limit is 200)"),
+        ("red circle", "a " * 150 + "{}",
+         "template 1 is too long (302 characters; the limit is 200)"),
         ("red circle", "no label here", "Each template needs a {} where the label goes"),
         ("x" * 301 + ", red circle", "", "label 1 is too long (301 characters; the limit is 300)"),
         (labels, "\n".join(f"a photo of {{}} number {i}" for i in range(11)),
@@ -278,7 +279,7 @@ def index_images(root: Path) -> list[Path]:
 
 def test_index_uploads_with_one_name_never_overwrite_each_other(server):
     _, url, root = server
-    red, blue = png_bytes(Image.new("RGB", (40, 40), "red")), png_bytes(Image.new("RGB", (40, 40), "blue"))  # fmt: skip
+    red, blue = (png_bytes(Image.new("RGB", (40, 40), color)) for color in ("red", "blue"))
     for data in (red, blue):
         event, (_, status) = call(url, "index_add", [[upload(url, "victim.png", data)],
                                                      "shapeworld"])  # fmt: skip
