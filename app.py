@@ -368,7 +368,9 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def answer(image, question="", choices_text="", model=None):
         question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
         choices = (
-            parse_labels(choices_text, max_labels=50) if (choices_text or "").strip() else None
+            parse_labels(choices_text, 50, MAX_LABEL_CHARS)
+            if (choices_text or "").strip()
+            else None
         )
         picture = _image(image)
         with using(model) as pipeline:
