@@ -354,9 +354,12 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def classify(image, labels_text="", templates_text="", model=None):
         labels = parse_labels(labels_text or "", MAX_LABELS, MAX_LABEL_CHARS)
         templates = parse_templates(templates_text, MAX_TEMPLATES, MAX_TEMPLATE_CHARS)
-        default_count = len(models.get(models.pick(model, guard)).templates())
-        check_prompt_count(len(labels), len(templates) or default_count, MAX_CLASSIFY_TEXTS)
+        pipeline = models.get(models.pick(model, guard))
+        check_prompt_count(len(labels), len(templates or pipeline.templates()), MAX_CLASSIFY_TEXTS)
         picture = _image(image)
+        # the label texts are encoded (and cached) outside the model's turn, which only the
+        # image side needs (Models.use): a caption does not wait for thousands of texts
+        pipeline.class_weights(labels, templates or None)
         with using(model) as pipeline:
             probs = pipeline.classify([picture], labels, templates or None)[0]
         top = list(probs.items())[:15]

@@ -239,6 +239,8 @@ def test_long_phrases_and_queries_are_refused(server, scene):
     assert "the text query is too long (2,000 characters; the limit is 300)" in message
     message = error_of(url, "answer", [image, "why " * 100_000, "", "shapeworld"])
     assert "the question is too long (400,000 characters; the limit is 500)" in message
+    message = error_of(url, "answer", [image, "what color?", "red, " + "z" * 5000, "shapeworld"])
+    assert "label 2 is too long (5,000 characters; the limit is 300)" in message
 
 
 # ----------------------------------------------------------------------------- numbers
