@@ -211,32 +211,33 @@ def friendly(func):
     return wrapper
 
 
-class NoFetch:
+async def _no_fetch(self, url_or_file_path):
     """For file inputs: Gradio downloads a FileData whose path is a URL into its cache
     before the handler runs (leaving a folder behind when that fails); here nothing a
-    request names is fetched."""
+    request names is fetched. (A method, not a mixin: a template component's first base
+    names its page component.)"""
+    if isinstance(url_or_file_path, str) and is_url(url_or_file_path):
+        raise gr.Error(str(url_refused(url_or_file_path)))
+    return await gr.blocks.Block.async_move_resource_to_block_cache(self, url_or_file_path)
 
-    async def async_move_resource_to_block_cache(self, url_or_file_path):
-        if isinstance(url_or_file_path, str) and is_url(url_or_file_path):
-            raise gr.Error(str(url_refused(url_or_file_path)))
-        return await super().async_move_resource_to_block_cache(url_or_file_path)
 
-
-class UploadedImage(NoFetch, gr.Image):
+class UploadedImage(gr.Image):
     """An image input that Gradio does not decode: the handler gets the request's FileData
     as it came (an upload, a path with or without `meta`, a data URL) and opens it through
     vlm.inputs.ImageGate: allowed folders only, byte and pixel limits, header first."""
 
     is_template = True  # the page shows it as a gr.Image
+    async_move_resource_to_block_cache = _no_fetch
 
     def preprocess(self, payload):
         return payload
 
 
-class UploadedFiles(NoFetch, gr.File):
-    """A file input whose FileData paths are never fetched as URLs (see NoFetch)."""
+class UploadedFiles(gr.File):
+    """A file input whose FileData paths are never fetched as URLs (see _no_fetch)."""
 
     is_template = True  # the page shows it as a gr.File
+    async_move_resource_to_block_cache = _no_fetch
 
 
 def image_input(label: str = "Image", **options) -> UploadedImage:
