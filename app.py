@@ -24,12 +24,22 @@ import open_clip
 import pandas as pd
 import torch
 
-from vlm import Pipeline, SearchIndex, shapeworld
+from vlm import Pipeline, SearchIndex, inputs, shapeworld
 from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
-from vlm.images import ImageError, load_image
+from vlm.images import ImageError
+from vlm.inputs import ImageGate, is_url, number, url_refused
 from vlm.presets import PRESETS, available_presets, choose_default_model
 from vlm.search import IndexLoadError
-from vlm.uploads import UploadError, clean_question, collect_uploads, parse_labels
+from vlm.uploads import (
+    ScratchFolder,
+    UploadError,
+    check_length,
+    check_prompt_count,
+    clean_question,
+    collect_uploads,
+    parse_labels,
+    parse_templates,
+)
 from vlm.visualize import overlay_heatmap
 
 log = logging.getLogger("vlm.app")
@@ -38,7 +48,17 @@ MAX_NEW_TOKENS = int(os.environ.get("VLM_MAX_NEW_TOKENS", 60))
 MAX_LABELS = int(os.environ.get("VLM_MAX_LABELS", 2000))
 MAX_QUESTION_CHARS = int(os.environ.get("VLM_MAX_QUESTION_CHARS", 500))
 MAX_UPLOAD_FILES = int(os.environ.get("VLM_MAX_UPLOAD_FILES", 500))
-MAX_FILE_SIZE = os.environ.get("VLM_MAX_FILE_SIZE", "50mb")
+MAX_FILE_SIZE = inputs.MAX_FILE_SIZE_TEXT  # uploads, paths and data URLs alike
+# Text limits, checked before any tokenising: labels (also the explain phrase and a search
+# text), zero-shot templates (count, length, and labels × templates: the cost of /classify),
+# few-shot texts and prompt.
+MAX_LABEL_CHARS = int(os.environ.get("VLM_MAX_LABEL_CHARS", 300))
+MAX_TEMPLATES = int(os.environ.get("VLM_MAX_TEMPLATES", 100))
+MAX_TEMPLATE_CHARS = int(os.environ.get("VLM_MAX_TEMPLATE_CHARS", 200))
+MAX_CLASSIFY_TEXTS = int(os.environ.get("VLM_MAX_CLASSIFY_TEXTS", 20_000))
+MAX_FEW_SHOT_CHARS = int(os.environ.get("VLM_MAX_FEW_SHOT_CHARS", 1000))
+# a request's output files (the caption CSV) are removed this many seconds after it
+TEMP_MAX_AGE = float(os.environ.get("VLM_TEMP_MAX_AGE", 600))
 # Gradio keeps a copy of the page's configuration for every session (about 0.3 MB each here)
 # until it has this many; API clients never close theirs, so without a bound memory grows
 # with every new visitor. The app keeps nothing per session, so forgetting the oldest is free.
@@ -80,41 +100,14 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
     return settings
 
 
-class PathGuard:
+class PathGuard(inputs.PathGuard):
     """The server files a request may name by path: only those under the folders allowed with
-    --allowed-dir, plus Gradio's upload folder (where uploads land) and the bundled examples.
-
-    A path is resolved first (`..` removed, symlinks followed), so neither can lead out of an
-    allowed folder; `~` is not expanded (it is the server's home, not the user's)."""
+    --allowed-dir, plus Gradio's upload folder (where uploads land) and the bundled examples
+    (resolved first; see vlm.inputs.PathGuard)."""
 
     def __init__(self, allowed_dirs=()):
-        self.allowed = [Path(d).resolve() for d in allowed_dirs]
-
-    def roots(self) -> list[Path]:
-        uploads = Path(gr.utils.get_upload_folder()).resolve()
-        return [*self.allowed, uploads, EXAMPLES_DIR.resolve()]
-
-    def allows(self, path: str | os.PathLike) -> Path | None:
-        """The resolved path if a request may read it, else None."""
-        text = os.fspath(path)
-        if not text or "\x00" in text:
-            return None
-        try:
-            resolved = Path(text).resolve()
-        except (OSError, RuntimeError):  # a symlink loop, a name too long, …
-            return None
-        return resolved if any(resolved.is_relative_to(r) for r in self.roots()) else None
-
-    def check(self, path: str | os.PathLike) -> Path:
-        """The resolved path, or a gr.Error that says why it is refused."""
-        resolved = self.allows(path)
-        if resolved is None:
-            raise gr.Error(
-                f"The server does not read {os.fspath(path)!r}: it is outside the folders it "
-                "may read from (uploads, the bundled examples and folders allowed with "
-                "--allowed-dir). Upload the file instead."
-            )
-        return resolved
+        allowed = [Path(d).resolve() for d in allowed_dirs]
+        super().__init__(lambda: [*allowed, gr.utils.get_upload_folder(), EXAMPLES_DIR])
 
 
 # ---------------------------------------------------------------------------- models
@@ -218,20 +211,33 @@ def friendly(func):
     return wrapper
 
 
+async def _no_fetch(self, url_or_file_path):
+    """For file inputs: Gradio downloads a FileData whose path is a URL into its cache
+    before the handler runs (leaving a folder behind when that fails); here nothing a
+    request names is fetched. (A method, not a mixin: a template component's first base
+    names its page component.)"""
+    if isinstance(url_or_file_path, str) and is_url(url_or_file_path):
+        raise gr.Error(str(url_refused(url_or_file_path)))
+    return await gr.blocks.Block.async_move_resource_to_block_cache(self, url_or_file_path)
+
+
 class UploadedImage(gr.Image):
-    """An image input decoded by vlm.images.load_image instead of Gradio, so that damaged,
-    unreadable, HEIC, empty or oversized uploads get a clear message (the size is checked
-    from the header, before decoding)."""
+    """An image input that Gradio does not decode: the handler gets the request's FileData
+    as it came (an upload, a path with or without `meta`, a data URL) and opens it through
+    vlm.inputs.ImageGate: allowed folders only, byte and pixel limits, header first."""
 
     is_template = True  # the page shows it as a gr.Image
+    async_move_resource_to_block_cache = _no_fetch
 
     def preprocess(self, payload):
-        if payload is None or payload.path is None or self.type != "pil":
-            return super().preprocess(payload)
-        try:
-            return load_image(payload.path, name=Path(payload.orig_name or "image").name)
-        except ImageError as error:
-            raise gr.Error(str(error)) from None
+        return payload
+
+
+class UploadedFiles(gr.File):
+    """A file input whose FileData paths are never fetched as URLs (see _no_fetch)."""
+
+    is_template = True  # the page shows it as a gr.File
+    async_move_resource_to_block_cache = _no_fetch
 
 
 def image_input(label: str = "Image", **options) -> UploadedImage:
@@ -240,17 +246,26 @@ def image_input(label: str = "Image", **options) -> UploadedImage:
     return UploadedImage(type="pil", label=label, **options)
 
 
+def _max_tokens(max_tokens) -> int:
+    return int(number(max_tokens, "Max length", 1, MAX_NEW_TOKENS, " tokens"))
+
+
 def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tokens: float):
-    if not 1 <= int(max_tokens) <= MAX_NEW_TOKENS:
-        raise gr.Error(f"Max length must be between 1 and {MAX_NEW_TOKENS} tokens.")
-    options = dict(max_new_tokens=int(max_tokens))
+    options = dict(max_new_tokens=_max_tokens(max_tokens))
     if mode == "beam search":
-        options["num_beams"] = max(1, int(beams))
+        options["num_beams"] = int(number(beams, "Beams", 1, 8))
     elif mode == "nucleus sampling":
-        options.update(
-            do_sample=True, top_p=float(top_p), temperature=max(float(temperature), 1e-3)
-        )
+        top_p, temperature = number(top_p, "Top-p", 0, 1), number(temperature, "Temperature", 0, 2)
+        options.update(do_sample=True, top_p=top_p, temperature=max(temperature, 1e-3))
     return options
+
+
+def _few_shot_limits(text1, text2, text3, prompt, max_tokens) -> None:
+    """The few-shot texts' lengths and max length, checked before anything is tokenised."""
+    for number_, text in enumerate((text1, text2, text3), 1):
+        check_length(text, f"Text {number_}", MAX_FEW_SHOT_CHARS)
+    check_length(prompt, "the prompt", MAX_FEW_SHOT_CHARS)
+    _max_tokens(max_tokens)
 
 
 def index_folder(index_root: Path, model: str) -> Path:
@@ -266,6 +281,8 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     indexes: dict[str, SearchIndex] = {}
     index_lock = threading.Lock()
     guard = PathGuard(allowed_dirs)
+    gate = ImageGate(guard)  # every image a request names passes it
+    scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
 
     def using(model: str | None):
         """The model a request asked for, held for this request (see Models.use)."""
@@ -277,12 +294,11 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def _image(image, what: str = "an image"):
         if image is None:
             raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
-        if isinstance(image, str | os.PathLike):
-            image = guard.check(image)
-        return load_image(image)
+        return gate.open(image)
 
     def _files(files) -> list[Path]:
-        return [guard.check(getattr(f, "path", None) or f) for f in files]
+        """Every file's path, inside the allowed folders and the byte limit (all or none)."""
+        return [gate.read_path(getattr(f, "path", None) or f) for f in files]
 
     def get_index(model: str | None) -> SearchIndex:
         """The model's persistent index, built from the bundled examples the first time."""
@@ -320,7 +336,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         rows, good = [], []
         for path in _files(files):
             try:
-                good.append((path.name, load_image(path)))
+                good.append((path.name, gate.open(path)))
             except ImageError as error:
                 rows.append((path.name, f"⚠ {error}"))
         captions = []
@@ -329,7 +345,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
                 captions = pipeline.caption([im for _, im in good], **options)
         rows = [(name, c) for (name, _), c in zip(good, captions, strict=True)] + rows
         table = pd.DataFrame(rows, columns=["file", "caption"])
-        out = Path(tempfile.mkdtemp(prefix="vlm-captions-")) / "captions.csv"
+        out = scratch.new_file("captions.csv")
         with out.open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([("file", "caption"), *rows])
         return table, str(out)
@@ -337,12 +353,14 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     @friendly
     @gpu
     def classify(image, labels_text="", templates_text="", model=None):
-        labels = parse_labels(labels_text or "", max_labels=MAX_LABELS)
-        templates = [t.strip() for t in (templates_text or "").splitlines() if t.strip()]
-        for template in templates:
-            if "{}" not in template:
-                raise gr.Error(f"Each template needs a {{}} where the label goes: {template!r}")
+        labels = parse_labels(labels_text or "", MAX_LABELS, MAX_LABEL_CHARS)
+        templates = parse_templates(templates_text, MAX_TEMPLATES, MAX_TEMPLATE_CHARS)
+        pipeline = models.get(models.pick(model, guard))
+        check_prompt_count(len(labels), len(templates or pipeline.templates()), MAX_CLASSIFY_TEXTS)
         picture = _image(image)
+        # the label texts are encoded (and cached) outside the model's turn, which only the
+        # image side needs (Models.use): a caption does not wait for thousands of texts
+        pipeline.class_weights(labels, templates or None)
         with using(model) as pipeline:
             probs = pipeline.classify([picture], labels, templates or None)[0]
         top = list(probs.items())[:15]
@@ -354,7 +372,9 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def answer(image, question="", choices_text="", model=None):
         question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
         choices = (
-            parse_labels(choices_text, max_labels=50) if (choices_text or "").strip() else None
+            parse_labels(choices_text, 50, MAX_LABEL_CHARS)
+            if (choices_text or "").strip()
+            else None
         )
         picture = _image(image)
         with using(model) as pipeline:
@@ -365,6 +385,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     @gpu
     def few_shot(image1, text1, image2, text2, image3, text3, query, prompt="", max_tokens=20,
                  model=None):  # fmt: skip
+        _few_shot_limits(text1, text2, text3, prompt, max_tokens)
         parts: list = []
         for image, text in ((image1, text1), (image2, text2), (image3, text3)):
             if image is not None and (text or "").strip():
@@ -382,6 +403,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def explain(image, text="", model=None):
         if not (text or "").strip():
             raise gr.Error("Type a label or a phrase to look for.")
+        check_length(text, "the phrase", MAX_LABEL_CHARS)
         picture = _image(image)
         with using(model) as pipeline:
             grid = pipeline.explain(picture, text.strip())
@@ -395,10 +417,11 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     @friendly
     @gpu
     def search(query_text="", query_image=None, k=8, model=None):
+        k = number(k, "Results", 1, 100)
         if query_image is not None:
             query = _image(query_image)
         elif (query_text or "").strip():
-            query = query_text.strip()  # always text: never read as a server path
+            query = check_length(query_text, "the text query", MAX_LABEL_CHARS).strip()
         else:
             raise gr.Error("Type a text query or give a query image.")
         with using(model):
@@ -412,21 +435,17 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         if len(files) > MAX_UPLOAD_FILES:
             raise gr.Error(f"At most {MAX_UPLOAD_FILES} files at once.")
         uploads = _files(files)
-        with using(model):
+        with using(model), tempfile.TemporaryDirectory(prefix="vlm-unpack-") as unpacked:
             index = get_index(model)
-            folder = index_dir(model) / "images"
-            folder.mkdir(parents=True, exist_ok=True)
             paths, skipped = collect_uploads(
-                [str(f) for f in uploads], folder, max_files=MAX_UPLOAD_FILES
+                [str(f) for f in uploads], Path(unpacked), max_files=MAX_UPLOAD_FILES
             )
-            stored = []
-            for path in paths:  # keep our own copy: Gradio's upload cache is temporary
-                target = path if path.parent == folder else folder / path.name
-                if target != path:
-                    target.write_bytes(path.read_bytes())
-                stored.append(target)
             progress(0, desc="indexing")
-            added = index.add(stored, progress=lambda done, total: progress(done / max(total, 1)))
+            # our own copies, content-addressed (Gradio's upload cache and the unpacked zip
+            # are temporary); what the index does not take is removed
+            added = index.add_copies(
+                paths, index_dir(model) / "images", progress=lambda n, of: progress(n / max(of, 1))
+            )
             with index_lock:
                 index.save(index_dir(model))
             skipped += index.skipped
@@ -489,6 +508,15 @@ def label_sets() -> dict[str, str]:
     return {name: "\n".join(labels) for name, labels in sets.items()}
 
 
+# The queue policy. Each event runs at most two requests at once (Gradio's queue), and each
+# model serves one request at a time (Models.use). The heavy events (zero-shot over many
+# labels and templates, captioning or indexing many files) share one group that runs one
+# request at a time, so however many of them are queued, at most one waits for the model
+# beside the light requests (caption, answer, search, few-shot, explain): a caption waits
+# for at most one heavy request, which the limits above bound.
+HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
+
+
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs)
@@ -530,8 +558,8 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                 with gr.Column():
                     cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
                     with gr.Accordion("Several images at once", open=False):
-                        cap_files = gr.File(file_count="multiple", file_types=["image"],
-                                            label="Images")  # fmt: skip
+                        cap_files = UploadedFiles(file_count="multiple", file_types=["image"],
+                                                  label="Images")  # fmt: skip
                         cap_files_button = gr.Button("Caption all")
                         cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
                         cap_csv = gr.File(label="Download CSV")
@@ -540,7 +568,8 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                 handlers["caption"], [cap_image, *decoding], cap_text, api_name="caption"
             )
             cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
-                                   [cap_table, cap_csv], api_name="caption_files")  # fmt: skip
+                                   [cap_table, cap_csv], api_name="caption_files",
+                                   **HEAVY)  # fmt: skip
             gr.Examples([[p] for p in sw_paths[:6] + photos], [cap_image], label="Examples")
 
         with gr.Tab("Zero-shot"):
@@ -562,7 +591,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                                            sort="-y")  # fmt: skip
             label_set.change(lambda name: sets[name], label_set, labels, api_name=False)
             cls_button.click(handlers["classify"], [cls_image, labels, templates, model],
-                             [cls_label, cls_chart], api_name="classify")  # fmt: skip
+                             [cls_label, cls_chart], api_name="classify", **HEAVY)  # fmt: skip
             gr.Examples([[p] for p in sw_paths[:4] + photos], [cls_image], label="Examples")
 
         with gr.Tab("Search"):
@@ -572,8 +601,10 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     query_image = image_input("…or an image query", sources=["upload", "clipboard"])
                     k = gr.Slider(1, 24, value=8, step=1, label="Results")
                     search_button = gr.Button("Search", variant="primary")
-                    add_files = gr.File(file_count="multiple", file_types=["image", ".zip"],
-                                        label="Add images or a .zip to the index")  # fmt: skip
+                    add_files = UploadedFiles(
+                        file_count="multiple", file_types=["image", ".zip"],
+                        label="Add images or a .zip to the index",
+                    )  # fmt: skip
                     add_button = gr.Button("Add to index")
                     add_status = gr.Markdown()
                 with gr.Column(scale=2):
@@ -584,7 +615,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             query_text.submit(handlers["search"], [query_text, query_image, k, model], results,
                               api_name=False)  # fmt: skip
             add_button.click(handlers["index_add"], [add_files, model], [indexed, add_status],
-                             api_name="index_add")  # fmt: skip
+                             api_name="index_add", **HEAVY)  # fmt: skip
             gr.Examples([["a large blue star"], ["a small red circle"], ["a cat"]], [query_text])
 
         with gr.Tab("Ask"):

@@ -1,6 +1,7 @@
 """Load test: the demo under many users at once.
 
-    python -m bench.load [--sessions 32] [--requests 10] [--rounds 3] [--out load.json]
+    python -m bench.load [--sessions 32] [--requests 10] [--rounds 3] [--abuse 2] [--out load.json]
+    python -m bench.load --queue-probe     # a caption queued behind the heaviest classify
 
 Starts `app.py` on loopback in a subprocess (offline, so it serves the bundled `shapeworld`
 model; its search index goes to a temporary folder), warms it up with one request of each
@@ -13,6 +14,13 @@ The server keeps Gradio's per-session state for `--max-sessions` sessions (VLM_M
 by default as many as run at once), so each round's new sessions take the place of the last
 round's and what remains of memory growth is what requests leave behind.
 
+With `--abuse N` each session also sends N attacks through the raw HTTP API, one after each
+legitimate request (the holes issue 23 found): a server path without `meta`, an SSRF URL,
+an oversized data URL, a 20000x20000 data URL, a 3 MB few-shot text, 2,000 labels x 200
+templates, NaN in a number field, and a zip of junk to the index. Each must get its clear
+refusal; the server then runs with VLM_MAX_FILE_SIZE=2mb (so an oversized data URL is 3 MB,
+not 70) and its TMPDIR in the work folder, where nothing may be left behind.
+
 It reports errors (the target is 0), answers that differ from the same request's earlier
 answer (greedy decoding is deterministic, so a difference means requests mixed up), p50/p95
 latency per kind and overall (seen by the client, so queueing in Gradio's queue is included),
@@ -24,9 +32,11 @@ flagged. The exit status is 0 when there are no errors, no mixed-up answers and 
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -38,11 +48,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 from gradio_client import Client, handle_file
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "assets" / "examples"
@@ -229,6 +242,100 @@ def send(
     raise ValueError(f"unknown kind {kind!r}")
 
 
+# ---------------------------------------------------------------------------- the attacks
+
+ABUSE_MAX_FILE_SIZE = 2 << 20  # the server's VLM_MAX_FILE_SIZE when attacks are mixed in
+FILE_DATA = {"_type": "gradio.FileData"}
+
+
+def raw_call(url: str, endpoint: str, data: list, timeout: float = 300) -> tuple[str, str]:
+    """(event, data text) of one call through the raw HTTP API: POST, then the event stream."""
+    base = url.rstrip("/")
+    body = json.dumps({"data": data})  # NaN is written as NaN
+    response = httpx.post(f"{base}/gradio_api/call/{endpoint}", content=body, timeout=60,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    if response.status_code != 200:
+        return "http-error", response.text[:300]
+    event_id = response.json()["event_id"]
+    stream = httpx.get(f"{base}/gradio_api/call/{endpoint}/{event_id}", timeout=timeout).text
+    last = ("none", stream[-300:])
+    for block in stream.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if lines.get("event") in ("complete", "error"):
+            last = (lines["event"], lines.get("data", ""))
+    return last
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _junk_zip() -> bytes:
+    """20 entries of 200,000 zero bytes named .png: under the zip-bomb floor, not images."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(20):
+            archive.writestr(f"junk-{i}.png", b"\0" * 200_000)
+    return buffer.getvalue()
+
+
+def _upload(url: str, name: str, data: bytes) -> dict:
+    response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload",
+                          files=[("files", (name, data))], timeout=60)  # fmt: skip
+    response.raise_for_status()
+    return {"path": response.json()[0], "orig_name": name, "meta": FILE_DATA}
+
+
+def attacks() -> dict:
+    """Each attack: (endpoint, data, or a function of the url giving it; what the answer must
+    contain). Built once: the big payloads are shared by every session."""
+    decoding = ["greedy", 3, 0.9, 1.0, 30, "shapeworld"]
+    labels = "\n".join(f"thing {i}" for i in range(2000))
+    templates = "\n".join(f"a photo of {{}}, take {i}" for i in range(200))
+    scene = next((EXAMPLES / "shapeworld").glob("*.png"))
+    image = {"url": _data_url(scene.read_bytes()), "meta": FILE_DATA}
+    oversized = _data_url(os.urandom(ABUSE_MAX_FILE_SIZE + (1 << 20)))
+    bomb = _data_url(_png(Image.new("1", (20000, 20000))))
+    junk = _junk_zip()
+    return {
+        "path-no-meta": ("caption", [{"path": "/etc/passwd"}, *decoding], "does not read"),
+        "ssrf-url": ("caption", [{"path": "http://169.254.169.254/latest/meta-data/x.png",
+                                  "meta": FILE_DATA}, *decoding], "does not fetch URLs"),
+        "oversized-data-url": ("caption", [{"url": oversized, "meta": FILE_DATA}, *decoding],
+                               "too large"),
+        "pixel-bomb-data-url": ("explain", [{"url": bomb, "meta": FILE_DATA}, "a circle",
+                                            "shapeworld"], "400,000,000 pixels"),
+        "few-shot-3mb-text": ("few_shot", [image, "Caption: " + "z " * 1_500_000, None, "",
+                                           None, "", image, "Caption:", 10, "shapeworld"],
+                              "Text 1 is too long"),
+        "classify-2000x200": ("classify", [image, labels, templates, "shapeworld"],
+                              "too many templates"),
+        "nan-max-length": ("caption", [image, *decoding[:4], math.nan, "shapeworld"],
+                           "Max length must be between"),
+        "zip-of-junk": ("index_add",
+                        lambda url: [[_upload(url, "junk.zip", junk)], "shapeworld"],
+                        "Added 0 image(s)"),
+    }  # fmt: skip
+
+
+def attack(url: str, name: str, table: dict) -> str | None:
+    """Send one attack; None when it got its refusal, else what went wrong."""
+    endpoint, data, expected = table[name]
+    try:
+        event, text = raw_call(url, endpoint, data(url) if callable(data) else data)
+    except Exception as error:
+        return f"{name}: {type(error).__name__}: {error}"[:300]
+    if expected not in text:
+        return f"{name}: {event}: {text[:200]}"
+    return None
+
+
 @dataclass
 class Record:
     kind: str
@@ -238,13 +345,25 @@ class Record:
     error: str | None = None
 
 
-def session(url: str, index: int, requests: int, downloads: str, scenes, photos) -> list[Record]:
-    """One user: a new gradio_client session sending `requests` requests in turn."""
-    records = []
+def session(
+    url: str,
+    index: int,
+    requests: int,
+    downloads: str,
+    scenes,
+    photos,
+    abuse: int = 0,
+    table: dict | None = None,
+) -> tuple[list[Record], list[Record]]:
+    """One user: a new gradio_client session sending `requests` requests in turn, with
+    `abuse` attacks from `table` mixed in, one after each request. Returns (requests,
+    attacks)."""
+    records, attacked = [], []
     try:
         client = Client(url, verbose=False, download_files=downloads)
     except Exception as error:  # a session that cannot even connect is an error too
-        return [Record("connect", "connect", 0.0, error=f"{type(error).__name__}: {error}")]
+        return [Record("connect", "connect", 0.0, error=f"{type(error).__name__}: {error}")], []
+    names = list(table or {})
     for i in range(requests):
         kind = KINDS[(index + i) % len(KINDS)]
         n = index * requests + i
@@ -255,19 +374,28 @@ def session(url: str, index: int, requests: int, downloads: str, scenes, photos)
         except Exception as error:
             message = f"{kind}: {type(error).__name__}: {error}"[:300]
             records.append(Record(kind, kind, time.perf_counter() - started, error=message))
+        if i < abuse and names:
+            name = names[(index * abuse + i) % len(names)]
+            started = time.perf_counter()
+            problem = attack(url, name, table)
+            attacked.append(Record(name, name, time.perf_counter() - started, error=problem))
     with contextlib.suppress(Exception):
         client.close()
-    return records
+    return records, attacked
 
 
-def run_round(url: str, sessions: int, requests: int, downloads: str) -> list[Record]:
+def run_round(
+    url: str, sessions: int, requests: int, downloads: str, abuse: int = 0, table=None
+) -> tuple[list[Record], list[Record]]:
+    """One round; (the requests' records, the attacks' records)."""
     scenes, photos = examples()
     with concurrent.futures.ThreadPoolExecutor(max_workers=sessions) as pool:
         futures = [
-            pool.submit(session, url, s, requests, downloads, scenes, photos)
+            pool.submit(session, url, s, requests, downloads, scenes, photos, abuse, table)
             for s in range(sessions)
         ]
-        return [record for future in futures for record in future.result()]
+        results = [future.result() for future in futures]
+    return [r for rs, _ in results for r in rs], [a for _, attacks in results for a in attacks]
 
 
 # ---------------------------------------------------------------------------- the report
@@ -322,14 +450,21 @@ def run_load(
     max_sessions: int | None = None,
     env: dict | None = None,
     log=print,
+    abuse: int = 0,
 ) -> dict:
-    """Start the app, warm it up, run the rounds; the report as a dict."""
+    """Start the app, warm it up, run the rounds (with `abuse` attacks per session mixed
+    in); the report as a dict."""
     max_sessions = max_sessions or sessions
     env = {"VLM_MAX_SESSIONS": str(max_sessions), **(env or {})}
+    table = attacks() if abuse else None
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="vlm-load-") as tmp:
         workdir = Path(tmp)
         downloads = str(workdir / "downloads")
+        if abuse:
+            (workdir / "tmp").mkdir()
+            env = {"VLM_MAX_FILE_SIZE": f"{ABUSE_MAX_FILE_SIZE}b", "TMPDIR": str(workdir / "tmp"),
+                   **env}  # fmt: skip
         with Server(workdir, env=env) as server:
             rss_at_start = server.rss()
             log(
@@ -339,13 +474,14 @@ def run_load(
             sampler = PeakSampler(server)
             sampler.start()
             started = time.perf_counter()
-            warmup = run_round(server.url, 1, len(KINDS), downloads)
+            warmup, _ = run_round(server.url, 1, len(KINDS), downloads)
             warmup_s = time.perf_counter() - started
-            records, per_round, reference = [], [], {}
+            records, per_round, reference, attacked = [], [], {}, []
             inconsistent = []
             for number in range(1, rounds + 1):
                 started = time.perf_counter()
-                batch = run_round(server.url, sessions, requests, downloads)
+                batch, hits = run_round(server.url, sessions, requests, downloads, abuse, table)
+                attacked += hits
                 seconds = time.perf_counter() - started
                 for record in batch:  # the same request must get the same answer
                     if record.error is None:
@@ -362,6 +498,7 @@ def run_load(
                         "round": number,
                         "seconds": round(seconds, 1),
                         "requests": len(batch),
+                        "attacks": len(hits),
                         "errors": errors,
                         "requests_per_s": round(len(batch) / seconds, 2),
                         "rss_mb_after": round(rss / MB, 1),
@@ -376,6 +513,11 @@ def run_load(
             high_water = server.high_water_mark()
             alive = server.process.poll() is None
             server_log_tail = server.log_path.read_text()[-2000:]
+            leftovers = sorted(
+                str(p.relative_to(workdir))
+                for p in [*workdir.glob("tmp/vlm-unpack-*"),
+                          *workdir.glob("indexes/*/images/*")]
+            )  # fmt: skip
 
     after = [r["rss_mb_after"] for r in per_round]
     growth = round(after[-1] - after[0], 1) if after else 0.0
@@ -393,6 +535,7 @@ def run_load(
             "server_max_sessions": int(env["VLM_MAX_SESSIONS"]),
             "omp_num_threads": env.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS")),
             "queue_concurrency": 2,
+            "attacks_per_session": abuse,
         },
         "startup_s": round(server.startup_s, 1),
         "warmup_s": round(warmup_s, 1),
@@ -400,6 +543,14 @@ def run_load(
         "errors": len(errors),
         "error_samples": sorted(set(errors + warmup_errors))[:10],
         "warmup_errors": len(warmup_errors),
+        "attacks": len(attacked),
+        "attacks_not_refused": sum(a.error is not None for a in attacked),
+        "attack_samples": sorted({a.error for a in attacked if a.error})[:10],
+        "attack_latency": {
+            name: round(1000 * max(a.seconds for a in attacked if a.kind == name), 1)
+            for name in sorted({a.kind for a in attacked})
+        },
+        "files_left_behind": leftovers,
         "inconsistent": len(inconsistent),
         "inconsistent_samples": inconsistent[:10],
         "latency": latency_table(records),
@@ -415,7 +566,8 @@ def run_load(
         report["server_log_tail"] = server_log_tail
     report["ok"] = bool(
         alive and not errors and not warmup_errors and not inconsistent and report["rss_growth_ok"]
-    )
+        and not report["attacks_not_refused"] and not leftovers
+    )  # fmt: skip
     return report
 
 
@@ -439,10 +591,67 @@ def print_report(report: dict) -> None:
         f"growth {report['rss_growth_mb']:+.1f} MB ({flag}, tolerance "
         f"{config['tolerance_mb']:.0f} MB)"
     )
+    if report["attacks"]:
+        print(
+            f"attacks {report['attacks']}, not refused {report['attacks_not_refused']}; "
+            f"files left behind {len(report['files_left_behind'])}; slowest refusal (ms): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in report["attack_latency"].items())
+        )
     for error in report["error_samples"]:
         print("error:", error)
+    for sample in report["attack_samples"]:
+        print("attack not refused:", sample)
     for sample in report["inconsistent_samples"]:
         print("mixed up:", sample)
+
+
+# ---------------------------------------------------------------------------- the queue
+
+
+def _probe_once(env: dict, templates: int, log=print) -> dict:
+    """A classify of 2,000 labels x `templates` templates, and one second later a caption:
+    how long each took, as their clients saw it."""
+    labels = "\n".join(f"thing {i}" for i in range(2000))
+    lines = "\n".join(f"a photo of {{}}, take {i}" for i in range(templates))
+    scene = next((EXAMPLES / "shapeworld").glob("*.png"))
+    image = {"url": _data_url(scene.read_bytes()), "meta": FILE_DATA}
+    decoding = ["greedy", 3, 0.9, 1.0, 30, "shapeworld"]
+    with (
+        tempfile.TemporaryDirectory(prefix="vlm-probe-") as tmp,
+        Server(Path(tmp), env=env) as server,
+    ):
+        raw_call(server.url, "caption", [image, *decoding])  # warm up
+        raw_call(server.url, "classify", [image, "a, b", "", "shapeworld"])
+        timings = {}
+
+        def timed(name, endpoint, data):
+            started = time.perf_counter()
+            event, text = raw_call(server.url, endpoint, data)
+            timings[name] = {"seconds": round(time.perf_counter() - started, 2), "event": event,
+                             "answer": text[:120]}  # fmt: skip
+
+        heavy = threading.Thread(target=timed, args=(
+            "classify", "classify", [image, labels, lines, "shapeworld"]))  # fmt: skip
+        heavy.start()
+        time.sleep(1.0)
+        timed("caption_sent_1s_later", "caption", [image, *decoding])
+        heavy.join()
+        timed("caption_alone", "caption", [image, *decoding])
+    log(f"2,000 labels x {templates} templates: {timings}")
+    return {"labels": 2000, "templates": templates, **timings}
+
+
+def queue_probe(log=print) -> dict:
+    """A caption behind the heaviest classify, without the limits (issue 23's 2,000 x 200)
+    and with them (200 templates refused; the heaviest allowed, 2,000 x 10)."""
+    unlimited = {"VLM_MAX_TEMPLATES": "1000", "VLM_MAX_CLASSIFY_TEXTS": "1000000000"}
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "without_limits_2000x200": _probe_once(unlimited, 200, log),
+        "with_limits_2000x200": _probe_once({}, 200, log),
+        "with_limits_2000x10": _probe_once({}, 10, log),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,13 +674,28 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="sessions whose state the server keeps (VLM_MAX_SESSIONS; default: --sessions)",
     )
+    parser.add_argument(
+        "--abuse", type=int, default=2, help="attacks per session, mixed in (2; 0: none)"
+    )
+    parser.add_argument(
+        "--queue-probe", action="store_true",
+        help="instead: how long a caption waits behind the heaviest classify, with the limits "
+        "and without them",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
-    if min(args.sessions, args.requests, args.rounds) < 1:
-        parser.error("--sessions, --requests and --rounds must be at least 1")
+    if min(args.sessions, args.requests, args.rounds) < 1 or args.abuse < 0:
+        parser.error("--sessions, --requests and --rounds must be at least 1, --abuse 0")
+    if args.queue_probe:
+        report = queue_probe()
+        print(json.dumps(report, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     report = run_load(
-        args.sessions, args.requests, args.rounds, args.tolerance_mb, args.max_sessions
-    )
+        args.sessions, args.requests, args.rounds, args.tolerance_mb, args.max_sessions,
+        abuse=args.abuse,
+    )  # fmt: skip
     print_report(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

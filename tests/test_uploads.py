@@ -1,19 +1,31 @@
-"""Tests for vlm.uploads: hostile zips, label lists and questions from a public demo."""
+"""Tests for vlm.uploads and vlm.inputs: hostile zips, label lists, templates, questions and
+image references (paths, URLs, data URLs) from a public demo."""
 
+import base64
 import io
+import math
+import os
 import stat
 import struct
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from vlm.images import ImageError
+from vlm.inputs import ImageGate, InputRefused, PathGuard, data_url_bytes, number, parse_size
 from vlm.uploads import (
+    ScratchFolder,
     UploadError,
+    check_length,
+    check_prompt_count,
     clean_question,
     collect_uploads,
     extract_zip,
     parse_labels,
+    parse_templates,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"not decoded here" * 4  # extract_zip never decodes images
@@ -284,3 +296,157 @@ def test_clean_question_too_long():
         clean_question("a" * 10_000)
     with pytest.raises(UploadError, match="the limit is 20"):
         clean_question("why " * 10, max_chars=20)
+
+
+# -----------------------------------------------------------------------------
+# text limits: checked before any other work
+
+
+def test_label_length_and_total_text_are_limited():
+    assert parse_labels("a" * 30 + ", b", max_labels=5, max_label_chars=30) == ["a" * 30, "b"]
+    with pytest.raises(UploadError, match=r"label 2 is too long \(31 characters; the limit is 30"):
+        parse_labels("b, " + "a" * 31, max_labels=5, max_label_chars=30)
+    # a huge text is refused by its length before it is parsed (5 labels of 30: 170 characters)
+    with pytest.raises(UploadError, match=r"the list of labels is too long \(1,000,000 char"):
+        parse_labels("a," * 500_000, max_labels=5, max_label_chars=30)
+
+
+def test_templates():
+    assert parse_templates(None) == []
+    assert parse_templates("a photo of {}\n\n  {} again \n") == ["a photo of {}", "{} again"]
+    with pytest.raises(UploadError, match=r"too many templates \(4; the limit is 3\)"):
+        parse_templates("{}\n" * 4, max_templates=3)
+    with pytest.raises(UploadError, match=r"template 2 is too long \(12 characters; the limit"):
+        parse_templates("{}\n{}" + "x" * 10, max_chars=11)
+    with pytest.raises(UploadError, match="Each template needs a {}"):
+        parse_templates("a photo of {}\na photo")
+    with pytest.raises(UploadError, match="the templates is too long"):
+        parse_templates("{}" * 1_000_000)
+
+
+def test_check_length_and_prompt_count():
+    assert check_length(None, "x", 3) == "" and check_length("abc", "x", 3) == "abc"
+    with pytest.raises(UploadError, match=r"^Text 1 is too long \(4 characters; the limit is 3\)$"):
+        check_length("abcd", "Text 1", 3)
+    check_prompt_count(2000, 10, 20_000)
+    with pytest.raises(UploadError, match=r"2,000 × 11 = 22,000 texts to encode; the limit is 20,"):
+        check_prompt_count(2000, 11, 20_000)
+
+
+def test_a_huge_question_is_refused_before_it_is_cleaned(monkeypatch):
+    import vlm.uploads
+
+    monkeypatch.setattr(vlm.uploads, "_collapse", lambda text: pytest.fail("cleaned"))
+    with pytest.raises(UploadError, match=r"\(5,000,000 characters; the limit is 500\)"):
+        clean_question("x" * 5_000_000)
+
+
+def test_scratch_folder_keeps_only_recent_files(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    scratch = ScratchFolder("vlm-test-", max_age=60)
+    first = scratch.new_file("captions.csv")
+    first.write_text("a")
+    second = scratch.new_file("captions.csv")
+    assert first.exists() and second.parent != first.parent and second.name == "captions.csv"
+    old = time.time() - 120
+    os.utime(first.parent, (old, old))
+    scratch.new_file("captions.csv")  # sweeps the folder older than a minute
+    assert not first.parent.exists() and second.parent.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [first.parent.parent.name]
+
+
+# -----------------------------------------------------------------------------
+# vlm.inputs: the gate every image a request names passes
+
+
+def png_bytes(size=(8, 8), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def gate(tmp_path) -> ImageGate:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "ok.png").write_bytes(png_bytes())
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    return ImageGate(PathGuard([tmp_path / "root"]), max_bytes=1000)
+
+
+def test_parse_size_is_gradios():
+    from gradio.utils import _parse_file_size
+
+    for text in ["50mb", "1 GB", "7kb", "3b"]:
+        assert parse_size(text) == _parse_file_size(text)
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_the_gate_reads_every_form_inside_the_roots(gate, tmp_path):
+    ok = tmp_path / "root" / "ok.png"
+    for source in [str(ok), ok, {"path": str(ok)}, {"path": str(ok), "meta": {}},
+                   {"url": data_url(png_bytes())}, data_url(png_bytes()), png_bytes()]:  # fmt: skip
+        assert gate.open(source).size == (8, 8)
+
+
+def test_outside_the_roots_one_message_whether_or_not_the_file_exists(gate, tmp_path):
+    messages = set()
+    for name in ["secret.png", "missing.png"]:
+        path = str(tmp_path / name)
+        for source in [path, Path(path), {"path": path}, f"{tmp_path}/root/../{name}"]:
+            with pytest.raises(InputRefused) as error:
+                gate.open(source)
+            messages.add(str(error.value).replace(name, "<name>"))
+    assert len(messages) == 2  # the two spellings of the path; nothing else differs
+    assert all("does not read" in m and "Upload the file instead" in m for m in messages)
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/x.png", "https://example.com/a.png",
+                                 "file:///etc/passwd", "ftp://host/x.png"])  # fmt: skip
+def test_urls_are_never_fetched(gate, url, monkeypatch):
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("fetched"))
+    for source in [url, {"url": url}, {"path": url}, {"path": url, "url": url}]:
+        with pytest.raises(InputRefused, match="does not fetch URLs"):
+            gate.open(source)
+
+
+def test_a_data_url_over_the_byte_limit_is_refused_before_decoding(gate, monkeypatch):
+    monkeypatch.setattr(base64, "b64decode", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(InputRefused, match=r"too large .* as a data URL.*the limit is"):
+        gate.open(data_url(b"x" * 1500))
+    with pytest.raises(InputRefused, match="too large"):
+        data_url_bytes("data:image/png," + "%00" * 900 + "x" * 2200, max_bytes=1000)
+
+
+def test_data_urls_get_the_pixel_limit_from_the_header(tmp_path):
+    gate = ImageGate(PathGuard([tmp_path]), max_bytes=1 << 20)
+    with pytest.raises(ImageError, match=r"too large \(400,000,000 pixels; the limit is 64,000,"):
+        gate.open(data_url(png_bytes((20000, 20000), "1")))
+    with pytest.raises(ImageError, match="not valid base64"):
+        gate.open("data:image/png;base64,@@@")
+    with pytest.raises(ImageError, match="not a valid data URL"):
+        gate.open("data:image/png;base64")
+
+
+def test_a_file_over_the_byte_limit_is_refused(gate, tmp_path):
+    (tmp_path / "root" / "big.png").write_bytes(png_bytes() + b"\0" * 1000)
+    with pytest.raises(InputRefused, match=r"big.png: the file is too large"):
+        gate.open(str(tmp_path / "root" / "big.png"))
+    with pytest.raises(InputRefused, match="too large"):
+        gate.open(b"\0" * 1001)
+
+
+@pytest.mark.parametrize(
+    "value, ok", [(1, True), (60, True), ("7", True), (0, False), (61, False),
+                  (math.nan, False), (math.inf, False), (-math.inf, False), (None, False)],
+)  # fmt: skip
+def test_number(value, ok):
+    if ok:
+        assert number(value, "Max length", 1, 60) == float(value)
+    else:
+        with pytest.raises(ValueError, match=r"^Max length must be between 1 and 60"):
+            number(value, "Max length", 1, 60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def _image_array(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+def _claimed(error: Image.DecompressionBombError) -> str:
+    """The pixel count in Pillow's refusal ("Image size (N pixels) exceeds …"), formatted."""
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(match.group(1)):,}" if match else f"more than {2 * MAX_IMAGE_PIXELS:,}"
+
+
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
@@ -86,8 +93,11 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
         stream = io.BytesIO(path.read_bytes())
     try:
         image = Image.open(stream)
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{name}: the image is too large ({error})") from None
+    except Image.DecompressionBombError as error:  # over twice the limit: Pillow refused it
+        raise ImageError(
+            f"{name}: the image is too large ({_claimed(error)} pixels; "
+            f"the limit is {MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
         head = stream.getvalue()[:12]
         heif = head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS

@@ -28,6 +28,7 @@ from PIL import Image
 from .device import available_cores
 from .encoder import Encoder
 from .images import DecodedImages, ImageInput, collate_decoded, list_images, load_image
+from .uploads import safe_name
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -221,6 +222,41 @@ class SearchIndex:
         if pending:
             self._add_vectors(np.concatenate(pending))
         return added
+
+    def add_copies(
+        self, paths: Iterable[str | os.PathLike], folder: str | os.PathLike, progress=None
+    ) -> int:
+        """Add image files as copies kept in `folder` (uploads, whose originals are
+        temporary), under content-addressed names, `<sha256 prefix>-<safe name>`: an upload
+        never overwrites another, whatever its name. Afterwards `folder` holds exactly the
+        files the index holds: a copy it did not take (not an image, a duplicate) and any
+        other stray file are removed, so what the folder serves is only what was indexed.
+        Returns how many were added; `self.skipped` lists the others."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        copies = []
+        try:
+            for path in map(Path, paths):
+                data = path.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                target = folder / f"{digest[:16]}-{safe_name(path.name, set())}"
+                if not target.exists():
+                    _write_atomic(target, data)
+                copies.append(target)
+            return self.add(copies, progress=progress)
+        finally:
+            self.prune(folder)
+
+    def prune(self, folder: str | os.PathLike) -> list[Path]:
+        """Remove the files directly in `folder` that are not items of this index (what a
+        rejected or failed upload left there); returns them."""
+        kept = {str(Path(item)) for item in self.items}
+        removed = []
+        for path in Path(folder).iterdir():
+            if path.is_file() and str(path) not in kept:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def _apply_search_params(self) -> None:
         if self.search_params:

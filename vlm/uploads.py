@@ -8,11 +8,17 @@ here; the indexer does that and reports the ones that fail.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import os
 import re
+import shutil
 import stat
+import tempfile
+import threading
+import time
 import unicodedata
+import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -76,7 +82,7 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _safe_name(entry: str, taken: set[str]) -> str:
+def safe_name(entry: str, taken: set[str]) -> str:
     """The entry's base name made safe (letters, digits, '._- '), unique in `taken` (casefolded)."""
     path = PurePosixPath(entry.replace("\\", "/"))
     suffix = path.suffix.lower()
@@ -160,7 +166,7 @@ def extract_zip(
                 if reason is not None:
                     skipped.append((_display(info.filename), reason))
                     continue
-                target = root / _safe_name(info.filename, taken)
+                target = root / safe_name(info.filename, taken)
                 if target.parent != root:  # cannot happen with flattened names; never trust it
                     skipped.append((_display(info.filename), "unsafe name"))
                     continue
@@ -203,15 +209,67 @@ def collect_uploads(paths: list[str | Path], dest: Path, **limits) -> tuple[list
     return images, skipped
 
 
+class ScratchFolder:
+    """One folder for a server's short-lived output files (a CSV to download, …), so that
+    requests leave nothing behind: each file gets its own subfolder, every new one sweeps
+    away those older than `max_age` seconds, and the folder is removed when the process
+    exits. It holds at most what `max_age` seconds of requests write."""
+
+    def __init__(self, prefix: str = "vlm-", max_age: float = 600.0):
+        self.prefix, self.max_age = prefix, max_age
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+
+    def new_file(self, name: str) -> Path:
+        """A path named `name` in a new subfolder (not created: the caller writes it)."""
+        with self._lock:
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix=self.prefix))
+                atexit.register(shutil.rmtree, self._root, ignore_errors=True)
+            self.sweep()
+            folder = self._root / uuid.uuid4().hex
+            folder.mkdir()
+            return folder / name
+
+    def sweep(self, max_age: float | None = None) -> None:
+        """Remove the subfolders older than `max_age` (default: the folder's)."""
+        if self._root is None:
+            return
+        cutoff = time.time() - (self.max_age if max_age is None else max_age)
+        for folder in self._root.iterdir():
+            try:
+                if folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:  # swept by another process meanwhile
+                pass
+
+
 # -----------------------------------------------------------------------------
 # text
 
 
-def parse_labels(text: str | None, max_labels: int = 1000) -> list[str]:
+def check_length(text: str | None, what: str, max_chars: int) -> str:
+    """`text` (None as ""), refused with a clear message, before any other work, when it is
+    longer than `max_chars` characters."""
+    text = text or ""
+    if len(text) > max_chars:
+        raise UploadError(
+            f"{what} is too long ({len(text):,} characters; the limit is {max_chars:,})"
+        )
+    return text
+
+
+def parse_labels(
+    text: str | None, max_labels: int = 1000, max_label_chars: int | None = None
+) -> list[str]:
     """
     Labels from one-per-line and/or comma-separated text; "double quotes" allow commas inside
     a label. Whitespace is tidied, empties dropped, duplicates (ignoring case) dropped in order.
+    With `max_label_chars`, a longer label is refused, and so is a text too long to hold only
+    `max_labels` such labels (checked first, before parsing).
     """
+    if max_label_chars is not None:
+        check_length(text, "the list of labels", max_labels * (max_label_chars + 4))
     labels: list[str] = []
     seen: set[str] = set()
     for line in _strip_controls(text or "").splitlines():
@@ -224,11 +282,43 @@ def parse_labels(text: str | None, max_labels: int = 1000) -> list[str]:
         raise UploadError("no labels given: write one per line, or separate them with commas")
     if len(labels) > max_labels:
         raise UploadError(f"too many labels ({len(labels):,}; the limit is {max_labels:,})")
+    for number, label in enumerate(labels, 1):
+        if max_label_chars is not None:
+            check_length(label, f"label {number}", max_label_chars)
     return labels
+
+
+def parse_templates(text: str | None, max_templates: int = 100, max_chars: int = 200) -> list[str]:
+    """Zero-shot prompt templates, one per line, each with a "{}" where the label goes; blank
+    lines are dropped. Too many, too long or without "{}": UploadError, before any work."""
+    check_length(text, "the templates", max_templates * (max_chars + 2))
+    templates = [t.strip() for t in _strip_controls(text or "").splitlines() if t.strip()]
+    if len(templates) > max_templates:
+        raise UploadError(
+            f"too many templates ({len(templates):,}; the limit is {max_templates:,})"
+        )
+    for number, template in enumerate(templates, 1):
+        check_length(template, f"template {number}", max_chars)
+        if "{}" not in template:
+            raise UploadError(f"Each template needs a {{}} where the label goes: {template!r}")
+    return templates
+
+
+def check_prompt_count(labels: int, templates: int, max_prompts: int) -> None:
+    """Zero-shot encodes one text per label and template: refuse, before encoding any, a
+    request whose count would hold the model for long (the cost bound of /classify)."""
+    if labels * templates > max_prompts:
+        raise UploadError(
+            f"too many labels × templates ({labels:,} × {templates:,} = "
+            f"{labels * templates:,} texts to encode; the limit is {max_prompts:,}): "
+            "use fewer labels or fewer templates"
+        )
 
 
 def clean_question(text: str | None, max_chars: int = 500) -> str:
     """The question with control characters removed and whitespace collapsed."""
+    if len(text or "") > 8 * max_chars:  # so long that collapsing spaces cannot save it
+        check_length(text, "the question", max_chars)
     question = _collapse(text or "")
     if not question:
         raise UploadError("the question is empty")
