@@ -664,7 +664,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     ex_image = image_input()
                     ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
                     ex_button = gr.Button("Show where it matches", variant="primary")
-                ex_output = gr.Image(type="pil", label="Patch–text similarity")
+                ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map)")
             ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
                             api_name="explain")  # fmt: skip
             ex_rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
