@@ -17,7 +17,7 @@ TASKS: dict[str, str] = {
     "few_shot": "continue interleaved images and text (few-shot)",
     "classify": "rank labels against an image (zero-shot, CLIP's text tower)",
     "search": "search images by text or image (CLIP embeddings)",
-    "explain": "show where a text matches an image (CLIP's patch similarity)",
+    "explain": "show where a text matches an image (CLIP embeddings)",
 }
 ALL_TASKS = frozenset(TASKS)
 CONTRASTIVE_TASKS = frozenset({"classify", "search", "explain"})
