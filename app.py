@@ -11,6 +11,7 @@ import contextlib
 import csv
 import functools
 import gc
+import inspect
 import logging
 import os
 import re
@@ -194,6 +195,8 @@ class Models:
 
 def friendly(func):
     """Turn library errors into messages in the page; never let one request kill the worker."""
+    if inspect.isgeneratorfunction(func):  # a streaming handler: it fails while it is iterated
+        return _friendly_stream(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -216,6 +219,22 @@ def friendly(func):
         raise gr.Error("The GPU ran out of memory; try fewer or smaller images.")
 
     return wrapper
+
+
+def _friendly_stream(func):
+    """`friendly` for a generator handler: each step of the stream is guarded the same way."""
+    step = friendly(functools.wraps(func)(lambda iterator: next(iterator, StopIteration)))
+
+    @functools.wraps(func)
+    def stream(*args, **kwargs):
+        iterator = func(*args, **kwargs)  # runs nothing yet: its first step does
+        try:
+            while (item := step(iterator)) is not StopIteration:
+                yield item
+        finally:
+            iterator.close()  # the reader left (a closed page): stop generating
+
+    return stream
 
 
 class UploadedImage(gr.Image):
@@ -299,14 +318,29 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
                     indexes[name] = index
             return indexes[name]
 
+    def _live(stream):
+        """(text so far, its words with the LM's probabilities) as the LM writes them. The LM
+        runs outside the model's turn (see Models.use): the next request need not wait."""
+        for written in stream:
+            yield written.text, written.spans()
+
     @friendly
     @gpu
-    def caption(
+    def caption_words(
         image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
     ):
         options, picture = _decoding(mode, beams, top_p, temperature, max_tokens), _image(image)
         with using(model) as pipeline:
-            return pipeline.caption([picture], **options)[0]
+            stream = pipeline.stream_caption(picture, **options)
+        yield from _live(stream)
+
+    @friendly
+    def caption(
+        image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
+    ):
+        """The API's /caption: the same stream, text only (as before streaming)."""
+        for text, _ in caption_words(image, mode, beams, top_p, temperature, max_tokens, model):
+            yield text
 
     @friendly
     @gpu
@@ -351,20 +385,34 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
 
     @friendly
     @gpu
-    def answer(image, question="", choices_text="", model=None):
+    def answer_words(image, question="", choices_text="", model=None):
         question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
         choices = (
             parse_labels(choices_text, max_labels=50) if (choices_text or "").strip() else None
         )
         picture = _image(image)
         with using(model) as pipeline:
-            best, scores = pipeline.answer([picture], [question], choices, return_scores=True)[0]
-        return best, scores
+            if choices:  # scored, not written: one answer, coloured by its choice probability
+                results = pipeline.answer([picture], [question], choices, return_scores=True)
+            else:
+                stream = pipeline.stream_answer(picture, question)
+        if choices:
+            best, scores = results[0]
+            yield best, [(best, scores[best])], scores
+            return
+        for text, words in _live(stream):
+            yield text, words, {}
+
+    @friendly
+    def answer(image, question="", choices_text="", model=None):
+        """The API's /answer: (answer, choice scores), streamed, as before streaming."""
+        for text, _, scores in answer_words(image, question, choices_text, model):
+            yield text, scores
 
     @friendly
     @gpu
-    def few_shot(image1, text1, image2, text2, image3, text3, query, prompt="", max_tokens=20,
-                 model=None):  # fmt: skip
+    def few_shot_words(image1, text1, image2, text2, image3, text3, query, prompt="",
+                       max_tokens=20, model=None):  # fmt: skip
         parts: list = []
         for image, text in ((image1, text1), (image2, text2), (image3, text3)):
             if image is not None and (text or "").strip():
@@ -375,7 +423,14 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
             raise gr.Error("Give at least one example: an image and its text.")
         parts += [_image(query, "a query image"), (prompt or "").strip()]
         with using(model) as pipeline:
-            return pipeline.continue_sequence(parts, max_new_tokens=int(max_tokens))
+            stream = pipeline.stream_continue(parts, max_new_tokens=int(max_tokens))
+        yield from _live(stream)
+
+    @friendly
+    def few_shot(*inputs):
+        """The API's /few_shot: the continuation, streamed, text only."""
+        for text, _ in few_shot_words(*inputs):
+            yield text
 
     @friendly
     @gpu
@@ -444,9 +499,10 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def notice(model=None):
         return models.notice(models.pick(model, guard))
 
-    return dict(caption=caption, caption_files=caption_files, classify=classify, answer=answer,
-                few_shot=few_shot, explain=explain, search=search, index_add=index_add,
-                show_index=show_index, notice=notice)  # fmt: skip
+    return dict(caption=caption, caption_words=caption_words, caption_files=caption_files,
+                classify=classify, answer=answer, answer_words=answer_words, few_shot=few_shot,
+                few_shot_words=few_shot_words, explain=explain, search=search,
+                index_add=index_add, show_index=show_index, notice=notice)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the page
@@ -474,7 +530,32 @@ CSS = """
   padding:.3em .6em; background:var(--block-background-fill)}
 .vlm-flow .learned {border-color:#e0a000; font-weight:600}
 .vlm-flow .frozen {border-color:#4070e0}
+.vlm-sure .score-token, .vlm-sure-scale {filter:hue-rotate(110deg)}
+.vlm-sure-scale {display:inline-block; width:8em; height:.9em; vertical-align:middle;
+  border-radius:4px; background:linear-gradient(to right, rgba(239,68,60,0), rgb(239,68,60))}
 """
+
+# What the words' colours mean (HighlightedText's "scores" colouring, turned green by CSS).
+CONFIDENCE_LEGEND = (
+    "<small>Each word shaded by the probability the frozen LM gave it: unsure 0% "
+    '<span class="vlm-sure-scale"></span> 100% sure</small>'
+)
+
+
+def confidence_output(label: str, elem_id: str) -> gr.HighlightedText:
+    """Words coloured by how sure the LM was of them, with a legend under them."""
+    words = gr.HighlightedText(
+        label=label, elem_id=elem_id, elem_classes="vlm-sure", show_legend=False,
+        show_inline_category=False, combine_adjacent=False,
+    )  # fmt: skip
+    gr.HTML(CONFIDENCE_LEGEND)
+    return words
+
+
+def api_only(handler, inputs, outputs, api_name: str) -> None:
+    """An API endpoint with no button of its own: the text-only twin of a streamed tab, so
+    clients written before word probabilities keep their endpoint and its outputs."""
+    gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name)
 
 
 def label_sets() -> dict[str, str]:
@@ -529,6 +610,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
                     cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
+                    cap_words = confidence_output("How sure the LM was", "caption-words")
                     with gr.Accordion("Several images at once", open=False):
                         cap_files = gr.File(file_count="multiple", file_types=["image"],
                                             label="Images")  # fmt: skip
@@ -536,9 +618,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                         cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
                         cap_csv = gr.File(label="Download CSV")
             decoding = [mode, beams, top_p, temperature, max_tokens, model]
-            cap_button.click(
-                handlers["caption"], [cap_image, *decoding], cap_text, api_name="caption"
-            )
+            cap_button.click(handlers["caption_words"], [cap_image, *decoding],
+                             [cap_text, cap_words], api_name="caption_words")  # fmt: skip
+            api_only(handlers["caption"], [cap_image, *decoding], cap_text, "caption")
             cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
                                    [cap_table, cap_csv], api_name="caption_files")  # fmt: skip
             gr.Examples([[p] for p in sw_paths[:6] + photos], [cap_image], label="Examples")
@@ -595,10 +677,13 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
                     qa_button = gr.Button("Answer", variant="primary")
                 with gr.Column():
-                    qa_answer = gr.Textbox(label="Answer")
+                    qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
+                    qa_words = confidence_output("How sure the LM was", "answer-words")
                     qa_scores = gr.Label(label="Choice scores")
-            qa_button.click(handlers["answer"], [qa_image, question, choices, model],
-                            [qa_answer, qa_scores], api_name="answer")  # fmt: skip
+            qa_inputs = [qa_image, question, choices, model]
+            qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
+                            api_name="answer_words")  # fmt: skip
+            api_only(handlers["answer"], qa_inputs, [qa_answer, qa_scores], "answer")
             qa_rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
             qa_rows.append([sw_paths[0], "how many shapes are there?", "one, two, three"])
             gr.Examples(qa_rows, [qa_image, question, choices], label="Examples")
@@ -618,9 +703,12 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
             fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
             fs_button = gr.Button("Continue", variant="primary")
-            fs_output = gr.Textbox(label="The LM continues")
-            fs_button.click(handlers["few_shot"], [*shots, fs_query, fs_prompt, fs_tokens, model],
-                            fs_output, api_name="few_shot")  # fmt: skip
+            fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
+            fs_words = confidence_output("How sure the LM was", "few-shot-words")
+            fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
+            fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
+                            api_name="few_shot_words")  # fmt: skip
+            api_only(handlers["few_shot"], fs_inputs, fs_output, "few_shot")
             fs_row = []
             for path, truth in sw_examples[:2]:
                 fs_row += [str(path), f"Caption: {truth['caption']}"]
