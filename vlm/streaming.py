@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import re
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -189,3 +190,18 @@ class TextStream(BaseStreamer):
         """Run to the end; the finished text."""
         *_, last = self
         return last
+
+
+def print_stream(stream: Iterator[Generated], label: str = "", file=None) -> Generated:
+    """Print `label` then the text as it is written, on one line; returns the finished text."""
+    file = file or sys.stdout
+    shown, written = "", None
+    print(label, end="", file=file, flush=True)
+    for written in stream:
+        if written.text.startswith(shown):
+            print(written.text[len(shown) :], end="", file=file, flush=True)
+        else:  # the text changed behind the cursor (a stop string cut it): write it again
+            print("\r" + label + written.text, end="", file=file, flush=True)
+        shown = written.text
+    print(file=file)
+    return written
