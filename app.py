@@ -530,14 +530,14 @@ CSS = """
   padding:.3em .6em; background:var(--block-background-fill)}
 .vlm-flow .learned {border-color:#e0a000; font-weight:600}
 .vlm-flow .frozen {border-color:#4070e0}
-.vlm-sure .score-token, .vlm-sure-scale {filter:hue-rotate(110deg)}
+.vlm-sure .score-token, .vlm-sure-scale {filter:hue-rotate(100deg) brightness(1.6)}
 .vlm-sure-scale {display:inline-block; width:8em; height:.9em; vertical-align:middle;
   border-radius:4px; background:linear-gradient(to right, rgba(239,68,60,0), rgb(239,68,60))}
 """
 
 # What the words' colours mean (HighlightedText's "scores" colouring, turned green by CSS).
 CONFIDENCE_LEGEND = (
-    "<small>Each word shaded by the probability the frozen LM gave it: unsure 0% "
+    "<small>Shade: the frozen LM's probability for the word. Unsure 0% "
     '<span class="vlm-sure-scale"></span> 100% sure</small>'
 )
 
