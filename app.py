@@ -272,6 +272,28 @@ def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tok
     return options
 
 
+def without_words(handler):
+    """A streaming handler's outputs less the words: (text, words[, scores]) -> text[, scores]."""
+
+    @functools.wraps(handler)
+    def stream(*args, **kwargs):
+        for text, _, *rest in handler(*args, **kwargs):
+            yield (text, *rest) if rest else text
+
+    return stream
+
+
+def finished(handler):
+    """A streaming handler run to its end: its last output."""
+
+    @functools.wraps(handler)
+    def run(*args, **kwargs):
+        *_, last = handler(*args, **kwargs)
+        return last
+
+    return run
+
+
 def index_folder(index_root: Path, model: str) -> Path:
     """Where a model's search index lives: one folder per model, named safely."""
     return index_root / re.sub(r"^\.+|[^A-Za-z0-9_.-]+", "_", model)
@@ -335,14 +357,6 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         yield from _live(stream)
 
     @friendly
-    def caption(
-        image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
-    ):
-        """The API's /caption: the same stream, text only (as before streaming)."""
-        for text, _ in caption_words(image, mode, beams, top_p, temperature, max_tokens, model):
-            yield text
-
-    @friendly
     @gpu
     def caption_files(files, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30,
                       model=None):  # fmt: skip
@@ -404,12 +418,6 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
             yield text, words, {}
 
     @friendly
-    def answer(image, question="", choices_text="", model=None):
-        """The API's /answer: (answer, choice scores), streamed, as before streaming."""
-        for text, _, scores in answer_words(image, question, choices_text, model):
-            yield text, scores
-
-    @friendly
     @gpu
     def few_shot_words(image1, text1, image2, text2, image3, text3, query, prompt="",
                        max_tokens=20, model=None):  # fmt: skip
@@ -425,12 +433,6 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         with using(model) as pipeline:
             stream = pipeline.stream_continue(parts, max_new_tokens=int(max_tokens))
         yield from _live(stream)
-
-    @friendly
-    def few_shot(*inputs):
-        """The API's /few_shot: the continuation, streamed, text only."""
-        for text, _ in few_shot_words(*inputs):
-            yield text
 
     @friendly
     @gpu
@@ -499,10 +501,17 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def notice(model=None):
         return models.notice(models.pick(model, guard))
 
-    return dict(caption=caption, caption_words=caption_words, caption_files=caption_files,
-                classify=classify, answer=answer, answer_words=answer_words, few_shot=few_shot,
-                few_shot_words=few_shot_words, explain=explain, search=search,
-                index_add=index_add, show_index=show_index, notice=notice)  # fmt: skip
+    streams = dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
+    return dict(
+        # the tabs' buttons: (text, its words with their probabilities[, choice scores])
+        **{f"{name}_words": stream for name, stream in streams.items()},
+        # /caption, /answer, /few_shot: the same streams without the words, as before them
+        **{f"{name}_stream": without_words(stream) for name, stream in streams.items()},
+        # and run to the end: the finished text, for a script that calls a handler
+        **{name: finished(without_words(stream)) for name, stream in streams.items()},
+        caption_files=caption_files, classify=classify, explain=explain, search=search,
+        index_add=index_add, show_index=show_index, notice=notice,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the page
@@ -620,7 +629,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             decoding = [mode, beams, top_p, temperature, max_tokens, model]
             cap_button.click(handlers["caption_words"], [cap_image, *decoding],
                              [cap_text, cap_words], api_name="caption_words")  # fmt: skip
-            api_only(handlers["caption"], [cap_image, *decoding], cap_text, "caption")
+            api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
             cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
                                    [cap_table, cap_csv], api_name="caption_files")  # fmt: skip
             gr.Examples([[p] for p in sw_paths[:6] + photos], [cap_image], label="Examples")
@@ -683,7 +692,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             qa_inputs = [qa_image, question, choices, model]
             qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
                             api_name="answer_words")  # fmt: skip
-            api_only(handlers["answer"], qa_inputs, [qa_answer, qa_scores], "answer")
+            api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
             qa_rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
             qa_rows.append([sw_paths[0], "how many shapes are there?", "one, two, three"])
             gr.Examples(qa_rows, [qa_image, question, choices], label="Examples")
@@ -708,7 +717,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
             fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                             api_name="few_shot_words")  # fmt: skip
-            api_only(handlers["few_shot"], fs_inputs, fs_output, "few_shot")
+            api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
             fs_row = []
             for path, truth in sw_examples[:2]:
                 fs_row += [str(path), f"Caption: {truth['caption']}"]

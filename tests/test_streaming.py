@@ -136,8 +136,8 @@ def test_spans_give_the_text_back_with_a_probability_per_word():
     assert [(p, s) for p, s in spans if s is not None] == written.words
 
 
-def test_an_error_in_the_lm_reaches_the_reader(trained, images):
-    stream = trained.stream_caption(images[CAPTIONS[0]], do_sample=True, temperature=-1.0)
+def test_an_error_in_the_lm_reaches_the_reader(bundled, scenes):
+    stream = bundled.stream_caption(scenes[0], do_sample=True, temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         stream.final()
 
