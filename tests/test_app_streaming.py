@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import weakref
 from pathlib import Path
 
+import gradio as gr
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from test_app import start_app
 
@@ -147,3 +151,52 @@ def test_the_page_writes_the_caption_word_by_word(app, two_objects):
         page.locator("#caption-words").scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "app-streaming.png"), full_page=True)
         browser.close()
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory):
+    import app
+
+    models = app.Models("shapeworld")
+    return models, app.make_handlers(models, tmp_path_factory.mktemp("indexes"))
+
+
+def test_a_second_request_does_not_wait_for_a_stream(handlers, two_objects):
+    """The model's turn is held while the image is encoded, not while the LM writes: with a
+    stream paused half-way (a slow reader), another request on the same model completes."""
+    _, handle = handlers
+    path, truth = two_objects
+    first = handle["caption_words"](str(path))
+    assert next(first)[0]  # the stream has begun and is paused here
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(text=handle["caption"](str(path))))
+    thread.start()
+    thread.join(timeout=120)
+    assert other.get("text") == truth["caption"]
+    assert [*first][-1][0] == truth["caption"]
+
+
+def test_out_of_memory_while_writing_frees_memory_and_keeps_serving(handlers, two_objects,
+                                                                    monkeypatch):  # fmt: skip
+    models, handle = handlers
+    pipeline, path = models.get(None), str(two_objects[0])
+    events, held = [], []
+
+    def out_of_memory(*args, **kwargs):  # in the LM's thread, after the stream has started
+        workspace = torch.ones(1024, 1024)
+        held.append(weakref.ref(workspace))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def empty_cache():
+        events.append("freed" if held[0]() is None else "still held")
+
+    monkeypatch.setattr(pipeline.lm, "generate", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    with pytest.raises(gr.Error, match="The GPU ran out of memory"):
+        [*handle["caption_words"](path)]
+    assert events == ["freed"]
+    monkeypatch.undo()
+    assert handle["caption"](path) == two_objects[1]["caption"]
