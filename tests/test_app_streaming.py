@@ -172,7 +172,9 @@ def test_a_second_request_does_not_wait_for_a_stream(handlers, two_objects):
     first = handle["caption_words"](str(path))
     assert next(first)[0]  # the stream has begun and is paused here
     other = {}
-    thread = threading.Thread(target=lambda: other.update(text=handle["caption"](str(path))))
+    thread = threading.Thread(
+        target=lambda: other.update(text=handle["caption"](str(path))), daemon=True
+    )
     thread.start()
     thread.join(timeout=120)
     assert other.get("text") == truth["caption"]
