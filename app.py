@@ -11,6 +11,7 @@ import contextlib
 import csv
 import functools
 import gc
+import inspect
 import logging
 import os
 import re
@@ -187,6 +188,8 @@ class Models:
 
 def friendly(func):
     """Turn library errors into messages in the page; never let one request kill the worker."""
+    if inspect.isgeneratorfunction(func):  # a streaming handler: it fails while it is iterated
+        return _friendly_stream(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -219,6 +222,22 @@ async def _no_fetch(self, url_or_file_path):
     if isinstance(url_or_file_path, str) and is_url(url_or_file_path):
         raise gr.Error(str(url_refused(url_or_file_path)))
     return await gr.blocks.Block.async_move_resource_to_block_cache(self, url_or_file_path)
+
+
+def _friendly_stream(func):
+    """`friendly` for a generator handler: each step of the stream is guarded the same way."""
+    step = friendly(functools.wraps(func)(lambda iterator: next(iterator, StopIteration)))
+
+    @functools.wraps(func)
+    def stream(*args, **kwargs):
+        iterator = func(*args, **kwargs)  # runs nothing yet: its first step does
+        try:
+            while (item := step(iterator)) is not StopIteration:
+                yield item
+        finally:
+            iterator.close()  # the reader left (a closed page): stop generating
+
+    return stream
 
 
 class UploadedImage(gr.Image):
@@ -268,6 +287,28 @@ def _few_shot_limits(text1, text2, text3, prompt, max_tokens) -> None:
     _max_tokens(max_tokens)
 
 
+def without_words(handler):
+    """A streaming handler's outputs less the words: (text, words[, scores]) -> text[, scores]."""
+
+    @functools.wraps(handler)
+    def stream(*args, **kwargs):
+        for text, _, *rest in handler(*args, **kwargs):
+            yield (text, *rest) if rest else text
+
+    return stream
+
+
+def finished(handler):
+    """A streaming handler run to its end: its last output."""
+
+    @functools.wraps(handler)
+    def run(*args, **kwargs):
+        *_, last = handler(*args, **kwargs)
+        return last
+
+    return run
+
+
 def index_folder(index_root: Path, model: str) -> Path:
     """Where a model's search index lives: one folder per model, named safely."""
     return index_root / re.sub(r"^\.+|[^A-Za-z0-9_.-]+", "_", model)
@@ -315,14 +356,21 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
                     indexes[name] = index
             return indexes[name]
 
+    def _live(stream):
+        """(text so far, its words with the LM's probabilities) as the LM writes them. The LM
+        runs outside the model's turn (see Models.use): the next request need not wait."""
+        for written in stream:
+            yield written.text, written.spans()
+
     @friendly
     @gpu
-    def caption(
+    def caption_words(
         image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
     ):
         options, picture = _decoding(mode, beams, top_p, temperature, max_tokens), _image(image)
         with using(model) as pipeline:
-            return pipeline.caption([picture], **options)[0]
+            stream = pipeline.stream_caption(picture, **options)
+        yield from _live(stream)
 
     @friendly
     @gpu
@@ -369,7 +417,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
 
     @friendly
     @gpu
-    def answer(image, question="", choices_text="", model=None):
+    def answer_words(image, question="", choices_text="", model=None):
         question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
         choices = (
             parse_labels(choices_text, 50, MAX_LABEL_CHARS)
@@ -378,13 +426,21 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         )
         picture = _image(image)
         with using(model) as pipeline:
-            best, scores = pipeline.answer([picture], [question], choices, return_scores=True)[0]
-        return best, scores
+            if choices:  # scored, not written: one answer, coloured by its choice probability
+                results = pipeline.answer([picture], [question], choices, return_scores=True)
+            else:
+                stream = pipeline.stream_answer(picture, question)
+        if choices:
+            best, scores = results[0]
+            yield best, [(best, scores[best])], scores
+            return
+        for text, words in _live(stream):
+            yield text, words, {}
 
     @friendly
     @gpu
-    def few_shot(image1, text1, image2, text2, image3, text3, query, prompt="", max_tokens=20,
-                 model=None):  # fmt: skip
+    def few_shot_words(image1, text1, image2, text2, image3, text3, query, prompt="",
+                       max_tokens=20, model=None):  # fmt: skip
         _few_shot_limits(text1, text2, text3, prompt, max_tokens)
         parts: list = []
         for image, text in ((image1, text1), (image2, text2), (image3, text3)):
@@ -396,7 +452,8 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
             raise gr.Error("Give at least one example: an image and its text.")
         parts += [_image(query, "a query image"), (prompt or "").strip()]
         with using(model) as pipeline:
-            return pipeline.continue_sequence(parts, max_new_tokens=int(max_tokens))
+            stream = pipeline.stream_continue(parts, max_new_tokens=_max_tokens(max_tokens))
+        yield from _live(stream)
 
     @friendly
     @gpu
@@ -463,9 +520,17 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def notice(model=None):
         return models.notice(models.pick(model, guard))
 
-    return dict(caption=caption, caption_files=caption_files, classify=classify, answer=answer,
-                few_shot=few_shot, explain=explain, search=search, index_add=index_add,
-                show_index=show_index, notice=notice)  # fmt: skip
+    streams = dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
+    return dict(
+        # the tabs' buttons: (text, its words with their probabilities[, choice scores])
+        **{f"{name}_words": stream for name, stream in streams.items()},
+        # /caption, /answer, /few_shot: the same streams without the words, as before them
+        **{f"{name}_stream": without_words(stream) for name, stream in streams.items()},
+        # and run to the end: the finished text, for a script that calls a handler
+        **{name: finished(without_words(stream)) for name, stream in streams.items()},
+        caption_files=caption_files, classify=classify, explain=explain, search=search,
+        index_add=index_add, show_index=show_index, notice=notice,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the page
@@ -493,7 +558,32 @@ CSS = """
   padding:.3em .6em; background:var(--block-background-fill)}
 .vlm-flow .learned {border-color:#e0a000; font-weight:600}
 .vlm-flow .frozen {border-color:#4070e0}
+.vlm-sure .score-token, .vlm-sure-scale {filter:hue-rotate(100deg) brightness(1.6)}
+.vlm-sure-scale {display:inline-block; width:8em; height:.9em; vertical-align:middle;
+  border-radius:4px; background:linear-gradient(to right, rgba(239,68,60,0), rgb(239,68,60))}
 """
+
+# What the words' colours mean (HighlightedText's "scores" colouring, turned green by CSS).
+CONFIDENCE_LEGEND = (
+    "<small>Shade: the frozen LM's probability for the word. Unsure 0% "
+    '<span class="vlm-sure-scale"></span> 100% sure</small>'
+)
+
+
+def confidence_output(label: str, elem_id: str) -> gr.HighlightedText:
+    """Words coloured by how sure the LM was of them, with a legend under them."""
+    words = gr.HighlightedText(
+        label=label, elem_id=elem_id, elem_classes="vlm-sure", show_legend=False,
+        show_inline_category=False, combine_adjacent=False,
+    )  # fmt: skip
+    gr.HTML(CONFIDENCE_LEGEND)
+    return words
+
+
+def api_only(handler, inputs, outputs, api_name: str) -> None:
+    """An API endpoint with no button of its own: the text-only twin of a streamed tab, so
+    clients written before word probabilities keep their endpoint and its outputs."""
+    gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name)
 
 
 def label_sets() -> dict[str, str]:
@@ -557,6 +647,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
                     cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
+                    cap_words = confidence_output("How sure the LM was", "caption-words")
                     with gr.Accordion("Several images at once", open=False):
                         cap_files = UploadedFiles(file_count="multiple", file_types=["image"],
                                                   label="Images")  # fmt: skip
@@ -564,9 +655,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                         cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
                         cap_csv = gr.File(label="Download CSV")
             decoding = [mode, beams, top_p, temperature, max_tokens, model]
-            cap_button.click(
-                handlers["caption"], [cap_image, *decoding], cap_text, api_name="caption"
-            )
+            cap_button.click(handlers["caption_words"], [cap_image, *decoding],
+                             [cap_text, cap_words], api_name="caption_words")  # fmt: skip
+            api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
             cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
                                    [cap_table, cap_csv], api_name="caption_files",
                                    **HEAVY)  # fmt: skip
@@ -626,10 +717,13 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
                     qa_button = gr.Button("Answer", variant="primary")
                 with gr.Column():
-                    qa_answer = gr.Textbox(label="Answer")
+                    qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
+                    qa_words = confidence_output("How sure the LM was", "answer-words")
                     qa_scores = gr.Label(label="Choice scores")
-            qa_button.click(handlers["answer"], [qa_image, question, choices, model],
-                            [qa_answer, qa_scores], api_name="answer")  # fmt: skip
+            qa_inputs = [qa_image, question, choices, model]
+            qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
+                            api_name="answer_words")  # fmt: skip
+            api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
             qa_rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
             qa_rows.append([sw_paths[0], "how many shapes are there?", "one, two, three"])
             gr.Examples(qa_rows, [qa_image, question, choices], label="Examples")
@@ -649,9 +743,12 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                     fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
             fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
             fs_button = gr.Button("Continue", variant="primary")
-            fs_output = gr.Textbox(label="The LM continues")
-            fs_button.click(handlers["few_shot"], [*shots, fs_query, fs_prompt, fs_tokens, model],
-                            fs_output, api_name="few_shot")  # fmt: skip
+            fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
+            fs_words = confidence_output("How sure the LM was", "few-shot-words")
+            fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
+            fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
+                            api_name="few_shot_words")  # fmt: skip
+            api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
             fs_row = []
             for path, truth in sw_examples[:2]:
                 fs_row += [str(path), f"Caption: {truth['caption']}"]

@@ -4,6 +4,7 @@
 One module per benchmark, each with a `run(ctx) -> {"metrics": [...], "details": {...}}`:
 
 - caption   Pipeline.caption vs ClipCap's own inference (clipcap_reference.py)
+- stream    Pipeline.stream_caption vs Pipeline.caption: time to first text, to full caption
 - zeroshot  Pipeline.classify against 1,000 labels vs the bare image encoder
 - index     Pipeline.build_index over JPEG files vs the bare encoder on ready tensors
 - search    FAISS exact vs approximate query latency and recall, via SearchIndex

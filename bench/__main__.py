@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import caption, index, memory, search, zeroshot
+from . import caption, index, memory, search, stream, zeroshot
 from .common import Context, Metric, machine_info, seed_everything
 
 BENCHMARKS = {
     "caption": caption.run,
+    "stream": stream.run,
     "zeroshot": zeroshot.run,
     "index": index.run,
     "search": search.run,

@@ -443,12 +443,12 @@ def test_the_index_files_are_not_downloadable(served):
 # ----------------------------------------------------------------------------- out of memory
 
 OOM_CALLS = {  # handler call, the Pipeline method it reaches
-    "caption": (lambda h, p: h["caption"](p), "caption"),
+    "caption": (lambda h, p: h["caption"](p), "stream_caption"),
     "classify": (lambda h, p: h["classify"](p, "red circle, blue star"), "classify"),
-    "answer": (lambda h, p: h["answer"](p, "what color is it?"), "answer"),
+    "answer": (lambda h, p: h["answer"](p, "what color is it?"), "stream_answer"),
     "explain": (lambda h, p: h["explain"](p, "a circle"), "explain"),
     "few_shot": (lambda h, p: h["few_shot"](p, "Caption: a", None, "", None, "", p, "Caption:"),
-                 "continue_sequence"),
+                 "stream_continue"),
 }  # fmt: skip
 
 

@@ -40,10 +40,17 @@ def _emit(args, rows: list[dict], text: callable) -> None:
 
 def cmd_caption(args) -> None:
     pipeline, files = _model(args), _files(args.images)
-    captions = pipeline.caption(
-        files, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+    options = dict(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p,
     )  # fmt: skip
+    if args.stream and not args.json:
+        from .streaming import print_stream
+
+        for f in files:
+            print_stream(pipeline.stream_caption(f, **options), f"{f}\t")
+        return
+    captions = pipeline.caption(files, **options)
     rows = [{"image": str(f), "caption": c} for f, c in zip(files, captions, strict=True)]
     _emit(args, rows, lambda r: f"{r['image']}\t{r['caption']}")
 
@@ -64,6 +71,12 @@ def cmd_classify(args) -> None:
 def cmd_answer(args) -> None:
     pipeline, files = _model(args), _files(args.images)
     choices = [c for c in args.choices.split(",")] if args.choices else None
+    if args.stream and not args.json and not choices:
+        from .streaming import print_stream
+
+        for f in files:
+            print_stream(pipeline.stream_answer(f, args.question), f"{f}\t")
+        return
     results = pipeline.answer(files, args.question, choices, return_scores=True)
     rows = [
         {"image": str(f), "question": args.question, "answer": a, "scores": s}
@@ -177,12 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--sample", action="store_true", help="nucleus sampling")
     sub.add_argument("--temperature", type=float, default=1.0)
     sub.add_argument("--top-p", type=float, default=0.9)
+    sub.add_argument("--stream", action="store_true", help="print each caption as it is written")
     sub = command("classify", cmd_classify, "zero-shot classification")
     sub.add_argument("--labels", required=True, help="comma-separated labels")
     sub.add_argument("--top", type=int, default=3)
     sub = command("answer", cmd_answer, "answer a question about images")
     sub.add_argument("--question", required=True)
     sub.add_argument("--choices", help="comma-separated answers to choose from")
+    sub.add_argument("--stream", action="store_true", help="print each answer as it is written")
     sub = command("index", cmd_index, "build or extend a search index")
     sub.add_argument("--out", required=True, help="index folder")
     sub.add_argument("--batch-size", type=int, default=32)

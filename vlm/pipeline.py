@@ -26,6 +26,7 @@ from .encoder import Encoder, ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
+from .streaming import TextStream
 from .tasks import UnsupportedTaskError, models_for, task_set
 
 CONFIG_NAME = "config.json"
@@ -291,21 +292,42 @@ class Pipeline:
         top_p: float = 1.0,
     ) -> list[str]:
         """Continue each embedded sequence with the frozen LM's own `generate` (KV cache)."""
+        options = self._generate_options(
+            sequences, max_new_tokens, num_beams, do_sample, temperature, top_p
+        )
+        with self._decode_autocast():
+            tokens = self.lm.generate(**options)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [self._trim(text) for text in texts]
+
+    def _generate_options(
+        self,
+        sequences: list[torch.Tensor],
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> dict:
+        """`lm.generate`'s arguments, the same whether the text is streamed or not."""
         embeds, mask = self._left_pad(sequences)
         max_new_tokens = min(max_new_tokens, self._room(embeds.shape[1]))
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
-        with self._decode_autocast():
-            tokens = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                eos_token_id=self._stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                **options,
-            )
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [self._trim(text) for text in texts]
+        return dict(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            eos_token_id=self._stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            **options,
+        )
+
+    @torch.inference_mode()
+    def _stream(self, sequence: torch.Tensor, **decoding) -> TextStream:
+        """`_generate` on one sequence, as a `TextStream` of partial texts (it starts now)."""
+        options = self._generate_options([sequence], **decoding)
+        return TextStream(self.lm, self.tokenizer, options, self._trim, self._decode_autocast)
 
     @torch.inference_mode()
     def _score(self, sequences: list[torch.Tensor], continuations: list[str]) -> torch.Tensor:
@@ -357,6 +379,30 @@ class Pipeline:
                 sequences, max_new_tokens, num_beams, do_sample, temperature, top_p
             )
         return captions
+
+    def stream_caption(self, image: ImageInput, **decoding) -> TextStream:
+        """`caption` of one image, streamed: iterate for `Generated` snapshots (text so far,
+        words with the LM's probability); the last has `done=True` and the same text as
+        `caption([image], **decoding)[0]`. The image is encoded before this returns; the LM
+        then runs in a background thread."""
+        prefix = self.prefix(self._images(image))[0]
+        return self._stream(self._embed_parts([prefix, self.config.caption_prompt]), **decoding)
+
+    def stream_answer(
+        self, image: ImageInput, question: str, *, max_new_tokens: int = 10
+    ) -> TextStream:
+        """`answer` (open-ended) of one question about one image, streamed like
+        `stream_caption`."""
+        sequence = self._question_sequences(self._images(image), [question])[0]
+        return self._stream(sequence, max_new_tokens=max_new_tokens)
+
+    def stream_continue(
+        self, parts: Sequence[Part], *, max_new_tokens: int = 20, **decoding
+    ) -> TextStream:
+        """`continue_sequence`, streamed like `stream_caption`."""
+        if not parts:
+            raise ValueError("nothing to continue: give at least one image or text")
+        return self._stream(self._embed_parts(parts), max_new_tokens=max_new_tokens, **decoding)
 
     def _question_sequences(self, images, questions) -> list[torch.Tensor]:
         images = self._images(images)
