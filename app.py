@@ -29,8 +29,9 @@ from vlm import Pipeline, SearchIndex, inputs, shapeworld
 from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
 from vlm.images import ImageError
 from vlm.inputs import ImageGate, is_url, number, url_refused
-from vlm.presets import PRESETS, available_presets, choose_default_model
+from vlm.presets import PRESETS, choose_default_model, models_for_task, runnable_presets
 from vlm.search import IndexLoadError
+from vlm.tasks import TASKS, UnsupportedTaskError
 from vlm.uploads import (
     ScratchFolder,
     UploadError,
@@ -125,6 +126,7 @@ class Models:
         self._loaded: dict[str, Pipeline] = {}
         self._turns: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
+        self._runnable = runnable_presets()  # asks the hub at most once, briefly
         try:
             self.get(self.default)
         except Exception as error:  # a missing or unreachable model: fall back, say why
@@ -136,7 +138,14 @@ class Models:
             self.get(self.default)
 
     def choices(self) -> list[str]:
-        return list(dict.fromkeys([self.default, *available_presets()]))
+        """The models the picker offers: the default, then every preset this machine can run
+        (cached or downloadable, on a GPU for those that need one)."""
+        return list(dict.fromkeys([self.default, *self._runnable]))
+
+    def require(self, name: str, task: str) -> None:
+        """Refuse `task` on a model not trained for it, naming the offered models that are."""
+        if task not in self.get(name).tasks:
+            raise UnsupportedTaskError(task, name, models_for_task(task, self.choices()))
 
     def pick(self, name: str | None, guard: PathGuard) -> str:
         """The model a request asked for: one this server offers, or a model folder under an
@@ -179,8 +188,10 @@ class Models:
         preset = PRESETS.get(name)
         what = preset.description if preset else name
         why = self.reason if name == self.default else "chosen in the model picker"
-        device = self.get(name).device.type.upper()
-        return f"**Model: `{name}`** — {what}. *{why}.* Running on {device}."
+        pipeline = self.get(name)
+        does = ", ".join(TASKS[task].split(" (")[0] for task in TASKS if task in pipeline.tasks)
+        device = pipeline.device.type.upper()
+        return f"**Model: `{name}`** — {what}. *{why}.* Running on {device}. It can: {does}."
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -344,6 +355,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     def get_index(model: str | None) -> SearchIndex:
         """The model's persistent index, built from the bundled examples the first time."""
         name = models.pick(model, guard)
+        models.require(name, "search")
         with index_lock:
             if name not in indexes:
                 encoder, folder = models.get(name).encoder, index_folder(index_root, name)
