@@ -6,7 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from .paths import ASSETS
+
 SHAPEWORLD_DIR = ASSETS / "shapeworld"
 
 
