@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_data import scenes, write_dataset
+from test_own_data import save_random_pipeline
 
 from vlm.cli import main as cli
 
@@ -23,6 +24,12 @@ def fails(capsys, *args: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     return err
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory) -> Path:
+    """Untrained tiny parts: these tests are about messages, not about what a model learned."""
+    return save_random_pipeline(tmp_path_factory.mktemp("parts") / "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +83,8 @@ def test_unknown_encoder_name_and_empty_local_dir(capsys, csv_data, saved_pipeli
 def test_missing_data_says_so(capsys, saved_pipeline, tmp_path):
     err = fails(capsys, *train(tmp_path / "nope.csv", tmp_path / "run", saved_pipeline))
     assert f"no such data file or folder: {tmp_path / 'nope.csv'}" in err
-    err = fails(capsys, "train", tmp_path / "nope", "--out", tmp_path / "run")
-    assert "no dataset named" in err and "no such file or folder" in err
+    err = fails(capsys, "train", tmp_path / "nope", "--out", tmp_path / "run")  # positional
+    assert f"no such data file or folder: {tmp_path / 'nope'}" in err
 
 
 def test_csv_without_the_columns_names_them(capsys, saved_pipeline, tmp_path):

@@ -21,7 +21,8 @@ from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.cli import main as cli
 from vlm.data import FileDataset
-from vlm.train import TrainConfig, run_stage
+from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
+from vlm.train import SIZES, TrainConfig, run_stage
 
 # how this user writes captions: not ShapeWorld's canonical sentence
 STYLES = [
@@ -29,6 +30,25 @@ STYLES = [
     "A {color} {shape} ({size}) sits on black.",
     "Just a {shape}, {color} and {size}.",
 ]
+
+
+def save_random_pipeline(folder: Path) -> Path:
+    """A tiny untrained pipeline (open_clip encoder, GPT-2, mapper) saved as a folder: parts
+    to start from in seconds, where what is tested does not depend on what they learned."""
+    torch.manual_seed(0)
+    texts = [c for i, s in enumerate(own_scenes(24)) for c in own_captions(s, i)]
+    tokenizer = train_tokenizer(texts * 4, 300)
+    lm = build_lm(tokenizer, **SIZES["tiny"]["lm"])
+    encoder = build_encoder(SIZES["tiny"]["clip"])
+    build_pipeline(encoder, lm, tokenizer, {"prefix_length": 4}, device="cpu").save_pretrained(
+        folder, dtype=torch.float32
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    return save_random_pipeline(tmp_path_factory.mktemp("parts") / "pipeline")
 
 
 def own_captions(scene: sw.Scene, i: int) -> list[str]:
@@ -88,10 +108,10 @@ def check_run(out: Path, held_out: int, printed: str) -> None:
     assert f"held-out evaluation ({held_out} images)" in printed and "| CIDEr |" in printed
 
 
-def test_csv_in_own_words_trains_validates_evaluates_and_serves(own_csv, saved_pipeline,
+def test_csv_in_own_words_trains_validates_evaluates_and_serves(own_csv, parts,
                                                                 tmp_path, capsys):  # fmt: skip
     out = tmp_path / "run"
-    cli(own_train(own_csv, out, saved_pipeline, "--val-fraction", "0.25"))
+    cli(own_train(own_csv, out, parts, "--val-fraction", "0.25"))
     printed = capsys.readouterr().out
     dataset = FileDataset([own_csv], val_fraction=0.25)
     held = {e.image for e in dataset.val_examples()}
@@ -109,12 +129,12 @@ def test_csv_in_own_words_trains_validates_evaluates_and_serves(own_csv, saved_p
     assert "BLEU-4" in json.loads(capsys.readouterr().out)["scores"]
 
 
-def test_folder_with_sidecars_and_val_data(saved_pipeline, tmp_path, capsys):
+def test_folder_with_sidecars_and_val_data(parts, tmp_path, capsys):
     items = own_scenes(30)
     train_dir = own_folder(tmp_path / "train", items[:24])
     val_dir = own_folder(tmp_path / "val", items[24:])
     out = tmp_path / "run"
-    cli(own_train(train_dir, out, saved_pipeline, "--val-data", str(val_dir)))
+    cli(own_train(train_dir, out, parts, "--val-data", str(val_dir)))
     printed = capsys.readouterr().out
     assert "24 examples" in printed  # every training image: --val-data replaces the fraction
     check_run(out, 6, printed)
@@ -122,12 +142,12 @@ def test_folder_with_sidecars_and_val_data(saved_pipeline, tmp_path, capsys):
     assert caption.strip()
 
 
-def test_tokens_mapper_trains_with_any_lm(own_csv, saved_pipeline, tmp_path):
+def test_tokens_mapper_trains_with_any_lm(own_csv, parts, tmp_path):
     """--mapper-input tokens with a given --lm: num_tokens defaults to the encoder's full
     patch grid (it was 0, and the pipeline crashed on (0 - 1) ** 0.5)."""
     out = tmp_path / "run"
     cli(["train", "--data", str(own_csv), "--out", str(out), "--encoder",
-         f"local-dir:{saved_pipeline / 'encoder'}", "--lm", str(saved_pipeline / "lm"),
+         f"local-dir:{parts / 'encoder'}", "--lm", str(parts / "lm"),
          "--mapper-input", "tokens", "--mapper-layers", "1", "--prefix-length", "4",
          "--prefix-steps", "2", "--no-eval"])  # fmt: skip
     pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")

@@ -168,7 +168,7 @@ def run_stage(
     bar = tqdm(range(start, steps), desc=name, disable=not accelerator.is_main_process,
                mininterval=2, initial=start, total=steps)  # fmt: skip
     tic = time.time()
-    best, best_state, worse = math.inf, None, 0
+    best, best_state, worse, value = math.inf, None, 0, math.nan
     for step in bar:
         loss = loss_fn(module, next(stream))
         accelerator.backward(loss)
