@@ -46,6 +46,7 @@ def test_missing_lm_folder_says_so(capsys, csv_data, saved_pipeline, tmp_path):
     err = fails(capsys, *train(csv_data, tmp_path / "run", saved_pipeline)[:-5],
                 "--lm", "./runs/no-such-lm", "--prefix-steps", "2")  # fmt: skip
     assert "--lm ./runs/no-such-lm: no such folder" in err
+    assert "hub id" not in err  # a path, not a hub id: said before anything loads
 
 
 def test_lm_hub_id_offline_says_hub_ids_need_the_network(capsys, csv_data, saved_pipeline,
@@ -122,7 +123,8 @@ def test_eval_skips_bad_rows_like_training_and_strict_stops(capsys, csv_data, sa
     bad = with_missing_image(csv_data)
     cli(["eval", "captions", "--data", str(bad), "--model", str(saved_pipeline)])
     captured = capsys.readouterr()
-    assert "skipped 1 of 13 rows" in captured.err and "bad.csv row 3: no image file" in captured.err
+    assert "skipped 1 row (--strict" in captured.err
+    assert "bad.csv row 3: no image file" in captured.err
     assert "| CIDEr |" in captured.out and "skipped 1 bad rows" in captured.out
     err = fails(capsys, "eval", "captions", "--data", bad, "--model", saved_pipeline, "--strict")
     assert "bad.csv row 3: no image file images/does_not_exist.png" in err

@@ -127,6 +127,12 @@ def test_csv_in_own_words_trains_validates_evaluates_and_serves(own_csv, parts,
     cli(["eval", "captions", "--data", str(own_csv), "--model", str(out / "pipeline"),
          "--json", "--max-new-tokens", "60"])  # fmt: skip
     assert "BLEU-4" in json.loads(capsys.readouterr().out)["scores"]
+    # captions cut by the token limit are said to be, not silently scored
+    cli(["eval", "captions", "--data", str(own_csv), "--model", str(out / "pipeline"),
+         "--max-new-tokens", "2"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "warning: 24 of 24 outputs reached --max-new-tokens 2" in captured.err
+    assert "note: 24 of 24 outputs reached --max-new-tokens 2" in captured.out
 
 
 def test_folder_with_sidecars_and_val_data(parts, tmp_path, capsys):

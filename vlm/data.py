@@ -133,8 +133,9 @@ class BadRows:
     def report(self, total: int | None = None) -> str:
         if not self.rows:
             return ""
-        of = f" of {total}" if total is not None else ""
-        lines = [f"skipped {len(self.rows)}{of} rows (--strict stops at the first instead):"]
+        n = len(self.rows)
+        count = f"{n} of {total} rows" if total is not None else f"{n} row{'s' * (n > 1)}"
+        lines = [f"skipped {count} (--strict stops at the first instead):"]
         lines += [f"  {source}: {reason}" for source, reason in self.rows[: self.shown]]
         if len(self.rows) > self.shown:
             lines.append(f"  … and {len(self.rows) - self.shown} more")
@@ -303,6 +304,18 @@ def _wds_captions(sample: dict) -> list[str]:
 
 def _json_lines(text: str) -> Iterator[dict]:
     return (json.loads(line) for line in text.splitlines() if line.strip())
+
+
+def group_by_image(examples: Iterable[Example]) -> list[Example]:
+    """Caption examples of the same image merged into one with all its captions (a CSV has a
+    row per caption), in order of first appearance: one image, several references."""
+    merged: dict[str | bytes, Example] = {}
+    for example in examples:
+        if example.image in merged:
+            merged[example.image].captions += example.captions
+        else:
+            merged[example.image] = dataclasses.replace(example, captions=list(example.captions))
+    return list(merged.values())
 
 
 def read_examples(paths: str | os.PathLike | Sequence, format: str = "auto", **options):

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from . import shapeworld as sw
-from .data import BadRows
+from .data import BadRows, group_by_image
 from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
 
@@ -198,21 +198,23 @@ def evaluate_captions(
     strict: bool = False,
 ) -> dict:  # fmt: skip
     """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE if available) of the
-    pipeline's captions against each image's reference captions, and text↔image recall@1/5/10
+    pipeline's captions against each image's reference captions (all rows of an image), and
+    text↔image recall@1/5/10
     over the same images (a caption's relevant image is its own; an image's relevant texts
     are its captions). Bad rows are skipped and listed (`strict`: raise); a note (and a
     warning on stderr) says how many captions reached `max_new_tokens`. Returns {"scores",
     "notes", "images", "skipped", "predictions"}."""
     bad = BadRows(strict)
     kept, predictions, image_features = [], {}, []
-    for chunk, images in usable_batches((e for e in examples if e.captions), batch_size, bad):
+    examples = group_by_image(bad.usable(e for e in examples if e.captions))
+    for chunk, images in usable_batches(examples, batch_size, bad):
         captions = pipeline.caption(images, batch_size=batch_size, num_beams=num_beams,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
         predictions.update((str(i), c) for i, c in enumerate(captions, len(kept)))
         image_features.append(pipeline.encoder.encode_images(images, normalize=True))
         kept += chunk
     if bad:
-        print(bad.report(len(kept) + len(bad)), file=sys.stderr)
+        print(bad.report(), file=sys.stderr)
     examples = kept
     if not examples:
         raise ValueError("no readable image with captions to evaluate on")
