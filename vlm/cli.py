@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -137,22 +138,24 @@ def cmd_eval(args) -> None:
         return
     if not args.data:
         _fail(f"eval {args.dataset} needs --data")
-    if args.dataset == "zeroshot":
-        results = evaluate.evaluate_zeroshot(pipeline, args.data, batch_size=args.batch_size)
-    else:
-        from .data import read_examples
-
-        source = read_examples(args.data, args.data_format, split=args.split or "test",
-                               images=args.images)  # fmt: skip
-        examples = list(itertools.islice(source, args.limit))
-        limit = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-        if args.dataset == "captions":
-            results = evaluate.evaluate_captions(pipeline, examples, batch_size=args.batch_size,
-                                                 num_beams=args.num_beams, strict=args.strict,
-                                                 **limit)  # fmt: skip
+    # pycocoevalcap prints its working to stdout: keep stdout for the results (--json)
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.dataset == "zeroshot":
+            results = evaluate.evaluate_zeroshot(pipeline, args.data, batch_size=args.batch_size)
         else:
-            results = evaluate.evaluate_vqa(pipeline, examples, batch_size=args.batch_size,
-                                            strict=args.strict, **limit)  # fmt: skip
+            from .data import read_examples
+
+            source = read_examples(args.data, args.data_format, split=args.split or "test",
+                                   images=args.images)  # fmt: skip
+            examples = list(itertools.islice(source, args.limit))
+            limit = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+            if args.dataset == "captions":
+                results = evaluate.evaluate_captions(pipeline, examples, batch_size=args.batch_size,
+                                                     num_beams=args.num_beams, strict=args.strict,
+                                                     **limit)  # fmt: skip
+            else:
+                results = evaluate.evaluate_vqa(pipeline, examples, batch_size=args.batch_size,
+                                                strict=args.strict, **limit)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
     if args.json:
@@ -164,7 +167,7 @@ def cmd_eval(args) -> None:
 TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from TrainConfig
     "seed": "random seed",
     "batch_size": "clip stage: image-text pairs a step",
-    "lm_batch_size": f"lm stage: blocks of {64} tokens a step",
+    "lm_batch_size": "lm stage: blocks of 64 tokens a step",
     "prefix_batch_size": "prefix stage: (image, text) pairs a step (all processes together)",
     "checkpoint_every": "steps between checkpoints (--resume starts from the last one)",
     "clip_steps": "clip stage: steps",
