@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from test_data import write_images
 
 import vlm.train as train_module
-from vlm import Pipeline
+from vlm import Pipeline, PrefixMapper
 from vlm import shapeworld as sw
 from vlm.cli import main as cli
 from vlm.data import FileDataset
@@ -160,6 +160,8 @@ def test_tokens_mapper_trains_with_any_lm(own_csv, parts, tmp_path):
     grid = pipeline.encoder.model.visual.grid_size
     assert pipeline.mapper.config["num_tokens"] == 1 + grid[0] * grid[1]
     assert isinstance(pipeline.caption(sorted(own_csv.parent.glob("photos/*.jpg"))[0])[0], str)
+    with pytest.raises(ValueError, match="num_tokens must be 1 \\+ grid²"):  # not a crash later
+        PrefixMapper(kind="transformer", input="tokens")
 
 
 # ---------------------------------------------------------------------------- the stage loop
