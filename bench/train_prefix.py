@@ -82,7 +82,7 @@ def run(device: str, tiny: bool, steps: int, images: int) -> dict:
         # 1. the feature pass (decode in workers + frozen encoder), into a fresh cache
         cache = FeatureCache(root / "features", pipeline)
         tic = time.perf_counter()
-        cache.add(FileDataset([data]).examples(), batch_size=128)
+        cache.add(FileDataset([data], val_fraction=0).examples(), batch_size=128)
         seconds = time.perf_counter() - tic
         results["features_images_per_s"] = images / seconds
         del pipeline
@@ -98,7 +98,7 @@ def run(device: str, tiny: bool, steps: int, images: int) -> dict:
             config = TrainConfig(
                 out=out, data=(str(data),), encoder=encoder, lm=lm, mapper=mapper,
                 prefix_batch_size=batch, prefix_steps=steps, checkpoint_every=10**9,
-                feature_cache=root / "features", bundle=out / "pipeline",
+                feature_cache=root / "features", bundle=out / "pipeline", val_fraction=0,
             )  # fmt: skip
             tic = time.perf_counter()
             trained = train(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -23,10 +24,10 @@ def _files(paths: list[str]) -> list[Path]:
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise SystemExit("error: no such file or folder: " + ", ".join(missing))
+        _fail("no such file or folder: " + ", ".join(missing))
     files = list_images(paths)
     if not files:
-        raise SystemExit("error: no image files found in " + " ".join(paths))
+        _fail("no image files found in " + " ".join(paths))
     return files
 
 
@@ -124,10 +125,12 @@ def cmd_train(args) -> None:
         if getattr(args, name):
             options[name] = Path(getattr(args, name))
     options["data"] = tuple(args.data or ())
+    options["val_data"] = tuple(args.val_data or ())
     if not args.data and args.dataset != "shapeworld":
         options["data"] = (args.dataset,)  # a path given where a dataset name goes
     mapper = {k: v for k, v in [("kind", args.mapper), ("prefix_length", args.prefix_length),
-              ("num_layers", args.mapper_layers), ("input", args.mapper_input)] if v}  # fmt: skip
+              ("num_layers", args.mapper_layers), ("input", args.mapper_input),
+              ("num_tokens", args.num_tokens)] if v}  # fmt: skip
     if mapper:
         base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
         options["mapper"] = {**base, **mapper}
@@ -147,20 +150,25 @@ def cmd_eval(args) -> None:
         print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
         return
     if not args.data:
-        raise SystemExit(f"error: eval {args.dataset} needs --data")
-    if args.dataset == "zeroshot":
-        results = evaluate.evaluate_zeroshot(pipeline, args.data, batch_size=args.batch_size)
-    else:
-        from .data import read_examples
-
-        source = read_examples(args.data, args.data_format, split=args.split or "test",
-                               images=args.images)  # fmt: skip
-        examples = list(itertools.islice(source, args.limit))
-        if args.dataset == "captions":
-            results = evaluate.evaluate_captions(pipeline, examples, batch_size=args.batch_size,
-                                                 num_beams=args.num_beams)  # fmt: skip
+        _fail(f"eval {args.dataset} needs --data")
+    # pycocoevalcap prints its working to stdout: keep stdout for the results (--json)
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.dataset == "zeroshot":
+            results = evaluate.evaluate_zeroshot(pipeline, args.data, batch_size=args.batch_size)
         else:
-            results = evaluate.evaluate_vqa(pipeline, examples, batch_size=args.batch_size)
+            from .data import read_examples
+
+            source = read_examples(args.data, args.data_format, split=args.split or "test",
+                                   images=args.images)  # fmt: skip
+            examples = list(itertools.islice(source, args.limit))
+            limit = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+            if args.dataset == "captions":
+                results = evaluate.evaluate_captions(pipeline, examples, batch_size=args.batch_size,
+                                                     num_beams=args.num_beams, strict=args.strict,
+                                                     **limit)  # fmt: skip
+            else:
+                results = evaluate.evaluate_vqa(pipeline, examples, batch_size=args.batch_size,
+                                                strict=args.strict, **limit)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
     if args.json:
@@ -169,72 +177,155 @@ def cmd_eval(args) -> None:
         print(evaluate.format_scores(results))
 
 
+TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from TrainConfig
+    "seed": "random seed",
+    "batch_size": "clip stage: image-text pairs a step",
+    "lm_batch_size": "lm stage: blocks of 64 tokens a step",
+    "prefix_batch_size": "prefix stage: (image, text) pairs a step (all processes together)",
+    "checkpoint_every": "steps between checkpoints (--resume starts from the last one)",
+    "clip_steps": "clip stage: steps",
+    "clip_lr": "clip stage: peak learning rate",
+    "clip_examples": "clip stage: rendered scenes (shapeworld)",
+    "clip_caption_weight": "clip stage: weight of CoCa's captioning loss (0: off)",
+    "lm_steps": "lm stage: steps (fewer steps memorise less; see --early-stopping)",
+    "lm_lr": "lm stage: peak learning rate",
+    "lm_examples": "lm stage: text documents (shapeworld)",
+    "lm_answer_weight": "lm stage: loss weight of answer tokens against the rest",
+    "prefix_steps": "prefix stage: steps",
+    "prefix_lr": "prefix stage: peak learning rate",
+    "prefix_examples": "prefix stage: rendered scenes (shapeworld)",
+    "prefix_epochs": "prefix stage: epochs over the (image, text) pairs; replaces --prefix-steps",
+    "val_fraction": "file data: fraction of the images held out for validation when there is "
+    "no --val-data (Karpathy data: its val split; 0: none)",
+    "val_every": "steps between validation losses in log.jsonl (0: none)",
+    "early_stopping": "stop a stage after this many validations without a lower loss, keeping "
+    "its best weights (0: off)",
+    "max_new_tokens": "held-out evaluation: longest caption, in tokens",
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it or there is
+    none to say (a switch that is off, an optional path)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default in (None, False, argparse.SUPPRESS):
+            return help
+        return help + " (default: %(default)s)"
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit status 2, as argparse does for a bad flag."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .data import FORMATS
+    from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="python -m vlm", description=__doc__)
+    formatter = _Help
+    description = __doc__.replace("`python -m vlm …`", "vlm (or python -m vlm)")
+    parser = argparse.ArgumentParser(prog="vlm", formatter_class=formatter, description=description)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func, help: str, images: bool = True):
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=formatter)
         sub.set_defaults(func=func)
-        sub.add_argument("--model", default=DEFAULT_MODEL, help="preset, folder or hub id")
+        sub.add_argument("--model", default=DEFAULT_MODEL, help="preset, saved folder or hub id")
         sub.add_argument("--json", action="store_true", help="print JSON")
         if images:
             sub.add_argument("images", nargs="+", help="image files or folders")
         return sub
 
     sub = command("caption", cmd_caption, "caption images")
-    sub.add_argument("--max-new-tokens", type=int, default=30)
-    sub.add_argument("--num-beams", type=int, default=1)
-    sub.add_argument("--sample", action="store_true", help="nucleus sampling")
-    sub.add_argument("--temperature", type=float, default=1.0)
-    sub.add_argument("--top-p", type=float, default=0.9)
+    sub.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
+    sub.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    sub.add_argument("--sample", action="store_true", help="nucleus sampling instead")
+    sub.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    sub.add_argument("--top-p", type=float, default=0.9, help="sampling: nucleus mass")
     sub.add_argument("--stream", action="store_true", help="print each caption as it is written")
     sub = command("classify", cmd_classify, "zero-shot classification")
     sub.add_argument("--labels", required=True, help="comma-separated labels")
-    sub.add_argument("--top", type=int, default=3)
+    sub.add_argument("--top", type=int, default=3, help="labels printed per image")
     sub = command("answer", cmd_answer, "answer a question about images")
-    sub.add_argument("--question", required=True)
-    sub.add_argument("--choices", help="comma-separated answers to choose from")
+    sub.add_argument("--question", required=True, help="the question, asked of every image")
+    sub.add_argument("--choices", help="comma-separated answers to choose from (else free text)")
     sub.add_argument("--stream", action="store_true", help="print each answer as it is written")
     sub = command("index", cmd_index, "build or extend a search index")
     sub.add_argument("--out", required=True, help="index folder")
-    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     sub.add_argument("--factory", default="Flat", help="FAISS index_factory string")
     sub = command("search", cmd_search, "search an index by text or image", images=False)
     sub.add_argument("index", help="index folder")
     sub.add_argument("query", help="text, or the path of an image")
-    sub.add_argument("-k", type=int, default=5)
+    sub.add_argument("-k", type=int, default=5, help="results")
 
-    sub = commands.add_parser("train", help="train a model (stages clip, lm, prefix)")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    sub = commands.add_parser(
+        "train", help="train a model (stages clip, lm, prefix)", formatter_class=formatter,
+        description="Train a model: on ShapeWorld, all three stages; on your own data "
+        "(--data), the stages whose part is not given (--encoder, --lm).",
+    )  # fmt: skip
     sub.set_defaults(func=cmd_train)
     sub.add_argument("dataset", nargs="?", default="shapeworld",
                      help="shapeworld, or a data file/folder (same as --data)")  # fmt: skip
-    sub.add_argument("--out", required=True, help="run folder (checkpoints, logs, parts)")
-    sub.add_argument("--bundle", help="where to save the final pipeline")
-    sub.add_argument("--stages", help="comma-separated subset of clip,lm,prefix")
-    sub.add_argument("--size", choices=["small", "tiny"])
-    sub.add_argument("--resume", action="store_true", default=None)
-    data = sub.add_argument_group("real data (see vlm/data.py for the formats)")
-    data.add_argument("--data", action="append", help="dataset file or folder (repeatable)")
-    data.add_argument("--data-format", choices=["auto", *FORMATS])
-    data.add_argument("--split", help="Karpathy split to train on (default: train)")
-    data.add_argument("--images", help="image root, if paths in the data are relative to it")
-    data.add_argument("--limit", type=int, help="use at most this many examples")
-    data.add_argument("--feature-cache", help="folder of cached image features")
+    sub.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, parts)")
+    sub.add_argument("--bundle", help="where to save the final pipeline (default <out>/pipeline)")
+    sub.add_argument("--stages", help="comma-separated subset of clip,lm,prefix "
+                     "(default: all that have no pretrained part)")  # fmt: skip
+    sub.add_argument("--size", choices=["small", "tiny"], default="small",
+                     help="model sizes of the trained parts (tiny: for tests)")  # fmt: skip
+    sub.add_argument("--resume", action="store_true", default=None,
+                     help="continue from <out>'s checkpoints")  # fmt: skip
+    data = sub.add_argument_group("your own data (formats: see vlm/data.py)")
+    data.add_argument("--data", action="append", help="dataset file or folder (repeatable): "
+                      "CSV/TSV, a folder of images with sidecar .txt captions, COCO or Karpathy "
+                      "JSON, WebDataset, Q/A JSON")  # fmt: skip
+    data.add_argument("--data-format", choices=["auto", *FORMATS], default="auto",
+                      help="the format of --data (auto: guessed from the path)")  # fmt: skip
+    data.add_argument("--split", default="train", help="Karpathy split to train on")
+    data.add_argument("--images", help="image root, if paths in the data are relative to it "
+                      "(default: the data file's folder)")  # fmt: skip
+    data.add_argument("--limit", type=int, help="use at most this many examples (default: all)")
+    data.add_argument("--val-data", action="append", help="validation file or folder "
+                      "(repeatable; default: --val-fraction of --data)")  # fmt: skip
+    data.add_argument("--no-eval", dest="evaluate", action="store_false", default=None,
+                      help="don't score the held-out part at the end")  # fmt: skip
+    data.add_argument("--strict", action="store_true", default=None,
+                      help="stop at the first bad row (missing or unreadable image) instead of "
+                      "skipping and counting it")  # fmt: skip
+    data.add_argument("--feature-cache", help="folder of cached image features "
+                      "(default <out>/features)")  # fmt: skip
     data.add_argument("--features-in-memory", action="store_true", default=None,
                       help="keep image features in memory instead of a disk cache")  # fmt: skip
-    parts = sub.add_argument_group("pretrained parts (then only the prefix stage trains)")
-    parts.add_argument("--encoder", help="open_clip model name, or local-dir:<folder>")
-    parts.add_argument("--encoder-pretrained", help="open_clip pretrained tag or file")
-    parts.add_argument("--lm", help="Hugging Face causal LM id or folder (frozen)")
-    parts.add_argument("--mapper", choices=["mlp", "transformer"])
-    parts.add_argument("--prefix-length", type=int)
-    parts.add_argument("--mapper-layers", type=int)
-    parts.add_argument("--mapper-input", choices=["embedding", "tokens"])
-    parts.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parts = sub.add_argument_group("pretrained parts (frozen; their stages are skipped)")
+    parts.add_argument("--encoder", help="open_clip model name (ViT-B-32-quickgelu), or "
+                       "local-dir:<folder> for a saved open_clip folder "
+                       "(default: train one on the data)")  # fmt: skip
+    parts.add_argument("--encoder-pretrained", help="open_clip pretrained tag (openai) or "
+                       "weights file")  # fmt: skip
+    parts.add_argument("--lm", help="Hugging Face causal LM: a saved folder, or a hub id "
+                       "(needs the network once) (default: train a small one on the data's "
+                       "text)")  # fmt: skip
+    parts.add_argument("--mapper", choices=["mlp", "transformer"],
+                       help="mapper kind (default: ClipCap's transformer with --lm, else the "
+                       "size's)")  # fmt: skip
+    parts.add_argument("--prefix-length", type=int, help="visual prefix vectors "
+                       "(default: ClipCap's 10 with --lm, else the size's)")  # fmt: skip
+    parts.add_argument("--mapper-layers", type=int, help="transformer mapper layers "
+                       "(default: ClipCap's 8 with --lm, else the size's)")  # fmt: skip
+    parts.add_argument("--mapper-input", choices=["embedding", "tokens"],
+                       help="what the transformer mapper reads: the pooled embedding, or it "
+                       "and the ViT's patch tokens")  # fmt: skip
+    parts.add_argument("--num-tokens", type=int,
+                       help="--mapper-input tokens: 1 + grid² image tokens (default: the "
+                       "encoder's full patch grid)")  # fmt: skip
+    parts.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                       help="recompute the LM's activations (less memory for big LMs)")  # fmt: skip
     parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")
+    knobs = sub.add_argument_group("steps and rates")
     for name, kind in [
         ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
         ("checkpoint_every", int),
@@ -242,25 +333,40 @@ def main(argv: list[str] | None = None) -> None:
         ("clip_caption_weight", float),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int), ("lm_answer_weight", float),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
-        ("prefix_epochs", float),
+        ("prefix_epochs", float), ("val_fraction", float), ("val_every", int),
+        ("early_stopping", int), ("max_new_tokens", int),
     ]:  # fmt: skip
-        sub.add_argument("--" + name.replace("_", "-"), type=kind)
+        group = data if name in ("val_fraction", "val_every", "early_stopping") else knobs
+        default = defaults[name]
+        help = TRAIN_HELP[name] + ("" if default is None else f" (default: {default})")
+        group.add_argument("--" + name.replace("_", "-"), type=kind, help=help,
+                           default=argparse.SUPPRESS)  # fmt: skip
 
-    sub = commands.add_parser("eval", help="evaluate a model")
+    sub = commands.add_parser("eval", help="evaluate a model", description="evaluate a model",
+                              formatter_class=formatter)  # fmt: skip
     sub.set_defaults(func=cmd_eval)
-    sub.add_argument("dataset", choices=["shapeworld", "captions", "zeroshot", "vqa"])
-    sub.add_argument("--model", default=DEFAULT_MODEL)
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument("dataset", choices=["shapeworld", "captions", "zeroshot", "vqa"],
+                     help="what to measure")  # fmt: skip
+    sub.add_argument("--model", default=DEFAULT_MODEL, help="preset, saved folder or hub id")
+    sub.add_argument("--json", action="store_true", help="print JSON")
     sub.add_argument("--n", type=int, default=1000, help="shapeworld: scenes per measure")
     sub.add_argument("--seed", type=int, default=1234, help="shapeworld: scene seed")
-    sub.add_argument("--split", help="shapeworld: train, held_out or any; Karpathy data: "
-                     "its split (default test)")  # fmt: skip
-    sub.add_argument("--data", help="captions/vqa: dataset file; zeroshot: labelled folder")
-    sub.add_argument("--data-format", default="auto", choices=["auto", *FORMATS])
+    sub.add_argument("--split", help="shapeworld: train, held_out or any (default train); "
+                     "Karpathy data: its split (default test)")  # fmt: skip
+    sub.add_argument("--data", help="captions/vqa: dataset file or folder; zeroshot: a folder of "
+                     "one subfolder per class")  # fmt: skip
+    sub.add_argument("--data-format", default="auto", choices=["auto", *FORMATS],
+                     help="the format of --data (auto: guessed from the path)")  # fmt: skip
     sub.add_argument("--images", help="image root, if paths in the data are relative to it")
-    sub.add_argument("--limit", type=int, help="evaluate on at most this many images")
-    sub.add_argument("--batch-size", type=int, default=32)
-    sub.add_argument("--num-beams", type=int, default=1)
+    sub.add_argument("--limit", type=int, help="evaluate on at most this many images "
+                     "(default: all)")  # fmt: skip
+    sub.add_argument("--batch-size", type=int, default=32, help="images at once")
+    sub.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    sub.add_argument("--max-new-tokens", type=int,
+                     help="longest caption / answer in tokens (default 60 / 10); a warning says "
+                     "how many outputs reached it")  # fmt: skip
+    sub.add_argument("--strict", action="store_true", help="stop at the first bad row "
+                     "instead of skipping and counting it")  # fmt: skip
     sub.add_argument("--out", help="write scores and every prediction here as JSON")
 
     args = parser.parse_args(argv)
@@ -270,4 +376,4 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ImageError, IndexLoadError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        _fail(str(error))

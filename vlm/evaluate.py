@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 from PIL import Image
 
 from . import shapeworld as sw
+from .data import BadRows, group_by_image
+from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
 
 PERTURBATIONS = ("clean", "jpeg50", "resize224")
@@ -161,27 +164,66 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 # ---------------------------------------------------------------------------- real data
 
 
+def usable_batches(examples, batch_size: int, bad: BadRows):
+    """(examples, their decoded images) in batches for evaluation: rows whose image is missing
+    or unreadable go to `bad`, as training skips them (strict: `DataError`)."""
+    chunk, images = [], []
+    for example in bad.usable(examples):
+        try:
+            images.append(example.load())
+        except (ImageError, OSError) as error:
+            bad.skip(example.source or example.key, f"unreadable image: {error}")
+            continue
+        chunk.append(example)
+        if len(chunk) == batch_size:
+            yield chunk, images
+            chunk, images = [], []
+    if chunk:
+        yield chunk, images
+
+
+def hit_limit(pipeline, texts: list[str], max_new_tokens: int) -> int:
+    """How many generated texts are as long as `max_new_tokens` (cut off, most likely)."""
+    lengths = [len(pipeline.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return sum(n >= max_new_tokens for n in lengths)
+
+
+def truncation_note(cut: int, total: int, max_new_tokens: int) -> str:
+    return (f"{cut} of {total} outputs reached --max-new-tokens {max_new_tokens} and were "
+            "probably cut off (scored as they are); raise --max-new-tokens")  # fmt: skip
+
+
 def evaluate_captions(
-    pipeline, examples, batch_size: int = 32, num_beams: int = 1, max_new_tokens: int = 30
-) -> dict:
+    pipeline, examples, batch_size: int = 32, num_beams: int = 1, max_new_tokens: int = 60,
+    strict: bool = False,
+) -> dict:  # fmt: skip
     """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE if available) of the
-    pipeline's captions against each image's reference captions, and text↔image recall@1/5/10
+    pipeline's captions against each image's reference captions (all rows of an image), and
+    text↔image recall@1/5/10
     over the same images (a caption's relevant image is its own; an image's relevant texts
-    are its captions). Returns {"scores", "notes", "predictions"}."""
-    examples = [e for e in examples if e.captions]
-    if not examples:
-        raise ValueError("no image with captions to evaluate on")
-    predictions: dict[str, str] = {}
-    image_features = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        images = [e.load() for e in chunk]
+    are its captions). Bad rows are skipped and listed (`strict`: raise); a note (and a
+    warning on stderr) says how many captions reached `max_new_tokens`. Returns {"scores",
+    "notes", "images", "skipped", "predictions"}."""
+    bad = BadRows(strict)
+    kept, predictions, image_features = [], {}, []
+    examples = group_by_image(bad.usable(e for e in examples if e.captions))
+    for chunk, images in usable_batches(examples, batch_size, bad):
         captions = pipeline.caption(images, batch_size=batch_size, num_beams=num_beams,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
-        predictions.update((str(i), c) for i, c in enumerate(captions, start))
+        predictions.update((str(i), c) for i, c in enumerate(captions, len(kept)))
         image_features.append(pipeline.encoder.encode_images(images, normalize=True))
+        kept += chunk
+    if bad:
+        print(bad.report(), file=sys.stderr)
+    examples = kept
+    if not examples:
+        raise ValueError("no readable image with captions to evaluate on")
     references = {str(i): e.captions for i, e in enumerate(examples)}
     scores, notes = caption_scores(references, predictions)
+    cut = hit_limit(pipeline, list(predictions.values()), max_new_tokens)
+    if cut:
+        notes.append(truncation_note(cut, len(predictions), max_new_tokens))
+        print("warning: " + notes[-1], file=sys.stderr)
 
     texts = [(i, c) for i, e in enumerate(examples) for c in e.captions]
     text_features = torch.cat([
@@ -199,7 +241,8 @@ def evaluate_captions(
         scores[f"image→text R@{k}"] = r
     rows = [{"key": e.key, "caption": predictions[str(i)], "references": e.captions}
             for i, e in enumerate(examples)]  # fmt: skip
-    return {"scores": scores, "notes": notes, "images": len(examples), "predictions": rows}
+    return {"scores": scores, "notes": notes, "images": len(examples),
+            "skipped": [f"{w}: {r}" for w, r in bad.rows], "predictions": rows}  # fmt: skip
 
 
 def evaluate_zeroshot(pipeline, folder, batch_size: int = 64) -> dict:
@@ -225,16 +268,16 @@ def evaluate_zeroshot(pipeline, folder, batch_size: int = 64) -> dict:
     return {"scores": scores, "notes": [], "images": len(items)}
 
 
-def evaluate_vqa(pipeline, examples, batch_size: int = 32, max_new_tokens: int = 10) -> dict:
+def evaluate_vqa(
+    pipeline, examples, batch_size: int = 32, max_new_tokens: int = 10, strict: bool = False
+) -> dict:
     """Free-form answer accuracy on Q/A examples after VQA normalisation; with several
-    annotators' answers, VQA's min(#agreeing / 3, 1)."""
-    examples = [e for e in examples if e.question is not None]
-    if not examples:
-        raise ValueError("no question to evaluate on")
+    annotators' answers, VQA's min(#agreeing / 3, 1). Bad rows as in `evaluate_captions`."""
+    bad = BadRows(strict)
     scores, rows = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        answers = pipeline.answer([e.load() for e in chunk], [e.question for e in chunk],
+    questions = (e for e in examples if e.question is not None)
+    for chunk, images in usable_batches(questions, batch_size, bad):
+        answers = pipeline.answer(images, [e.question for e in chunk],
                                   max_new_tokens=max_new_tokens)  # fmt: skip
         for example, got in zip(chunk, answers, strict=True):
             truth = [normalize_answer(a) for a in example.answers or [example.answer]]
@@ -242,8 +285,18 @@ def evaluate_vqa(pipeline, examples, batch_size: int = 32, max_new_tokens: int =
             scores.append(min(agree / 3, 1.0) if len(truth) > 1 else float(agree > 0))
             rows.append({"key": example.key, "question": example.question, "answer": got,
                          "truth": example.answers or [example.answer]})  # fmt: skip
-    return {"scores": {"accuracy": float(np.mean(scores))}, "notes": [],
-            "questions": len(examples), "predictions": rows}  # fmt: skip
+    if bad:
+        print(bad.report(len(rows) + len(bad)), file=sys.stderr)
+    if not rows:
+        raise ValueError("no readable image with a question to evaluate on")
+    notes = []
+    cut = hit_limit(pipeline, [row["answer"] for row in rows], max_new_tokens)
+    if cut:
+        notes.append(truncation_note(cut, len(rows), max_new_tokens))
+        print("warning: " + notes[-1], file=sys.stderr)
+    return {"scores": {"accuracy": float(np.mean(scores))}, "notes": notes,
+            "questions": len(rows), "skipped": [f"{w}: {r}" for w, r in bad.rows],
+            "predictions": rows}  # fmt: skip
 
 
 def format_scores(result: dict) -> str:
@@ -251,4 +304,7 @@ def format_scores(result: dict) -> str:
     lines = ["| metric | score |", "|---|---:|"]
     for name, value in result["scores"].items():
         lines.append(f"| {name} | {value:.4f} |")
-    return "\n".join(lines + [f"\nnote: {n}" for n in result["notes"]])
+    notes = result["notes"] + (
+        [f"skipped {len(result['skipped'])} bad rows"] if result.get("skipped") else []
+    )
+    return "\n".join(lines + [f"\nnote: {n}" for n in notes])

@@ -16,8 +16,9 @@ from PIL import Image
 
 from . import shapeworld as sw
 from .images import load_image
+from .paths import ASSETS
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = ASSETS / "examples"
 CAPTIONS_FILE = "captions.json"
 
 # example i is sample_scene(random.Random(SEED + i), *PLAN[i]); this seed's train examples show

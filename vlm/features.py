@@ -128,7 +128,7 @@ class FeatureCache:
                                              collate_fn=collate_decoded)  # fmt: skip
         failed, done_keys, done_features = [], [], []
         for indices, pixels, errors in tqdm(loader, desc="features", leave=False, mininterval=5):
-            failed += [(pending[i].key, why) for i, why in errors]
+            failed += [(pending[i].source or pending[i].key, why) for i, why in errors]
             if indices:
                 done_features.append(self.pipeline.features_from_pixels(pixels).half().cpu())
                 done_keys += [keys[i] for i in indices]

@@ -7,9 +7,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+from .paths import ASSETS
 from .tasks import ALL_TASKS, CAPTION_TASKS, PREFIX_LM_TASKS
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHAPEWORLD_DIR = ASSETS / "shapeworld"
 
 

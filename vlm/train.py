@@ -29,7 +29,7 @@ from open_clip.transformer import MultimodalTransformer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .data import FileDataset
+from .data import DataError, FileDataset
 from .datasets import DATASETS
 from .device import default_device
 from .encoder import Encoder
@@ -104,6 +104,14 @@ class TrainConfig:
     feature_cache: Path | None = None  # default: <out>/features for file data
     features_in_memory: bool = False  # file data: keep features in memory, not on disk
     gradient_checkpointing: bool = False
+    # held-out data (file data): evaluated at the end, and its loss logged while training
+    val_data: tuple[str, ...] = ()  # validation files (default: a val_fraction of the data)
+    val_fraction: float | None = None  # default 0.1 (Karpathy data: its own val split)
+    val_every: int = 100  # steps between validation losses (0: none)
+    early_stopping: int = 0  # stop after this many validations without a better loss (0: off)
+    evaluate: bool = True  # score captions / answers on the held-out part at the end
+    max_new_tokens: int = 60  # for that evaluation
+    strict: bool = False  # stop at a bad row (a missing or unreadable image) instead of skipping
 
 
 # ---------------------------------------------------------------------------- the stage loop
@@ -128,10 +136,14 @@ def run_stage(
     accelerator: Accelerator,
     check: Callable[[], None] | None = None,
     batch_size: int = 0,
+    validate: Callable[[torch.nn.Module], float] | None = None,
 ) -> torch.nn.Module:
     """Train `module` for `steps` steps of `loss_fn` on `batches(start_step)`, with AdamW, a
     cosine schedule, checkpoints and resume. `check` runs after each backward pass;
-    `batch_size` (all processes together) is for the log's samples and samples/s."""
+    `batch_size` (all processes together) is for the log's samples and samples/s.
+    `validate(module)` gives the held-out loss, logged every `config.val_every` steps; with
+    `config.early_stopping` the stage stops when it has not improved that many times in a row
+    and keeps the weights of its best validation."""
     checkpoint = config.out / "checkpoints" / name
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -144,16 +156,19 @@ def run_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     start = 0
+    log = config.out / "log.jsonl"
     if config.resume and (checkpoint / "step.json").is_file():
         accelerator.load_state(str(checkpoint))
         start = json.loads((checkpoint / "step.json").read_text())["step"]
         accelerator.print(f"[{name}] resuming at step {start}")
+        if accelerator.is_main_process:
+            _forget_steps(log, name, start)  # the killed run logged them after its checkpoint
     module.train()
-    log = config.out / "log.jsonl"
     stream = batches(start)
     bar = tqdm(range(start, steps), desc=name, disable=not accelerator.is_main_process,
-               mininterval=2)  # fmt: skip
+               mininterval=2, initial=start, total=steps)  # fmt: skip
     tic = time.time()
+    best, best_state, worse, value = math.inf, None, 0, math.nan
     for step in bar:
         loss = loss_fn(module, next(stream))
         accelerator.backward(loss)
@@ -175,12 +190,51 @@ def run_stage(
                     record["samples_per_s"] = (step + 1 - start) * batch_size / seconds
                 with log.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+        stop = False
+        if (
+            validate
+            and config.val_every
+            and ((step + 1) % config.val_every == 0 or step + 1 == steps)
+        ):
+            module.eval()
+            val_loss = validate(accelerator.unwrap_model(module))
+            module.train()
+            bar.set_postfix(loss=f"{value:.4f}", val_loss=f"{val_loss:.4f}")
+            if accelerator.is_main_process:
+                with log.open("a") as handle:
+                    handle.write(json.dumps(dict(stage=name, step=step, val_loss=val_loss)) + "\n")
+            if val_loss < best:
+                best, worse = val_loss, 0
+                if config.early_stopping:
+                    state = accelerator.unwrap_model(module).state_dict()
+                    best_state = {k: v.detach().clone() for k, v in state.items()}
+            else:
+                worse += 1
+                stop = bool(config.early_stopping) and worse >= config.early_stopping
+        if stop or (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
             accelerator.save_state(str(checkpoint))
             if accelerator.is_main_process:
                 (checkpoint / "step.json").write_text(json.dumps({"step": step + 1}))
+        if stop:
+            accelerator.print(f"[{name}] early stop at step {step + 1}: the validation loss has "
+                              f"not improved on {best:.4f} for {worse} validations")  # fmt: skip
+            break
+    bar.close()
     module.eval()
-    return accelerator.unwrap_model(module)
+    module = accelerator.unwrap_model(module)
+    if best_state is not None:  # the weights of the best validation, not the last ones
+        module.load_state_dict(best_state)
+    return module
+
+
+def _forget_steps(log: Path, stage: str, start: int) -> None:
+    """Drop the log rows of `stage` from step `start` on: a resumed run logs them again."""
+    if not log.is_file():
+        return
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if not (r.get("stage") == stage and r.get("step", -1) >= start)]
+    if len(kept) < len(rows):
+        log.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _epochs(
@@ -399,8 +453,22 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         return (loss * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
 
+    validate = None
+    val_texts = dataset.val_texts() if hasattr(dataset, "val_texts") else []
+    val_blocks = pack_texts(tokenizer, val_texts, BLOCK_SIZE) if val_texts else None
+    if val_blocks is not None and len(val_blocks):
+        val_weights = 1 + (config.lm_answer_weight - 1) * answer_mask(tokenizer, val_blocks, cue)
+
+        @torch.no_grad()
+        def validate(module):  # the held-out texts' loss, weighted as in training
+            chunks = range(0, len(val_blocks), config.lm_batch_size)
+            losses = [loss_fn(module, (val_blocks[i : i + config.lm_batch_size].to(
+                accelerator.device), val_weights[i : i + config.lm_batch_size].to(
+                accelerator.device))).item() for i in chunks]  # fmt: skip
+            return float(sum(losses) / len(losses))
+
     lm = run_stage("lm", lm, loss_fn, batches, config.lm_steps, config.lm_lr, config, accelerator,
-                   batch_size=config.lm_batch_size)  # fmt: skip
+                   batch_size=config.lm_batch_size, validate=validate)  # fmt: skip
     return lm, tokenizer
 
 
@@ -422,9 +490,11 @@ def cache_features(pipeline, images, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(features)
 
 
-def prefix_features(dataset, pipeline, config: TrainConfig, accelerator):
+def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
     """(texts of each item, lookup(indices) -> features) for the prefix stage: rendered
-    datasets are encoded in memory; file datasets stream through a `FeatureCache`."""
+    datasets are encoded in memory; file datasets stream through a `FeatureCache`, their bad
+    rows (missing or unreadable images) skipped, counted and listed, or fatal with `strict`.
+    `held_out`: the same for the validation examples."""
     if not hasattr(dataset, "examples"):
         data = dataset.prefix_data(config.prefix_examples, config.seed)
         features = cache_features(pipeline, data)
@@ -432,17 +502,24 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator):
     cache = FeatureCache(None if config.features_in_memory else config.feature_cache, pipeline)
     shared = cache.dir is not None  # on disk, each process encodes its share
     rank, world = (accelerator.process_index, accelerator.num_processes) if shared else (0, 1)
-    records, failed = cache.add(dataset.examples(), rank=rank, world=world)
+    examples = dataset.val_examples() if held_out else dataset.examples()
+    records, failed = cache.add(examples, rank=rank, world=world)
+    bad = dataset.val_bad if held_out else dataset.bad
+    for where, reason in failed:
+        bad.skip(where, f"unreadable image: {reason}")
     accelerator.wait_for_everyone()
     cache.refresh()
-    for key, reason in failed[:20]:
-        accelerator.print(f"skipped {key}: {reason}")
     records = [(key, texts) for key, texts in records if key in cache and texts]
+    what = "validation examples" if held_out else "examples"
+    if bad:
+        accelerator.print(bad.report(len(records) + len(bad)))
     if not records:
-        raise ValueError("no readable image with a caption or question in the data")
+        if held_out:
+            return [], None
+        raise DataError("no readable image with a caption or question in the data")
     accelerator.print(
-        f"{len(records)} examples, {cache.encoded} images encoded now, "
-        f"{len(failed)} unreadable" + (f"; features cached in {cache.dir}" if shared else "")
+        f"{len(records)} {what}, {cache.encoded} images encoded now, {len(bad)} skipped"
+        + (f"; features cached in {cache.dir}" if shared else "")
     )
     keys = [key for key, _ in records]
     return [texts for _, texts in records], lambda indices: cache.get([keys[i] for i in indices])
@@ -453,6 +530,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     mapper_options = config.mapper or (
         CLIPCAP_MAPPER if config.lm else SIZES[config.size]["mapper"]
     )
+    if mapper_options.get("input") == "tokens" and not mapper_options.get("num_tokens"):
+        mapper_options = {**mapper_options, "num_tokens": full_grid_tokens(encoder)}
     pipeline = build_pipeline(
         encoder, lm, tokenizer, mapper_options,
         device=accelerator.device, **dataset.pipeline_config(),
@@ -486,10 +565,38 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     def check():  # the method's promise: nothing but the mapper learns
         assert all(p.grad is None for p in frozen), "a gradient reached the encoder or the LM"
 
+    validate = None
+    if config.val_every and hasattr(dataset, "val_examples"):
+        val_texts, val_lookup = prefix_features(dataset, pipeline, config, accelerator, True)
+        val_pairs = [(i, split_prompt(t, pipeline.config)) for i, ts in enumerate(val_texts)
+                     for t in ts]  # fmt: skip
+
+        @torch.no_grad()
+        def validate(mapper):  # every held-out (image, text) pair once
+            losses = []
+            for start in range(0, len(val_pairs), batch_size):
+                chunk = val_pairs[start : start + batch_size]
+                features = val_lookup([i for i, _ in chunk]).float().to(accelerator.device)
+                prompts, targets = [p for _, (p, _) in chunk], [t for _, (_, t) in chunk]
+                tokens, labels = _texts_tensor(tokenizer, targets, accelerator.device, prompts)
+                losses.append(prefix_loss(pipeline.lm, mapper(features), tokens, labels).item())
+            return float(sum(losses) / len(losses))
+
+        validate = validate if val_pairs else None
+
     mapper = pipeline.mapper.requires_grad_(True)
     pipeline.mapper = run_stage("prefix", mapper, loss_fn, batches, steps, config.prefix_lr,
-                                config, accelerator, check, batch_size)  # fmt: skip
+                                config, accelerator, check, batch_size, validate)  # fmt: skip
     return pipeline
+
+
+def full_grid_tokens(encoder: Encoder) -> int:
+    """`num_tokens` of a mapper reading the encoder's image tokens: its pooled embedding and
+    its full grid of patch tokens (the bundled model's choice: 1 + 8 × 8)."""
+    grid = getattr(encoder.model.visual, "grid_size", None)
+    if not grid:
+        raise ValueError("--mapper-input tokens needs a ViT image encoder (it reads patch tokens)")
+    return 1 + grid[0] * grid[1]
 
 
 def _checkpoint_layers(lm) -> None:
@@ -514,8 +621,57 @@ def _checkpoint_layers(lm) -> None:
 def _dataset(config: TrainConfig):
     if config.data:
         return FileDataset(config.data, config.data_format, config.split, config.images,
-                           config.limit)  # fmt: skip
+                           config.limit, val_data=config.val_data,
+                           val_fraction=config.val_fraction, strict=config.strict)  # fmt: skip
+    if config.dataset not in DATASETS:
+        raise DataError(f"no dataset named {config.dataset!r} and no such file or folder; "
+                        f"give a data file or folder, or one of {', '.join(DATASETS)}")  # fmt: skip
     return DATASETS[config.dataset]()
+
+
+def check_parts(config: TrainConfig) -> None:
+    """Fail early, in one line, on an `encoder` or `lm` that can't load (before any data is
+    read): a folder given as an encoder name, a missing folder, an unknown model name."""
+    if config.encoder:
+        name = config.encoder
+        if name.startswith("local-dir:"):
+            folder = Path(name.removeprefix("local-dir:"))
+            if not (folder / "open_clip_config.json").is_file():
+                raise ValueError(f"--encoder {name}: {folder} is not an open_clip folder "
+                                 "(no open_clip_config.json in it)")  # fmt: skip
+        elif Path(name).exists():
+            raise ValueError(f"--encoder {name} is a folder: write --encoder local-dir:{name} "
+                             "to load an open_clip folder")  # fmt: skip
+        elif not name.startswith("hf-hub:") and name not in open_clip.list_models():
+            raise ValueError(
+                f"--encoder {name}: not an open_clip model name (e.g. ViT-B-32-quickgelu; "
+                "open_clip.list_models() has them all) nor local-dir:<folder>"
+            )
+    if config.lm:
+        lm = Path(config.lm).expanduser()
+        if lm.is_dir() and not (lm / "config.json").is_file():
+            raise ValueError(f"--lm {config.lm}: not a Hugging Face model folder (no config.json)")
+        path_like = config.lm.startswith((".", "/", "~")) or config.lm.count("/") > 1
+        if not lm.exists() and path_like:
+            raise ValueError(f"--lm {config.lm}: no such folder")
+
+
+def _load_lm(source: str | Path, dtype):
+    """The frozen LM and its tokenizer from a folder or a hub id, with a one-line error."""
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        if Path(source).exists():
+            raise ValueError(f"--lm {source}: can't load it: {error}") from None
+        raise ValueError(
+            f"--lm {source}: no such folder, and as a Hugging Face hub id it is not in the "
+            "local cache (hub ids need the network the first time; offline, give the folder "
+            "of a saved causal LM)"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
 
 
 def _frozen_parts(config: TrainConfig, encoder_dir: Path, lm_dir: Path, device):
@@ -532,11 +688,7 @@ def _frozen_parts(config: TrainConfig, encoder_dir: Path, lm_dir: Path, device):
     dtype = torch.float32
     if torch.device(device).type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    source = config.lm or lm_dir
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    lm, tokenizer = _load_lm(config.lm or lm_dir, dtype)
     return encoder, lm, tokenizer
 
 
@@ -548,6 +700,7 @@ def train(config: TrainConfig):
     mixed = "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed)
     set_seed(config.seed)
+    check_parts(config)
     config.out.mkdir(parents=True, exist_ok=True)
     if config.data and config.feature_cache is None and not config.features_in_memory:
         config = dataclasses.replace(config, feature_cache=config.out / "features")
@@ -579,8 +732,42 @@ def train(config: TrainConfig):
         bundle = config.bundle or config.out / "pipeline"
         pipeline.save_pretrained(bundle, dtype=getattr(torch, config.bundle_dtype))
         accelerator.print(f"saved {bundle} after {time.time() - tic:.0f} s")
+        if config.evaluate and hasattr(dataset, "val_examples"):
+            evaluate_held_out(pipeline, dataset, config)
         if config.push_to_hub:
             url = pipeline.push_to_hub(config.push_to_hub, folder=bundle)
             accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     return pipeline
+
+
+def evaluate_held_out(pipeline, dataset, config: TrainConfig) -> dict | None:
+    """Caption metrics (and VQA accuracy for Q/A data) on the held-out examples, printed as
+    a table and logged to log.jsonl (`{"stage": "eval", "scores": …}`)."""
+    from . import evaluate
+
+    examples = list(dataset.val_examples())
+    if not examples:
+        print("no held-out examples to evaluate on (--val-fraction 0 and no --val-data)")
+        return None
+    kwargs = dict(max_new_tokens=config.max_new_tokens, strict=config.strict)
+    results = {"scores": {}, "notes": [], "skipped": []}
+    if any(e.captions for e in examples):
+        part = evaluate.evaluate_captions(pipeline, examples, **kwargs)
+        results["scores"].update(part["scores"])
+        results["notes"] += part["notes"]
+        results["skipped"] += part["skipped"]
+        results["images"] = part["images"]
+    if any(e.question is not None for e in examples):
+        part = evaluate.evaluate_vqa(pipeline, examples, strict=config.strict)
+        results["scores"]["VQA accuracy"] = part["scores"]["accuracy"]
+        results["notes"] += part["notes"]
+        results["skipped"] += part["skipped"]
+        results["questions"] = part["questions"]
+    results["notes"] = list(dict.fromkeys(results["notes"]))
+    counts = ", ".join(f"{results[k]} {k}" for k in ("images", "questions") if k in results)
+    print(f"held-out evaluation ({counts}):\n{evaluate.format_scores(results)}")
+    with (config.out / "log.jsonl").open("a") as handle:
+        record = {"stage": "eval", **{k: v for k, v in results.items() if k != "notes"}}
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return results
