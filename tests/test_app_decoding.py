@@ -92,10 +92,16 @@ def test_each_mode_passes_its_options_to_the_pipeline(mode, expected, example, m
     """The bundled model's beam captions equal its greedy ones on every bundled example, so
     the API cannot tell them apart: the options the handler hands the pipeline are checked."""
     import app
+    from vlm.streaming import Generated
 
     models = app.Models("shapeworld")
     calls = []
-    monkeypatch.setattr(models.get(None), "caption", lambda images, **kw: calls.append(kw) or ["x"])
+
+    def stream_caption(image, **kw):  # the handler streams: record what it asks for
+        calls.append(kw)
+        return iter([Generated("x", [("x", 0.5)], [(0, 0.5)], done=True)])
+
+    monkeypatch.setattr(models.get(None), "stream_caption", stream_caption)
     handlers = app.make_handlers(models, example[0].parent)
     assert handlers["caption"](str(example[0]), mode, 5, 0.8, 0.6, 7) == "x"
     assert calls == [expected]
