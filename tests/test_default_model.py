@@ -25,6 +25,15 @@ def cache_files(cache, files, content: bytes = b"weights") -> None:
         (folder / "snapshots" / ("0" * 40) / name).write_bytes(content)
 
 
+def needed_files(preset) -> list[tuple[str, str]]:
+    """Everything `preset.is_cached` looks for: its own hub files and its CLIP encoder's
+    weights where open_clip downloads them (the first file it tries)."""
+    files = list(preset.hub_files)
+    encoder = preset.clipcap.get("encoder")
+    weights = encoder and presets.encoder_weight_files(encoder["model"], encoder["pretrained"])
+    return files + ([(weights[0], weights[1][0])] if weights else [])
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """An empty hub cache, no HF_HUB_OFFLINE, and a probe that records its calls; the hub
@@ -61,7 +70,7 @@ COCO_TRANSFORMER_ENV = PRESETS["clipcap-coco-transformer"].env
 
 
 def test_cached_clipcap_is_chosen_without_asking_the_hub(hub):
-    cache_files(hub.cache, COCO.hub_files)
+    cache_files(hub.cache, needed_files(COCO))
     assert COCO.is_cached() and "clipcap-coco" in available_presets()
     name, reason = choose_default_model()
     assert name == "clipcap-coco" and "local Hugging Face cache" in reason
@@ -69,7 +78,12 @@ def test_cached_clipcap_is_chosen_without_asking_the_hub(hub):
 
 
 def test_a_partly_cached_model_is_not_cached(hub):
-    cache_files(hub.cache, COCO.hub_files[:-1])  # GPT-2's merges.txt is missing
+    cache_files(hub.cache, COCO.hub_files)  # everything but the CLIP weights
+    assert not COCO.is_cached() and "clipcap-coco" not in available_presets()
+    cache_files(hub.cache, needed_files(COCO))
+    assert COCO.is_cached()
+    repo, name = COCO.hub_files[-1]  # now GPT-2's merges.txt goes missing
+    next(hub.cache.glob(f"models--{repo.replace('/', '--')}/snapshots/*/{name}")).unlink()
     assert not COCO.is_cached() and "clipcap-coco" not in available_presets()
 
 
@@ -111,6 +125,8 @@ def test_a_local_checkpoint_preset_is_cached_when_its_file_exists(hub, monkeypat
         preset.checkpoint()
     (tmp_path / "transformer.pt").write_bytes(b"weights")
     monkeypatch.setenv(preset.env, str(tmp_path / "transformer.pt"))
+    assert not preset.is_cached()  # the file, but not GPT-2 and CLIP RN50x4 in the cache
+    cache_files(hub.cache, needed_files(preset))
     assert preset.is_cached() and preset.checkpoint() == str(tmp_path / "transformer.pt")
 
 
@@ -127,7 +143,7 @@ def app_module():
 def test_app_falls_back_to_the_bundled_model_when_the_chosen_one_fails(hub, app_module):
     """The cache holds clipcap-coco's files, but they are damaged: the choice says ClipCap,
     loading it fails, and the app serves the bundled model and says why."""
-    cache_files(hub.cache, COCO.hub_files, content=b"not a checkpoint")
+    cache_files(hub.cache, needed_files(COCO), content=b"not a checkpoint")
     models = app_module.Models(None)
     assert models.default == "shapeworld"
     assert models.reason.startswith("clipcap-coco could not be loaded (")

@@ -160,8 +160,18 @@ def test_tokens_mapper_trains_with_any_lm(own_csv, parts, tmp_path):
     grid = pipeline.encoder.model.visual.grid_size
     assert pipeline.mapper.config["num_tokens"] == 1 + grid[0] * grid[1]
     assert isinstance(pipeline.caption(sorted(own_csv.parent.glob("photos/*.jpg"))[0])[0], str)
-    with pytest.raises(ValueError, match="num_tokens must be 1 \\+ grid²"):  # not a crash later
+    with pytest.raises(ValueError, match="needs num_tokens ≥ 1"):  # not a crash later
         PrefixMapper(kind="transformer", input="tokens")
+    odd = PrefixMapper(kind="transformer", input="tokens", num_tokens=3, **_sizes(pipeline))
+    with pytest.raises(ValueError, match="1 \\+ grid²"):  # a pipeline's encoder gives 1 + grid²
+        Pipeline(pipeline.encoder, pipeline.lm, pipeline.tokenizer, odd, pipeline.config,
+                 device="cpu").caption(sorted(own_csv.parent.glob("photos/*.jpg"))[0])  # fmt: skip
+
+
+def _sizes(pipeline) -> dict:
+    config = pipeline.mapper.config
+    names = ("clip_dim", "lm_dim", "prefix_length", "num_heads")
+    return {**{name: config[name] for name in names}, "num_layers": 1}
 
 
 # ---------------------------------------------------------------------------- the stage loop

@@ -108,11 +108,10 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         )  # fmt: skip
         if input not in ("embedding", "tokens") or (input == "tokens" and kind != "transformer"):
             raise ValueError("input='tokens' needs kind='transformer'; else input='embedding'")
-        grid = round(max(num_tokens - 1, 0) ** 0.5)
-        if input == "tokens" and (grid < 1 or 1 + grid * grid != num_tokens):
+        if input == "tokens" and num_tokens < 1:
             raise ValueError(
-                f"input='tokens' reads the pooled embedding and a grid × grid of patch tokens: "
-                f"num_tokens must be 1 + grid² (5, 17, 50, 65, …), not {num_tokens}"
+                f"input='tokens' needs num_tokens ≥ 1 (a pipeline's encoder gives its pooled "
+                f"embedding and a grid × grid of patch tokens: 1 + grid²), not {num_tokens}"
             )
         self.input = input
         self.kind = kind

@@ -200,7 +200,13 @@ class Pipeline:
         for BLIP-2's Q-Former), in the decode's precision."""
         mixed = self.decode_dtype is not None
         if self.mapper.input == "tokens":
-            grid = int(round((self.mapper.config["num_tokens"] - 1) ** 0.5))
+            count = self.mapper.config["num_tokens"]
+            grid = int(round((count - 1) ** 0.5))
+            if grid < 1 or 1 + grid * grid != count:
+                raise ValueError(
+                    f"the mapper reads {count} image tokens, but the encoder gives its pooled "
+                    "embedding and a grid × grid of patch tokens: 1 + grid² (5, 17, 50, 65, …)"
+                )
             return self.encoder.encode_tokens(pixels, grid=grid, mixed=mixed)
         if self.mapper.input == "hidden_states":
             return self.encoder.encode_hidden_states(pixels)
