@@ -69,13 +69,17 @@ def start_app(tmp_path: Path, *args: str, env: dict | None = None):
     raise RuntimeError("the app did not start in 600 s")
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    process, url, _ = start_app(tmp)
+def serve(tmp_path: Path, *args: str, env: dict | None = None):
+    """A fixture's body: the app's URL while it runs, stopped afterwards."""
+    process, url, _ = start_app(tmp_path, *args, env=env)
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    yield from serve(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import gradio as gr
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from test_app import start_app
+from test_app import serve
 
 from vlm.examples import shapeworld_examples
 
@@ -24,10 +24,7 @@ ARTIFACTS = Path(os.environ.get("VLM_TEST_ARTIFACTS", ROOT / "artifacts"))
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    process, url, _ = start_app(tmp_path_factory.mktemp("app-streaming"))
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    yield from serve(tmp_path_factory.mktemp("app-streaming"))
 
 
 @pytest.fixture(scope="module")

@@ -288,19 +288,10 @@ class Pipeline:
         return text.strip()
 
     @torch.inference_mode()
-    def _generate(
-        self,
-        sequences: list[torch.Tensor],
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-    ) -> list[str]:
-        """Continue each embedded sequence with the frozen LM's own `generate` (KV cache)."""
-        options = self._generate_options(
-            sequences, max_new_tokens, num_beams, do_sample, temperature, top_p
-        )
+    def _generate(self, sequences: list[torch.Tensor], **decoding) -> list[str]:
+        """Continue each embedded sequence with the frozen LM's own `generate` (KV cache);
+        `decoding` as `_generate_options` takes it."""
+        options = self._generate_options(sequences, **decoding)
         with self._decode_autocast():
             tokens = self.lm.generate(**options)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -382,8 +373,9 @@ class Pipeline:
             prefixes = self.prefix(chunk)
             sequences = [self._embed_parts([p, self.config.caption_prompt]) for p in prefixes]
             captions += self._generate(
-                sequences, max_new_tokens, num_beams, do_sample, temperature, top_p
-            )
+                sequences, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                do_sample=do_sample, temperature=temperature, top_p=top_p,
+            )  # fmt: skip
         return captions
 
     def stream_caption(self, image: ImageInput, **decoding) -> TextStream:
