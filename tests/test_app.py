@@ -215,10 +215,15 @@ def test_drop_an_image_in_a_real_browser(app, one_object):
         page.wait_for_selector("#caption-image img", timeout=30_000)
         page.click("#caption-button")
         output = page.locator("#caption-output textarea")
-        page.wait_for_function(
-            "() => document.querySelector('#caption-output textarea').value.length > 0",
-            timeout=60_000,
-        )
+        # The caption streams in word by word: wait for the whole of it, not the first word.
+        try:
+            page.wait_for_function(
+                "(want) => document.querySelector('#caption-output textarea').value === want",
+                arg=truth["caption"],
+                timeout=60_000,
+            )
+        except Exception:  # the assertion below says what was shown instead
+            pass
         assert output.input_value() == truth["caption"]
         page.screenshot(path=str(ARTIFACTS / "app-caption.png"), full_page=True)
         browser.close()

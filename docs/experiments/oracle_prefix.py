@@ -76,7 +76,7 @@ def greedy(pipeline: Pipeline, prefix: torch.Tensor, prompt: str, max_new_tokens
     (greedy, up to its stop string), normalised as `eval shapeworld` does."""
     with torch.no_grad():
         sequence = pipeline._embed_parts([prefix[0], prompt])
-    return normalize_caption(pipeline._generate([sequence], max_new_tokens)[0])
+    return normalize_caption(pipeline._generate([sequence], max_new_tokens=max_new_tokens)[0])
 
 
 def evaluate_oracle(pipeline: Pipeline, mapper: PrefixMapper, n: int = 300) -> dict:
