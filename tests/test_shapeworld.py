@@ -211,3 +211,36 @@ def test_corpus():
     assert qa and all(re.fullmatch(r"Question: [a-z ]+\? Answer: [a-z]+", line) for line in qa)
     held = {f"{c} {s}" for c, s in HELD_OUT}
     assert not any(name in line for line in lines for name in held)
+
+
+def test_every_question_form_asks_the_same_as_the_canonical_one():
+    from vlm.shapeworld import HELD_OUT_FORMS, QUESTION_FORMS, is_held_out_form, parse_question
+
+    rng = random.Random(5)
+    pools = {"seen": Counter(), "held_out": Counter()}
+    for scene in scenes(n=400, split="any"):
+        canonical = dict(questions(scene))
+        for pool, counts in pools.items():
+            for q, a in questions(scene, rng, forms=pool):
+                assert is_held_out_form(q) == (pool == "held_out"), q
+                kind, twin = parse_question(q)
+                counts[kind] += 1
+                if twin != q or q in canonical:  # a form naming its object: same answer
+                    assert canonical[twin] == a, (q, twin)
+                    check(scene, twin, a)
+                else:  # "what color is it?": the scene's one object
+                    assert len(scene.objects) == 1 and a in (scene.objects[0].color,
+                                                             scene.objects[0].shape)  # fmt: skip
+    assert set(pools["seen"]) == set(pools["held_out"]) == set(QUESTION_TYPES)
+    for kind, forms in QUESTION_FORMS.items():
+        assert len([f for f in forms if f not in HELD_OUT_FORMS]) >= 3, kind
+        assert any(f in HELD_OUT_FORMS for f in forms), kind
+    assert {f for forms in QUESTION_FORMS.values() for f in forms} >= HELD_OUT_FORMS
+    with pytest.raises(ValueError):
+        questions(scenes(n=1)[0], forms="seen")  # a random form needs an rng
+
+
+def test_question_type_reads_every_form():
+    assert question_type("how big is the red star?") == "size"
+    assert question_type("what is to the left of the blue cross?") == "relation"
+    assert question_type("what shape is it?") == "shape"

@@ -145,8 +145,9 @@ def cmd_eval(args) -> None:
 
     pipeline = _model(args)
     if args.dataset == "shapeworld":
-        results = evaluate.evaluate_shapeworld(pipeline, n=args.n, seed=args.seed,
-                                               split=args.split or "train")  # fmt: skip
+        results = evaluate.evaluate_shapeworld(pipeline, n=args.n, seed=args.seed)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
         return
     if not args.data:
@@ -180,7 +181,7 @@ def cmd_eval(args) -> None:
 TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from TrainConfig
     "seed": "random seed",
     "batch_size": "clip stage: image-text pairs a step",
-    "lm_batch_size": "lm stage: blocks of 64 tokens a step",
+    "lm_batch_size": "lm stage: blocks of the LM's length (128 tokens) a step",
     "prefix_batch_size": "prefix stage: (image, text) pairs a step (all processes together)",
     "checkpoint_every": "steps between checkpoints (--resume starts from the last one)",
     "clip_steps": "clip stage: steps",
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parts.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute the LM's activations (less memory for big LMs)")  # fmt: skip
     parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")
+    parts.add_argument("--finetune-lm", action="store_true", default=None,
+                       help="ablation: train the LM together with the mapper in the prefix stage "
+                       "(ClipCap's other variant) instead of keeping it frozen")  # fmt: skip
     knobs = sub.add_argument_group("steps and rates")
     for name, kind in [
         ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
@@ -351,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub.add_argument("--n", type=int, default=1000, help="shapeworld: scenes per measure")
     sub.add_argument("--seed", type=int, default=1234, help="shapeworld: scene seed")
-    sub.add_argument("--split", help="shapeworld: train, held_out or any (default train); "
-                     "Karpathy data: its split (default test)")  # fmt: skip
+    sub.add_argument("--split", help="Karpathy data: its split (default test)")
     sub.add_argument("--data", help="captions/vqa: dataset file or folder; zeroshot: a folder of "
                      "one subfolder per class")  # fmt: skip
     sub.add_argument("--data-format", default="auto", choices=["auto", *FORMATS],

@@ -37,9 +37,9 @@ from pathlib import Path
 from PIL import Image
 
 from .images import is_image_path, load_image
+from .prompts import qa_text
 
 FORMATS = ("karpathy", "coco", "csv", "tsv", "folder", "webdataset", "qa")
-QUESTION_TEMPLATE = "Question: {question} Answer: {answer}"
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ class Example:
     def texts(self) -> list[str]:
         """What the frozen LM reads after the prefix: each caption, or the Q/A line."""
         if self.question is not None:
-            return [QUESTION_TEMPLATE.format(question=self.question, answer=self.answer)]
+            return [qa_text(self.question, self.answer)]
         return list(self.captions)
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import shapeworld as sw
+from .prompts import qa_text
 
 # The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
 # and "Question: … Answer:" for an answer, so one frozen LM and one mapper do both.
@@ -72,10 +73,11 @@ def _twin(scene: sw.Scene, rng: random.Random) -> sw.Scene:
     return sw.sample_scene(rng)
 
 
-def prefix_texts(scene: sw.Scene) -> list[str]:
+def prefix_texts(scene: sw.Scene, rng: random.Random) -> list[str]:
     """What the frozen LM may read after a scene's prefix, one picked at random each time: the
-    canonical caption (as often as all the questions together) or one of its Q/A pairs."""
-    qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
+    canonical caption (as often as all the questions together) or one of its Q/A pairs, each
+    asked in a random one of the *seen* forms (never a HELD_OUT_FORMS one)."""
+    qa = [qa_text(q, a) for q, a in sw.questions(scene, rng, forms="seen")]
     return [f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa
 
 
@@ -110,9 +112,13 @@ def _augment(image: Image.Image, rng: random.Random) -> Image.Image:
 
 @dataclasses.dataclass
 class ShapeWorld:
-    """ShapeWorld training data (train split only: no HELD_OUT combination ever appears)."""
+    """ShapeWorld training data in the real setting's regimes: the LM's text covers the whole
+    language (every colour-shape combination, every question form, k-shot lists), while no
+    image of the CLIP or prefix stage shows a HELD_OUT combination, and the prefix stage asks
+    its questions only in the seen forms."""
 
     image_size: int = 64
+    few_shot_share: float = 0.3  # of the LM's documents: k-shot lists (Frozen's few-shot)
 
     def _pool(self, scenes: list[sw.Scene], texts: list[list[str]], rng) -> ImagePool:
         images = torch.stack([
@@ -133,14 +139,20 @@ class ShapeWorld:
         return self._pool(scenes[:n], texts[:n], rng)
 
     def texts(self, n: int, seed: int) -> list[str]:
-        """Documents for the language model, one per scene: its caption, a paraphrase and some
-        Q/A lines in random order. Lines of a document depend on each other, so the LM learns
-        to use its context, which is where the visual prefix will be."""
+        """Documents for the language model. Most describe one scene: its caption, a
+        paraphrase and some Q/A lines in random order; lines of a document depend on each
+        other, so the LM learns to use its context, which is where the visual prefix will be.
+        The rest (`few_shot_share`) are k-shot lists (`sw.few_shot_document`). Scenes may hold
+        any combination and questions come in every form: text is the whole language."""
         rng = random.Random(f"lm-{seed}")
         documents = []
         for _ in range(n):
-            scene = sw.sample_scene(rng)
-            qa = [f"Question: {q} Answer: {a}" for q, a in sw.questions(scene)]
+            if rng.random() < self.few_shot_share:
+                documents.append(sw.few_shot_document(rng, CAPTION_PROMPT, split="any"))
+                continue
+            scene = sw.sample_scene(rng, split="any")
+            pairs = sw.questions(scene, rng, forms="all", held_out_no=True)
+            qa = [qa_text(q, a) for q, a in pairs]
             lines = [f"{CAPTION_PROMPT} {sw.describe(scene)}"]
             lines.append(f"{CAPTION_PROMPT} {sw.paraphrase(scene, rng)}")
             lines += rng.sample(qa, min(len(qa), rng.randint(1, 4)))
@@ -148,12 +160,18 @@ class ShapeWorld:
             documents.append("\n".join(lines))
         return documents
 
+    def answer_cues(self) -> list[str]:
+        """What comes before a k-shot list's values ("Colour:", "Tag ->"): the LM weighs the
+        value after them as an answer (only the context predicts it)."""
+        keys = [k for keys in sw.FEW_SHOT_KEYS.values() for k in keys] + list(sw.GENERIC_KEYS)
+        return [f"{key}{separator.rstrip()}" for key in keys for separator in sw.SEPARATORS]
+
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
-        caption half of the time, else one of the scene's Q/A pairs."""
+        caption half of the time, else one of the scene's Q/A pairs (seen forms only)."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
-        return self._pool(scenes, [prefix_texts(scene) for scene in scenes], rng)
+        return self._pool(scenes, [prefix_texts(scene, rng) for scene in scenes], rng)
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

@@ -30,9 +30,13 @@ from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
 
 PERTURBATIONS = ("clean", "jpeg50", "resize224")
+# the generalisation issue's targets (fresh scenes, --n 1000)
 TARGETS = {
-    "caption_exact": 0.90, "zeroshot_train": 0.95, "zeroshot_held_out": 0.80,
-    "vqa_overall": 0.85, "retrieval_r5": 0.90,
+    "caption_exact": 0.95, "vqa_overall": 0.92, "zeroshot_train": 0.97,
+    "zeroshot_held_out": 0.90, "held_out_caption_exact": 0.85,
+    "held_out_caption_exact_1obj": 0.97, "held_out_vqa_overall": 0.85,
+    "phrasing_vqa_overall": 0.85, "retrieval_r5": 0.90, "explain_peak_all": 0.90,
+    "few_shot_seen_2shot": 0.80, "few_shot_held_out_2shot": 0.70,
 }  # fmt: skip
 
 
@@ -88,63 +92,220 @@ def binding_accuracy(encoder, images, scenes, text_cache: dict | None = None) ->
     return scores
 
 
+def _captions(pipeline, images, scenes, prefix: str, batch_size: int) -> dict[str, float]:
+    """Exact captions, overall and by object count (`<prefix>caption_exact[_<k>obj]`)."""
+    captions = pipeline.caption(images, batch_size=batch_size)
+    exact = [normalize_caption(c) == sw.describe(s) for c, s in zip(captions, scenes, strict=True)]
+    scores = {f"{prefix}caption_exact": float(np.mean(exact))}
+    for count in (1, 2, 3):
+        hits = [e for e, s in zip(exact, scenes, strict=True) if len(s.objects) == count]
+        if hits:
+            scores[f"{prefix}caption_exact_{count}obj"] = float(np.mean(hits))
+    return scores
+
+
+def _answers(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, float]:
+    """Answer accuracy by question type and overall (`<prefix>vqa_<type>`); `qa` holds
+    (image index, question, answer)."""
+    answers = []
+    for start in range(0, len(qa), batch_size):
+        chunk = qa[start : start + batch_size]
+        answers += pipeline.answer([images[i] for i, _, _ in chunk], [q for _, q, _ in chunk])
+    per_type = defaultdict(list)
+    for (_, q, a), got in zip(qa, answers, strict=True):
+        per_type[sw.question_type(q)].append(normalize_caption(got) == a)
+    scores = {f"{prefix}vqa_{t}": float(np.mean(h)) for t, h in sorted(per_type.items())}
+    scores[f"{prefix}vqa_overall"] = float(np.mean([h for v in per_type.values() for h in v]))
+    return scores
+
+
 def evaluate_shapeworld(
-    pipeline, n: int = 1000, seed: int = 1234, split: str = "train",
+    pipeline, n: int = 1000, seed: int = 1234,
     perturbations: tuple[str, ...] = PERTURBATIONS, batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """{measure: {perturbation: score}} on n freshly sampled scenes of `split`."""
-    rng = random.Random(f"eval-{seed}-{split}")
-    scenes = [sw.sample_scene(rng, split=split) for _ in range(n)]
+    """{measure: {perturbation: score}} on freshly sampled scenes, in slices:
+
+    - seen (no measure prefix): n scenes of seen colour-shape combinations, questions in
+      the seen forms;
+    - `held_out_`: n scenes with at least one HELD_OUT combination (never in a training image);
+    - `phrasing_`: questions in HELD_OUT_FORMS (never asked of a training image) on the seen
+      scenes;
+    - zero-shot labels on one-object scenes of seen and held-out combinations, text-to-image
+      recall, the encoder's binding, explain's peak on the named object (`explain_peak_*`, on
+      n / 10 scenes of two or three objects) and k-shot lists (`few_shot_*`, see
+      `evaluate_few_shot`)."""
+    rng = random.Random(f"eval-{seed}")
+    scenes = [sw.sample_scene(rng, split="train") for _ in range(n)]
+    held_scenes = [sw.sample_scene(rng, split="held_out") for _ in range(n)]
     singles = [sw.sample_scene(rng, 1, split="train") for _ in range(max(1, n // 2))]
-    held_out = [sw.sample_scene(rng, 1, split="held_out") for _ in range(max(1, n // 2))]
-    qa = [(i, q, a) for i, s in enumerate(scenes) for q, a in [rng.choice(sw.questions(s))]]
+    held_singles = [sw.sample_scene(rng, 1, split="held_out") for _ in range(max(1, n // 2))]
+    pick = lambda group, forms: [  # noqa: E731  one question per scene
+        (i, *rng.choice(sw.questions(s, rng, forms=forms)))
+        for i, s in enumerate(group)
+        if sw.questions(s, rng, forms=forms)
+    ]
+    qa, held_qa, phrasing_qa = (
+        pick(scenes, "seen"),
+        pick(held_scenes, "seen"),
+        pick(scenes, "held_out"),
+    )
+    crowded = [
+        sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(max(1, n // 10))
+    ]
     labels = sw.labels()
-    clean = {  # rendered once; each perturbation starts from these
-        name: [sw.render(s) for s in group]
-        for name, group in (("scenes", scenes), ("zeroshot_train", singles),
-                            ("zeroshot_held_out", held_out))
-    }  # fmt: skip
+    groups = {"scenes": scenes, "held_out": held_scenes, "zeroshot_train": singles,
+              "zeroshot_held_out": held_singles, "explain": crowded}  # fmt: skip
+    clean = {name: [sw.render(s) for s in group] for name, group in groups.items()}
     results: dict[str, dict[str, float]] = defaultdict(dict)
     text_cache: dict = {}  # binding: caption embeddings, shared by the perturbations
     for kind in perturbations:
-        images = [perturb(image, kind) for image in clean["scenes"]]
-        captions = pipeline.caption(images, batch_size=batch_size)
-        exact = [
-            normalize_caption(c) == sw.describe(s) for c, s in zip(captions, scenes, strict=True)
-        ]
-        results["caption_exact"][kind] = float(np.mean(exact))
-
-        for name, group in (("zeroshot_train", singles), ("zeroshot_held_out", held_out)):
-            probs = pipeline.classify([perturb(image, kind) for image in clean[name]], labels)
+        images = {name: [perturb(image, kind) for image in group]
+                  for name, group in clean.items()}  # fmt: skip
+        scores = _captions(pipeline, images["scenes"], scenes, "", batch_size)
+        scores |= _captions(pipeline, images["held_out"], held_scenes, "held_out_", batch_size)
+        scores |= _answers(pipeline, images["scenes"], qa, "", batch_size)
+        scores |= _answers(pipeline, images["held_out"], held_qa, "held_out_", batch_size)
+        scores |= _answers(pipeline, images["scenes"], phrasing_qa, "phrasing_", batch_size)
+        for name, group in (("zeroshot_train", singles), ("zeroshot_held_out", held_singles)):
+            probs = pipeline.classify(images[name], labels)
             top = [next(iter(p)) == s.objects[0].name for p, s in zip(probs, group, strict=True)]
-            results[name][kind] = float(np.mean(top))
+            scores[name] = float(np.mean(top))
 
-        answers = []
-        for start in range(0, len(qa), batch_size):
-            chunk = qa[start : start + batch_size]
-            answers += pipeline.answer([images[i] for i, _, _ in chunk], [q for _, q, _ in chunk])
-        per_type = defaultdict(list)
-        for (_, q, a), got in zip(qa, answers, strict=True):
-            per_type[sw.question_type(q)].append(normalize_caption(got) == a)
-        for qtype, hits in sorted(per_type.items()):
-            results[f"vqa_{qtype}"][kind] = float(np.mean(hits))
-        results["vqa_overall"][kind] = float(np.mean([h for v in per_type.values() for h in v]))
-
-        index = pipeline.build_index(images, batch_size=batch_size)
+        index = pipeline.build_index(images["scenes"], batch_size=batch_size)
         r1, r5 = [], []
         for query in sorted({sw.describe(s) for s in scenes}):
             hits = [sw.describe(scenes[h.position]) == query for h in index.search(query, k=5)]
             r1.append(hits[0])
             r5.append(any(hits))
-        results["retrieval_r1"][kind] = float(np.mean(r1))
-        results["retrieval_r5"][kind] = float(np.mean(r5))
+        scores["retrieval_r1"], scores["retrieval_r5"] = float(np.mean(r1)), float(np.mean(r5))
 
-        crowded = [i for i, s in enumerate(scenes) if len(s.objects) > 1]
-        binding = binding_accuracy(pipeline.encoder, [images[i] for i in crowded],
-                                   [scenes[i] for i in crowded], text_cache)  # fmt: skip
-        for measure, score in binding.items():
+        several = [i for i, s in enumerate(scenes) if len(s.objects) > 1]
+        scores |= binding_accuracy(pipeline.encoder, [images["scenes"][i] for i in several],
+                                   [scenes[i] for i in several], text_cache)  # fmt: skip
+        peaks = peak_hits(pipeline.explain, images["explain"], crowded)
+        scores |= {f"explain_peak_{k}": v for k, v in peaks.items()}
+        if "few_shot" in getattr(pipeline, "tasks", ()):
+            few = evaluate_few_shot(pipeline, max(1, n // 10), seed, kind, batch_size)
+            scores |= few
+        for measure, score in scores.items():
             results[measure][kind] = score
     return dict(results)
+
+
+# ---------------------------------------------------------------------------- explain
+
+
+def named_texts(scene: sw.Scene) -> list[tuple[str, str, int]]:
+    """(kind, text, index of the object it names) for every text that names one object of a
+    scene alone: its colour and shape ("red circle"), its shape ("the star") or its colour
+    ("something red")."""
+    out = []
+    for i, obj in enumerate(scene.objects):
+        others = [o for j, o in enumerate(scene.objects) if j != i]
+        if all(o.name != obj.name for o in others):
+            out.append(("name", obj.name, i))
+        if all(o.shape != obj.shape for o in others):
+            out.append(("shape", f"the {obj.shape}", i))
+        if all(o.color != obj.color for o in others):
+            out.append(("color", f"something {obj.color}", i))
+    return out
+
+
+def peak_object(grid: np.ndarray, scene: sw.Scene) -> int:
+    """The index of the object whose centre is nearest the map's highest cell."""
+    side = grid.shape[0]
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    y, x = (row + 0.5) / side, (col + 0.5) / side
+    return int(np.argmin([np.hypot(o.x - x, o.y - y) for o in scene.objects]))
+
+
+def peak_hits(explain, images, scenes: list[sw.Scene]) -> dict[str, float]:
+    """How often the peak of `explain(image, text) -> grid` falls on (is nearest to) the
+    object the text names, by kind of text and over `all` (chance: 1/2 or 1/3)."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for image, scene in zip(images, scenes, strict=True):
+        for kind, text, index in named_texts(scene):
+            hit = peak_object(np.asarray(explain(image, text)), scene) == index
+            hits[kind].append(hit)
+            hits["all"].append(hit)
+    return {kind: float(np.mean(values)) for kind, values in sorted(hits.items())}
+
+
+# ---------------------------------------------------------------------------- few-shot
+
+FEW_SHOT_EVAL = ("color", "shape", "size")
+# the formats measured: a seen key with ": ", and a key never read in training (with a
+# separator also never read, half of the time)
+HELD_OUT_FORMAT_KEYS = {"color": "Hue", "shape": "Form", "size": "Scale"}
+
+
+def few_shot_tasks(n: int, seed: int, shots: tuple[int, ...] = (0, 1, 2, 3)):
+    """k-shot lists on fresh one-object scenes of seen combinations: for each attribute of
+    FEW_SHOT_EVAL, format (`seen`, `held_out`) and k, n lists whose query's value is missing
+    from all k examples. Yields (attribute, format, k, example scenes, query scene, key,
+    separator)."""
+    rng = random.Random(f"few-shot-{seed}")
+    for attribute in FEW_SHOT_EVAL:
+        for fmt in ("seen", "held_out"):
+            for k in shots:
+                for _ in range(n):
+                    if fmt == "seen":
+                        key, separator = sw.FEW_SHOT_KEYS[attribute][0], ": "
+                    else:
+                        key = HELD_OUT_FORMAT_KEYS[attribute]
+                        separator = rng.choice([": ", *sw.HELD_OUT_SEPARATORS])
+                    query = sw.sample_scene(rng, 1)
+                    value = sw.attribute(query, attribute)
+                    examples = []
+                    while len(examples) < k:
+                        scene = sw.sample_scene(rng, 1)
+                        if sw.attribute(scene, attribute) != value:
+                            examples.append(scene)
+                    yield attribute, fmt, k, examples, query, key, separator
+
+
+def evaluate_few_shot(
+    pipeline, n: int = 100, seed: int = 1234, perturbation: str = "clean", batch_size: int = 64,
+    caption_prompt: str = "Caption:",
+) -> dict[str, float]:  # fmt: skip
+    """First-word accuracy of k-shot lists (`few_shot_tasks`), Frozen-style: each example an
+    image and its "<key><separator><value>" line, then the query image and "<key><separator>".
+    `few_shot_<format>_<k>shot` (mean over attributes), `few_shot_<attribute>_<format>_2shot`,
+    and `few_shot_text_<format>_<k>shot`: the same lists with each scene written as a caption
+    line instead of its image — the gap to it is how well the prefix stands in for words."""
+    tasks = list(few_shot_tasks(n, seed))
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for context in ("image", "text"):
+        lists = []
+        for attribute, _, _, examples, query, key, separator in tasks:
+            parts = []
+            for scene in [*examples, query]:
+                if context == "image":
+                    parts.append(perturb(sw.render(scene), perturbation))
+                else:
+                    parts.append(f"{caption_prompt} {sw.describe(scene)}\n")
+                value = sw.attribute(scene, attribute) if scene is not query else ""
+                parts.append(f"{key}{separator}{value}".rstrip() + ("\n" if value else ""))
+            lists.append(parts)
+        name = "few_shot" if context == "image" else "few_shot_text"
+        by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
+        for i, task in enumerate(tasks):
+            by_k[task[2]].append(i)
+        batches = [group[s : s + batch_size] for group in by_k.values()
+                   for s in range(0, len(group), batch_size)]  # fmt: skip
+        for chunk in batches:
+            try:
+                outputs = pipeline.continue_sequences([lists[i] for i in chunk], max_new_tokens=4)
+            except ValueError:  # longer than the LM reads (k too large for it): not measured
+                continue
+            for i, output in zip(chunk, outputs, strict=True):
+                attribute, fmt, k, _, query, _, _ = tasks[i]
+                words = output.strip().lower().split()
+                hit = bool(words) and words[0] == sw.attribute(query, attribute)
+                hits[f"{name}_{fmt}_{k}shot"].append(hit)
+                if context == "image" and k == 2:
+                    hits[f"few_shot_{attribute}_{fmt}_2shot"].append(hit)
+    return {measure: float(np.mean(values)) for measure, values in sorted(hits.items())}
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

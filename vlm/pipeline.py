@@ -26,6 +26,7 @@ from .encoder import Encoder, ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
+from .prompts import QUESTION_TEMPLATE
 from .streaming import TextStream
 from .tasks import UnsupportedTaskError, models_for, task_set
 
@@ -45,7 +46,7 @@ class PipelineConfig:
     lm: str = "lm"  # a subfolder of the pipeline folder, or a hub id
     name: str = ""
     caption_prompt: str = ""  # text between the prefix and the caption (ClipCap: none)
-    question_template: str = "Question: {question} Answer:"
+    question_template: str = QUESTION_TEMPLATE
     stop: list[str] = dataclasses.field(default_factory=list)  # extra strings that end a text
     templates: list[str] | None = None  # zero-shot prompts; None: OpenAI's 80 ImageNet ones
     # how templates combine: "mean" averages each label's prompt embeddings (CLIP's ensemble);
@@ -444,11 +445,18 @@ class Pipeline:
     def continue_sequence(self, parts: Sequence[Part], *, max_new_tokens: int = 20, **kw) -> str:
         """Few-shot, Frozen-style: interleaved images and text, continued by the frozen LM.
 
-        e.g. [img1, "a small red circle\\n", img2, "a large blue star\\n", query_image]."""
+        e.g. [img1, "Colour: red\\n", img2, "Colour: blue\\n", query_image, "Colour:"]."""
+        return self.continue_sequences([parts], max_new_tokens=max_new_tokens, **kw)[0]
+
+    def continue_sequences(
+        self, sequences: Sequence[Sequence[Part]], *, max_new_tokens: int = 20, **kw
+    ) -> list[str]:
+        """`continue_sequence` for several interleaved sequences at once (one batch)."""
         self._require("few_shot")
-        if not parts:
+        if not sequences or not all(sequences):
             raise ValueError("nothing to continue: give at least one image or text")
-        return self._generate([self._embed_parts(parts)], max_new_tokens=max_new_tokens, **kw)[0]
+        embedded = [self._embed_parts(parts) for parts in sequences]
+        return self._generate(embedded, max_new_tokens=max_new_tokens, **kw)
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's

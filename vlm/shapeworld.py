@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from .prompts import qa_text
 
 # -----------------------------------------------------------------------------
 # the world's vocabulary
@@ -223,72 +226,155 @@ def paraphrase(scene: Scene, rng: random.Random) -> str:
     return rng.choice(options)
 
 
-def questions(scene: Scene) -> list[tuple[str, str]]:
-    """
-    All unambiguous question-answer pairs about a scene, deterministic, one-word answers.
-    Only objects that can be referred to uniquely are asked about.
-    """
+# Ways of asking each kind of question ("left"/"right" are the two relation kinds). The first
+# form of a kind is canonical. The LM's text uses every form; images are paired only with the
+# others: HELD_OUT_FORMS are never asked of any training image, so a model answering them has
+# carried them over from its language model. Forms ending in " it?" need a one-object scene.
+QUESTION_FORMS: dict[str, tuple[str, ...]] = {
+    "color": ("what color is the {shape}?", "which color is the {shape}?",
+              "what colour is the {shape}?", "the {shape} is which color?",
+              "what is the color of the {shape}?", "what color is it?"),
+    "shape": ("what shape is the {color} object?", "which shape is {color}?",
+              "what shape is the {color} thing?", "the {color} object is which shape?",
+              "what is the shape of the {color} object?", "what shape is it?"),
+    "count": ("how many shapes are there?", "how many objects are there?",
+              "how many shapes do you see?", "how many things are there?",
+              "how many objects are in the picture?"),
+    "exists": ("is there a {name}?", "is there any {name}?", "can you see a {name}?",
+               "does the picture show a {name}?", "do you see a {name}?"),
+    "size": ("what size is the {name}?", "is the {name} small or large?",
+             "which size is the {name}?", "the {name} has which size?", "how big is the {name}?"),
+    "left": ("what is left of the {name}?", "which shape is left of the {name}?",
+             "what shape is left of the {name}?", "what is to the left of the {name}?"),
+    "right": ("what is right of the {name}?", "which shape is right of the {name}?",
+              "what shape is right of the {name}?", "what is to the right of the {name}?"),
+}  # fmt: skip
+HELD_OUT_FORMS: frozenset[str] = frozenset({
+    "what is the color of the {shape}?", "what color is it?",
+    "what is the shape of the {color} object?", "what shape is it?",
+    "how many objects are in the picture?", "do you see a {name}?", "how big is the {name}?",
+    "what is to the left of the {name}?", "what is to the right of the {name}?",
+})  # fmt: skip
+FORM_POOLS = ("canonical", "seen", "held_out", "all")
+_RELATION_KINDS = {"left": "relation", "right": "relation"}
+
+
+def _form_pattern(form: str) -> re.Pattern:
+    words = {"{shape}": r"(?P<shape>\w+)", "{color}": r"(?P<color>\w+)",
+             "{name}": r"(?P<name>\w+ \w+)"}  # fmt: skip
+    pattern = re.escape(form)
+    for slot, group in words.items():
+        pattern = pattern.replace(re.escape(slot), group)
+    return re.compile(pattern)
+
+
+_PATTERNS = [(kind, form, _form_pattern(form)) for kind, forms in QUESTION_FORMS.items()
+             for form in forms]  # fmt: skip
+
+
+def _forms(kind: str, pool: str, one_object: bool) -> list[str]:
+    forms = [f for f in QUESTION_FORMS[kind] if one_object or not f.endswith(" it?")]
+    if pool == "canonical":
+        return forms[:1]
+    if pool == "seen":
+        return [f for f in forms if f not in HELD_OUT_FORMS]
+    if pool == "held_out":
+        return [f for f in forms if f in HELD_OUT_FORMS] or forms[:0]
+    if pool == "all":
+        return forms
+    raise ValueError(f"forms must be one of {FORM_POOLS}, got {pool!r}")
+
+
+def _asks(scene: Scene, held_out_no: bool) -> list[tuple[str, dict[str, str], str]]:
+    """(kind, slots, answer) of every unambiguous question about a scene, deterministic."""
     objs = scene.objects
     shapes = Counter(o.shape for o in objs)
     colors = Counter(o.color for o in objs)
     names = Counter(o.name for o in objs)
-    qa: list[tuple[str, str]] = []
+    asks: list[tuple[str, dict[str, str], str]] = []
     # colour of the unique object of a shape, shape of the unique object of a colour
-    for o in objs:
-        if shapes[o.shape] == 1:
-            qa.append((f"what color is the {o.shape}?", o.color))
-    for o in objs:
-        if colors[o.color] == 1:
-            qa.append((f"what shape is the {o.color} object?", o.shape))
-    qa.append(("how many shapes are there?", NUMBER_WORDS[len(objs)]))
+    asks += [("color", {"shape": o.shape}, o.color) for o in objs if shapes[o.shape] == 1]
+    asks += [("shape", {"color": o.color}, o.shape) for o in objs if colors[o.color] == 1]
+    asks.append(("count", {}, NUMBER_WORDS[len(objs)]))
     # existence: a 'yes' per present combo and a 'no' per present combo, for balance. The 'no'
-    # keeps the shape and takes the next absent colour; held-out combos are never used as a 'no'
-    # so that training text teaches no prior against them
+    # keeps the shape and takes the next absent colour; unless `held_out_no`, held-out combos
+    # are never used as a 'no', so that what is paired with images teaches no prior against them
     present = [o.name for o in objs]
     asked: set[str] = set()
     for o in objs:
         if o.name in asked:
             continue
-        qa.append((f"is there a {o.name}?", "yes"))
+        asks.append(("exists", {"name": o.name}, "yes"))
         asked.add(o.name)
         order = list(COLORS)
         i = order.index(o.color)
         for c in order[i + 1 :] + order[:i]:
             name = f"{c} {o.shape}"
-            if name not in present and name not in asked and (c, o.shape) not in HELD_OUT:
-                qa.append((f"is there a {name}?", "no"))
+            allowed = held_out_no or (c, o.shape) not in HELD_OUT
+            if name not in present and name not in asked and allowed:
+                asks.append(("exists", {"name": name}, "no"))
                 asked.add(name)
                 break
-    for o in objs:
-        if names[o.name] == 1:
-            qa.append((f"what size is the {o.name}?", o.size))
+    asks += [("size", {"name": o.name}, o.size) for o in objs if names[o.name] == 1]
     # relations: objects are sorted by x, so index i has exactly i objects to its left
     n = len(objs)
     for i, o in enumerate(objs):
         if names[o.name] != 1:
             continue
         if i == 1:
-            qa.append((f"what is left of the {o.name}?", objs[0].shape))
+            asks.append(("left", {"name": o.name}, objs[0].shape))
         if i == n - 2:
-            qa.append((f"what is right of the {o.name}?", objs[n - 1].shape))
+            asks.append(("right", {"name": o.name}, objs[n - 1].shape))
+    return asks
+
+
+def questions(
+    scene: Scene, rng: random.Random | None = None, forms: str = "canonical",
+    held_out_no: bool = False,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """
+    All unambiguous question-answer pairs about a scene, one-word answers; only objects that
+    can be referred to uniquely are asked about. `forms` chooses how each is asked: the
+    canonical form (deterministic), or with `rng` a random one of the `seen` forms (those
+    paired with images), the `held_out` forms (never paired with an image; questions of a
+    kind that has none applicable are left out) or `all`. `held_out_no`: a 'no' question may
+    name a HELD_OUT combination (the LM's text; never with images).
+    """
+    if forms != "canonical" and rng is None:
+        raise ValueError(f"forms={forms!r} picks a form at random: give an rng")
+    one_object = len(scene.objects) == 1
+    qa = []
+    for kind, slots, answer in _asks(scene, held_out_no):
+        options = _forms(kind, forms, one_object)
+        if options:
+            form = options[0] if forms == "canonical" else rng.choice(options)
+            qa.append((form.format(**slots), answer))
     return qa
 
 
-def question_type(question: str) -> str:
-    """Classify a question string into one of QUESTION_TYPES."""
-    prefixes = {
-        "what color is": "color",
-        "what shape is": "shape",
-        "how many": "count",
-        "is there": "exists",
-        "what size is": "size",
-        "what is left of": "relation",
-        "what is right of": "relation",
-    }
-    for prefix, kind in prefixes.items():
-        if question.startswith(prefix):
-            return kind
+def parse_question(question: str) -> tuple[str, str]:
+    """(kind, the question in its canonical form) of a question in any of QUESTION_FORMS; the
+    kind is one of QUESTION_TYPES. A one-object form ("what color is it?") has no canonical
+    twin to name its object, so it is returned unchanged."""
+    for kind, _form, pattern in _PATTERNS:
+        if match := pattern.fullmatch(question):
+            slots = match.groupdict()
+            canonical = QUESTION_FORMS[kind][0]
+            needed = re.findall(r"{(\w+)}", canonical)
+            text = canonical.format(**slots) if all(k in slots for k in needed) else question
+            return _RELATION_KINDS.get(kind, kind), text
     raise ValueError(f"unknown question type: {question!r}")
+
+
+def question_type(question: str) -> str:
+    """Classify a question string (in any of QUESTION_FORMS) into one of QUESTION_TYPES."""
+    return parse_question(question)[0]
+
+
+def is_held_out_form(question: str) -> bool:
+    """Whether a question is asked in one of HELD_OUT_FORMS."""
+    return any(form in HELD_OUT_FORMS and pattern.fullmatch(question)
+               for _, form, pattern in _PATTERNS)  # fmt: skip
 
 
 def corpus(rng: random.Random, n: int, split: str = "train") -> Iterator[str]:
@@ -302,4 +388,59 @@ def corpus(rng: random.Random, n: int, split: str = "train") -> Iterator[str]:
             yield paraphrase(scene, rng)
         else:
             q, a = rng.choice(questions(scene))
-            yield f"Question: {q} Answer: {a}"
+            yield qa_text(q, a)
+
+
+# -----------------------------------------------------------------------------
+# few-shot lists (Frozen): examples of a made-up format set the attribute and the format
+
+# An item of a k-shot list is a scene followed by a "<key><separator><value>" line; the LM must
+# infer from the examples which attribute the key asks for. Keys of an attribute, plus generic
+# keys that say nothing (only the values tell), are read in the LM's text; HELD_OUT_KEYS and
+# HELD_OUT_SEPARATORS appear nowhere in training, text or images.
+FEW_SHOT_ATTRIBUTES = ("color", "shape", "size", "count", "name")
+FEW_SHOT_KEYS: dict[str, tuple[str, ...]] = {
+    "color": ("Colour", "Color", "colour", "color", "Paint"),
+    "shape": ("Shape", "shape", "Kind", "Type"),
+    "size": ("Size", "size", "Big or small"),
+    "count": ("Count", "Number", "How many"),
+    "name": ("Object", "Thing", "Name"),
+}
+GENERIC_KEYS = ("Answer", "Value", "Label", "Output", "Result", "Tag", "Word", "A", "Out", "Q")
+SEPARATORS = (": ", " = ", " -> ", " - ")
+HELD_OUT_KEYS = ("Hue", "Form", "Scale", "Property", "Reply")
+HELD_OUT_SEPARATORS = (" => ",)
+
+
+def attribute(scene: Scene, name: str) -> str:
+    """A scene's value of a few-shot attribute; all but `count` describe its one object."""
+    if name == "count":
+        return NUMBER_WORDS[len(scene.objects)]
+    if len(scene.objects) != 1:
+        raise ValueError(f"the {name} of a scene needs a one-object scene")
+    obj = scene.objects[0]
+    return obj.name if name == "name" else getattr(obj, name)
+
+
+def few_shot_document(rng: random.Random, caption_prompt: str, split: str = "any") -> str:
+    """A k-shot list for the LM's text: 1-4 examples and a query, each a scene written as a
+    caption line (after `caption_prompt`: where a visual prefix will stand) and then its
+    "<key><separator><value>" line, in a seen format. In about half of the lists the query's
+    value is missing from the examples, so copying does not pay."""
+    kind = rng.choice(FEW_SHOT_ATTRIBUTES)
+    key = rng.choice(FEW_SHOT_KEYS[kind] + GENERIC_KEYS)
+    separator = rng.choice(SEPARATORS)
+    k = rng.randint(1, 4)
+    objects = None if kind == "count" else 1
+    scenes = [sample_scene(rng, objects, split=split) for _ in range(k + 1)]
+    if rng.random() < 0.5:  # the query's value differs from every example's
+        shown = {attribute(s, kind) for s in scenes[:k]}
+        for _ in range(50):
+            if attribute(scenes[k], kind) not in shown:
+                break
+            scenes[k] = sample_scene(rng, objects, split=split)
+    lines = []
+    for scene in scenes:
+        text = describe(scene) if rng.random() < 0.7 else paraphrase(scene, rng)
+        lines += [f"{caption_prompt} {text}", f"{key}{separator}{attribute(scene, kind)}"]
+    return "\n".join(lines)

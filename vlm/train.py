@@ -36,10 +36,10 @@ from .encoder import Encoder
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
 from .features import FeatureCache
 from .pipeline import PipelineConfig
+from .prompts import answer_cue
 
 STAGES = ("clip", "lm", "prefix")
 CAPTION_LAYERS = 1  # CoCa decoder depth in the CLIP stage (2 layers: 11% more time a step)
-BLOCK_SIZE = 64  # LM training sequence length (tokens)
 # ClipCap's mapper for a frozen LM (its --only_prefix --mapping_type transformer run)
 CLIPCAP_MAPPER = dict(kind="transformer", prefix_length=10, clip_length=10, num_layers=8)
 
@@ -48,7 +48,8 @@ SIZES = {
     "small": dict(
         clip=clip_config(image_size=64, patch_size=8, width=96, layers=4, embed_dim=128,
                          text_width=96, text_layers=2, context_length=24),
-        lm=dict(n_layer=3, n_embd=96, n_head=3), vocab_size=400,
+        # 128 positions: a 3-shot list of four 20-vector prefixes and their lines fits
+        lm=dict(n_layer=3, n_embd=96, n_head=3, n_positions=128), vocab_size=400,
         # ClipCap's choice for a frozen LM: the transformer mapper
         mapper=dict(kind="transformer", input="tokens", num_tokens=65, prefix_length=20,
                     num_layers=2, num_heads=4),
@@ -56,7 +57,7 @@ SIZES = {
     "tiny": dict(
         clip=clip_config(image_size=32, patch_size=8, width=32, layers=1, embed_dim=32,
                          text_width=32, text_layers=1, context_length=24),
-        lm=dict(n_layer=2, n_embd=64, n_head=4), vocab_size=300,
+        lm=dict(n_layer=2, n_embd=64, n_head=4, n_positions=64), vocab_size=300,
         mapper=dict(kind="mlp", prefix_length=4),
     ),
 }  # fmt: skip
@@ -78,8 +79,8 @@ class TrainConfig:
     clip_caption_weight: float = 4.0  # CoCa's captioning loss beside the contrastive one (0: off)
     lm_steps: int = 4500
     lm_lr: float = 2e-3
-    lm_examples: int = 50_000
-    lm_batch_size: int = 64  # blocks of BLOCK_SIZE tokens
+    lm_examples: int = 70_000  # 30% are k-shot lists (ShapeWorld.few_shot_share)
+    lm_batch_size: int = 32  # blocks of the LM's n_positions tokens (small: 128)
     lm_answer_weight: float = 10.0  # loss weight of answer tokens (after "Answer:") vs the rest
     prefix_steps: int = 6000
     prefix_batch_size: int = 64  # smaller batches, more steps: lower loss for the same samples
@@ -104,6 +105,7 @@ class TrainConfig:
     feature_cache: Path | None = None  # default: <out>/features for file data
     features_in_memory: bool = False  # file data: keep features in memory, not on disk
     gradient_checkpointing: bool = False
+    finetune_lm: bool = False  # ablation only: train the LM with the mapper (ClipCap's variant)
     # held-out data (file data): evaluated at the end, and its loss logged while training
     val_data: tuple[str, ...] = ()  # validation files (default: a val_fraction of the data)
     val_fraction: float | None = None  # default 0.1 (Karpathy data: its own val split)
@@ -256,11 +258,6 @@ def _epochs(
             yield [j * unit + k for j in mine for k in range(unit)]
 
 
-def answer_cue(question_template: str) -> str:
-    """The words a question template ends with, after which the answer comes ("Answer:")."""
-    return question_template.split("{question}")[-1].strip()
-
-
 def split_prompt(text: str, config) -> tuple[str, str]:
     """(prompt, target) of a prefix-stage text: the task prompt the pipeline will give at
     inference ("Caption:", "Question: … Answer:") and what the LM must produce after it."""
@@ -408,19 +405,22 @@ def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: blocks * block_size]).view(blocks, block_size)
 
 
-def answer_mask(tokenizer, blocks: torch.Tensor, cue: str) -> torch.Tensor:
+def answer_mask(tokenizer, blocks: torch.Tensor, cue: str, more_cues=()) -> torch.Tensor:
     """True at the tokens of every answer in packed `blocks`: those after `cue` (" Answer:")
-    up to the newline or EOS that ends it. Nothing is marked when there is no cue."""
-    if not cue:
-        return torch.zeros_like(blocks, dtype=torch.bool)
-    cue_ids = torch.tensor(tokenizer(" " + cue, add_special_tokens=False)["input_ids"])
+    or after one of `more_cues` (exact text, e.g. a k-shot list's "Colour:") up to the newline
+    or EOS that ends it. Nothing is marked when there is no cue."""
+    cues = ([" " + cue] if cue else []) + list(more_cues)
+    after_cue = torch.zeros_like(blocks, dtype=torch.bool)  # the token before ends the cue
+    if not cues:
+        return after_cue
+    for text in cues:
+        cue_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        windows = blocks.unfold(1, len(cue_ids), 1)  # [n, length - len(cue) + 1, len(cue)]
+        after_cue[:, len(cue_ids) :] |= (windows == cue_ids).all(-1)[:, :-1]
     vocab = tokenizer.get_vocab()
     ends = [i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t])]
     ends = torch.tensor([*ends, tokenizer.eos_token_id])
     n, length = blocks.shape
-    after_cue = torch.zeros_like(blocks, dtype=torch.bool)  # the token before ends the cue
-    windows = blocks.unfold(1, len(cue_ids), 1)  # [n, length - len(cue) + 1, len(cue)]
-    after_cue[:, len(cue_ids) :] = (windows == cue_ids).all(-1)[:, :-1]
     positions = torch.arange(length).expand(n, length)
     last = lambda marks: torch.where(marks, positions, -1).cummax(1).values  # noqa: E731
     return last(after_cue) > last(torch.isin(blocks, ends))
@@ -437,10 +437,13 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     texts = dataset.texts(config.lm_examples, config.seed)
     tokenizer = train_tokenizer(texts[:20000], SIZES[config.size]["vocab_size"])
     lm = build_lm(tokenizer, **SIZES[config.size]["lm"])
-    blocks = pack_texts(tokenizer, texts, BLOCK_SIZE)
+    block_size = lm.config.n_positions  # the LM reads text at every position it has
+    blocks = pack_texts(tokenizer, texts, block_size)
     template = dataset.pipeline_config().get("question_template", PipelineConfig.question_template)
     cue = answer_cue(template)
-    weights = 1 + (config.lm_answer_weight - 1) * answer_mask(tokenizer, blocks, cue).float()
+    more = dataset.answer_cues() if hasattr(dataset, "answer_cues") else ()
+    marks = answer_mask(tokenizer, blocks, cue, more)
+    weights = 1 + (config.lm_answer_weight - 1) * marks.float()
 
     def batches(start: int):
         seed = f"lm-{config.seed}-{start}"
@@ -455,9 +458,11 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
 
     validate = None
     val_texts = dataset.val_texts() if hasattr(dataset, "val_texts") else []
-    val_blocks = pack_texts(tokenizer, val_texts, BLOCK_SIZE) if val_texts else None
+    val_blocks = pack_texts(tokenizer, val_texts, block_size) if val_texts else None
     if val_blocks is not None and len(val_blocks):
-        val_weights = 1 + (config.lm_answer_weight - 1) * answer_mask(tokenizer, val_blocks, cue)
+        val_weights = 1 + (config.lm_answer_weight - 1) * answer_mask(
+            tokenizer, val_blocks, cue, more
+        )
 
         @torch.no_grad()
         def validate(module):  # the held-out texts' loss, weighted as in training
@@ -538,6 +543,9 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     )  # fmt: skip
     frozen = [*pipeline.encoder.model.parameters(), *pipeline.lm.parameters()]
     assert not any(p.requires_grad for p in frozen), "encoder and LM must be frozen"
+    if config.finetune_lm:  # the ablation: ClipCap's other variant, the LM learns too
+        frozen = list(pipeline.encoder.model.parameters())
+        pipeline.lm.float().requires_grad_(True)
     if config.gradient_checkpointing:
         _checkpoint_layers(pipeline.lm)
     texts, lookup = prefix_features(dataset, pipeline, config, accelerator)
@@ -558,12 +566,16 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
                 _texts_tensor(tokenizer, targets, accelerator.device, prompts),
             )
 
-    def loss_fn(mapper, batch):
-        embedding, (tokens, labels) = batch
-        return prefix_loss(pipeline.lm, mapper(embedding), tokens, labels)
+    def parts(module):  # (lm, mapper) of the trained module: the mapper, or both (ablation)
+        return (module["lm"], module["mapper"]) if config.finetune_lm else (pipeline.lm, module)
 
-    def check():  # the method's promise: nothing but the mapper learns
-        assert all(p.grad is None for p in frozen), "a gradient reached the encoder or the LM"
+    def loss_fn(module, batch):
+        embedding, (tokens, labels) = batch
+        lm, mapper = parts(module)
+        return prefix_loss(lm, mapper(embedding), tokens, labels)
+
+    def check():  # the method's promise: nothing but the mapper learns (the LM too: ablation)
+        assert all(p.grad is None for p in frozen), "a gradient reached a frozen part"
 
     validate = None
     if config.val_every and hasattr(dataset, "val_examples"):
@@ -572,21 +584,27 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
                      for t in ts]  # fmt: skip
 
         @torch.no_grad()
-        def validate(mapper):  # every held-out (image, text) pair once
+        def validate(module):  # every held-out (image, text) pair once
+            lm, mapper = parts(module)
             losses = []
             for start in range(0, len(val_pairs), batch_size):
                 chunk = val_pairs[start : start + batch_size]
                 features = val_lookup([i for i, _ in chunk]).float().to(accelerator.device)
                 prompts, targets = [p for _, (p, _) in chunk], [t for _, (_, t) in chunk]
                 tokens, labels = _texts_tensor(tokenizer, targets, accelerator.device, prompts)
-                losses.append(prefix_loss(pipeline.lm, mapper(features), tokens, labels).item())
+                loss = prefix_loss(lm, mapper(features), tokens, labels)
+                losses.append(loss.item())
             return float(sum(losses) / len(losses))
 
         validate = validate if val_pairs else None
 
-    mapper = pipeline.mapper.requires_grad_(True)
-    pipeline.mapper = run_stage("prefix", mapper, loss_fn, batches, steps, config.prefix_lr,
-                                config, accelerator, check, batch_size, validate)  # fmt: skip
+    module = pipeline.mapper.requires_grad_(True)
+    if config.finetune_lm:
+        module = torch.nn.ModuleDict({"mapper": module, "lm": pipeline.lm})
+    module = run_stage("prefix", module, loss_fn, batches, steps, config.prefix_lr,
+                       config, accelerator, check, batch_size, validate)  # fmt: skip
+    pipeline.lm, pipeline.mapper = parts(module)
+    pipeline.lm.requires_grad_(False)
     return pipeline
 
 

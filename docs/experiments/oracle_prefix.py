@@ -56,7 +56,7 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
     rng = random.Random(f"oracle-{seed}")
     for step in range(steps):
         scenes = [sw.sample_scene(rng) for _ in range(batch_size)]
-        texts = [split_prompt(rng.choice(prefix_texts(s)), pipeline.config) for s in scenes]
+        texts = [split_prompt(rng.choice(prefix_texts(s, rng)), pipeline.config) for s in scenes]
         prompts, targets = [p for p, _ in texts], [t for _, t in texts]
         tokens, labels = _texts_tensor(pipeline.tokenizer, targets, "cpu", prompts)
         loss = prefix_loss(pipeline.lm, mapper(torch.stack([scene_tokens(s) for s in scenes])),

@@ -1,0 +1,118 @@
+"""The bundled world's data regimes (generalisation issue): the LM's text is the whole language,
+while the image stages never show a HELD_OUT combination and ask only the seen question forms;
+held-out few-shot formats appear nowhere in training."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from vlm import shapeworld as sw
+from vlm.datasets import CAPTION_PROMPT, ShapeWorld
+
+HELD_NAMES = [f"{c} {s}" for c, s in sw.HELD_OUT]
+
+
+def names_in(text: str) -> set[str]:
+    """Every colour-shape name a text mentions."""
+    pattern = rf"\b({'|'.join(sw.COLORS)}) ({'|'.join(sw.SHAPES)})\b"
+    return {" ".join(m) for m in re.findall(pattern, text)}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ShapeWorld()
+
+
+@pytest.fixture(scope="module")
+def lm_texts(data):
+    return data.texts(3000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def prefix_pool(data):
+    return data.prefix_data(600, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip_pool(data):
+    return data.clip_data(600, seed=0)
+
+
+def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(clip_pool, prefix_pool):
+    # each item's first text is the canonical caption of the rendered scene (its every object)
+    for pool in (clip_pool, prefix_pool):
+        captions = [texts[0].removeprefix(CAPTION_PROMPT).strip() for texts in pool.texts]
+        assert len(captions) == len(pool) >= 600
+        assert all(names_in(c) and not names_in(c) & set(HELD_NAMES) for c in captions)
+
+
+def test_prefix_stage_asks_only_seen_forms_and_never_names_a_held_out_combination(prefix_pool):
+    questions = [re.match(r"Question: (.+\?) Answer: (\w+)$", t) for ts in prefix_pool.texts
+                 for t in ts if t.startswith("Question:")]  # fmt: skip
+    assert len(questions) > 3000 and all(questions)
+    asked = {q[1] for q in questions}
+    assert not any(sw.is_held_out_form(q) for q in asked)
+    assert not any(names_in(q) & set(HELD_NAMES) for q in asked)
+    # every seen form of every kind is used (the seen pool is not just the canonical form)
+    used = {form for q in asked for form in _forms_of(q)}
+    seen = {f for forms in sw.QUESTION_FORMS.values() for f in forms} - sw.HELD_OUT_FORMS
+    assert used == seen
+
+
+def _forms_of(question: str) -> set[str]:
+    return {form for forms in sw.QUESTION_FORMS.values() for form in forms
+            if sw._form_pattern(form).fullmatch(question)}  # fmt: skip
+
+
+def test_the_lm_reads_every_combination_every_form_and_k_shot_lists(lm_texts):
+    text = "\n".join(lm_texts)
+    assert set(sw.labels()) <= names_in(text)  # held-out combinations included
+    lines = [line for doc in lm_texts for line in doc.split("\n")]
+    asked = {m[1] for line in lines if (m := re.match(r"Question: (.+\?) Answer: \w+$", line))}
+    assert set().union(*map(_forms_of, asked)) == {
+        f for forms in sw.QUESTION_FORMS.values() for f in forms
+    }
+    keys = {k for ks in sw.FEW_SHOT_KEYS.values() for k in ks} | set(sw.GENERIC_KEYS)
+    key_lines = [line for line in lines if not line.startswith(("Caption:", "Question:"))]
+    assert 0.15 < len(key_lines) / len(lines) < 0.6
+    pattern = "|".join(re.escape(s) for s in sw.SEPARATORS)
+    assert all(
+        re.match(rf"({'|'.join(map(re.escape, keys))})({pattern})\w", ln) for ln in key_lines
+    )
+
+
+def test_held_out_few_shot_formats_appear_in_no_training_text(lm_texts, prefix_pool, clip_pool):
+    texts = list(lm_texts) + [t for ts in prefix_pool.texts + clip_pool.texts for t in ts]
+    held = [*sw.HELD_OUT_KEYS, *(s.strip() for s in sw.HELD_OUT_SEPARATORS)]
+    for text in texts:
+        words = set(re.findall(r"[\w=>]+", text))
+        assert not words & set(held), text
+
+
+def test_few_shot_documents_hide_the_query_value_in_about_half():
+    rng = random.Random(3)
+    hidden = 0
+    for _ in range(400):
+        lines = sw.few_shot_document(rng, CAPTION_PROMPT).split("\n")
+        values = [line.split(sep, 1)[1] for line in lines[1::2]
+                  for sep in [next(s for s in sw.SEPARATORS if s in line)]]  # fmt: skip
+        assert len(lines) % 2 == 0 and all(line.startswith("Caption: ") for line in lines[::2])
+        hidden += values[-1] not in values[:-1]
+    assert 0.4 < hidden / 400 < 0.9
+
+
+def test_the_lm_weighs_k_shot_values_as_answers(data, lm_texts):
+    from vlm.factory import train_tokenizer
+    from vlm.train import answer_mask, pack_texts
+
+    tokenizer = train_tokenizer(lm_texts[:1000], 400)
+    document = "Caption: a small red circle\nHue: red\nCaption: a large blue star\nTag -> star"
+    texts = ["Question: what color is it? Answer: red", document]
+    length = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # one block, EOS each
+    blocks = pack_texts(tokenizer, texts, length)
+    marked = tokenizer.decode(blocks[answer_mask(tokenizer, blocks, "Answer:", data.answer_cues())])
+    # the answer and the value after a seen key; "Hue" is a held-out key, never weighed
+    assert marked.split() == ["red", "star"]

@@ -1,0 +1,21 @@
+"""How a task is said to the frozen LM after the visual prefix: the one place of the template."""
+
+from __future__ import annotations
+
+# A question and its answer, Frozen/BLIP-2 style; the answer follows the cue ("Answer:").
+QUESTION_TEMPLATE = "Question: {question} Answer:"
+
+
+def question_prompt(question: str, template: str = QUESTION_TEMPLATE) -> str:
+    """The text the LM reads before writing an answer."""
+    return template.format(question=question)
+
+
+def qa_text(question: str, answer: str, template: str = QUESTION_TEMPLATE) -> str:
+    """A question and its answer as one training text: "Question: … Answer: yes"."""
+    return f"{question_prompt(question, template)} {answer}"
+
+
+def answer_cue(template: str = QUESTION_TEMPLATE) -> str:
+    """The words a question template ends with, after which the answer comes ("Answer:")."""
+    return template.split("{question}")[-1].strip()
