@@ -150,6 +150,82 @@ def shapeworld_examples(folder: Path = EXAMPLES_DIR) -> list[tuple[Path, dict]]:
     return [(folder / "shapeworld" / name, truth[name]) for name in sorted(truth)]
 
 
+def _by_name(folder: Path) -> dict[str, tuple[str, dict]]:
+    return {path.name[:5]: (str(path), entry) for path, entry in shapeworld_examples(folder)}
+
+
+def _never_seen(entry: dict) -> list[str]:
+    return [f"{o['color']} {o['shape']}" for o in entry["objects"]
+            if (o["color"], o["shape"]) in sw.HELD_OUT]  # fmt: skip
+
+
+def caption_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], list[str]]:
+    """Rows ([image]) and labels for the Caption tab: scenes of seen combinations, and those
+    holding a HELD_OUT one, labelled as never seen with any image."""
+    rows, labels = [], []
+    for path, entry in shapeworld_examples(folder):
+        never = _never_seen(entry)
+        rows.append([str(path)])
+        labels.append(f"never seen with any image: {', '.join(never)}" if never else
+                      f"{entry['n_objects']} object{'s' * (entry['n_objects'] > 1)}")  # fmt: skip
+    return rows, labels
+
+
+def question_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], list[str]]:
+    """Rows ([image, question, choices]) and labels for the Ask tab: seen questions, a
+    question about a HELD_OUT combination, and questions in HELD_OUT_FORMS (phrasings the LM
+    read in text only, never asked of any image)."""
+    scenes = _by_name(folder)
+    if not scenes:
+        return [], []
+    rows, labels = [], []
+    for key in ("sw-01", "sw-05", "sw-09"):
+        path, entry = scenes[key]
+        rows.append([path, entry["questions"][0][0], ""])
+        labels.append("a phrasing seen in training")
+    path, entry = scenes["sw-13"]
+    rows.append([path, f"what shape is the {entry['objects'][0]['color']} object?", ""])
+    labels.append(f"never seen with any image: {', '.join(_never_seen(entry))}")
+    path, entry = scenes["sw-05"]
+    second = entry["objects"][1]
+    rows.append([path, f"how big is the {second['color']} {second['shape']}?", ""])
+    labels.append("a phrasing never asked of any image")
+    path, _ = scenes["sw-02"]
+    rows.append([path, "what shape is it?", ""])
+    labels.append("a phrasing never asked of any image")
+    path, _ = scenes["sw-01"]
+    rows.append([path, "how many shapes are there?", "one, two, three"])
+    labels.append("choices scored by the LM")
+    return rows, labels
+
+
+def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
+    """Rows ([image, text] × 3, query image, prompt) and labels for the Few-shot tab: 2-shot
+    lists whose query's value is in neither example, in a seen format and in formats that
+    appear nowhere in training (HELD_OUT_KEYS, HELD_OUT_SEPARATORS)."""
+    scenes = _by_name(folder)
+    if not scenes:
+        return [], []
+    one = {key: (path, sw.Scene(tuple(sw.Obj(**o) for o in entry["objects"])))
+           for key, (path, entry) in scenes.items() if entry["n_objects"] == 1}  # fmt: skip
+    tasks = [  # (attribute, key, separator, two example scenes, query scene, label)
+        ("color", "Colour", ": ", ("sw-01", "sw-02"), "sw-04", "2-shot colour, a seen format"),
+        ("shape", "Form", ": ", ("sw-01", "sw-02"), "sw-03",
+         "2-shot shape, key never seen in training"),
+        ("size", "Scale", " => ", ("sw-01", "sw-04"), "sw-02",
+         "2-shot size, key and separator never seen in training"),
+    ]  # fmt: skip
+    rows, labels = [], []
+    for attribute, key, separator, shots, query, label in tasks:
+        row: list = []
+        for name in shots:
+            path, scene = one[name]
+            row += [path, f"{key}{separator}{sw.attribute(scene, attribute)}"]
+        rows.append([*row, None, None, one[query][0], f"{key}{separator}".rstrip()])
+        labels.append(label)
+    return rows, labels
+
+
 def photo_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
     """The example photos, sorted by name."""
     return sorted((folder / "photos").glob("*.jpg"))
