@@ -153,3 +153,24 @@ def test_two_objects_the_named_one_gets_the_peak_more_often(pipeline):
     named_rate, other_rate = np.mean(on_named), np.mean(on_other)
     print(f"two objects: peak on the named one {named_rate:.2f}, on the other {other_rate:.2f}")
     assert named_rate >= 0.6 and named_rate >= 5 * other_rate
+
+
+def test_the_overlay_rings_the_peak_cell():
+    from PIL import Image
+
+    from vlm.visualize import overlay_heatmap, peak_centre
+
+    grid = np.zeros((4, 4))
+    grid[1, 2] = 1.0  # the peak: x in [64, 96), y in [32, 64) of a 128-pixel image
+    assert peak_centre(grid, (128, 128)) == (80.0, 48.0)
+    image = Image.new("RGB", (128, 128), (0, 0, 0))
+    marked = np.asarray(overlay_heatmap(image, grid))
+    plain = np.asarray(overlay_heatmap(image, grid, mark_peak=False))
+    changed = np.argwhere((marked != plain).any(-1))
+    assert len(changed) > 50  # a ring, around the peak's centre and nowhere else
+    distances = np.hypot(changed[:, 1] - 80, changed[:, 0] - 48)
+    assert distances.min() > 10 and distances.max() < 20
+    flat = overlay_heatmap(image, np.zeros((4, 4)))  # no peak, no ring
+    assert np.array_equal(
+        np.asarray(flat), np.asarray(overlay_heatmap(image, np.zeros((4, 4)), mark_peak=False))
+    )

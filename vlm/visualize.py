@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def _colormap(values: np.ndarray) -> np.ndarray:
@@ -15,11 +15,27 @@ def _colormap(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
-def overlay_heatmap(image: Image.Image, grid: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """`grid` (any shape, e.g. 7×7 patch scores) stretched over `image`, min-max scaled."""
+def peak_centre(grid: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) in pixels of an image of `size` at the centre of the grid's highest cell."""
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    return (col + 0.5) * size[0] / grid.shape[1], (row + 0.5) * size[1] / grid.shape[0]
+
+
+def overlay_heatmap(
+    image: Image.Image, grid: np.ndarray, alpha: float = 0.55, mark_peak: bool = True
+) -> Image.Image:
+    """`grid` (any shape, e.g. 7×7 patch scores) stretched over `image`, min-max scaled; with
+    `mark_peak`, a ring around the centre of its highest cell (where the text matches most)."""
     span = float(grid.max() - grid.min())
     scaled = (grid - grid.min()) / span if span > 1e-8 else np.zeros_like(grid)
     small = Image.fromarray((scaled * 255).astype(np.uint8), mode="L")
     smooth = np.asarray(small.resize(image.size, Image.BICUBIC), dtype=np.float32) / 255.0
     heat = Image.fromarray(_colormap(smooth))
-    return Image.blend(image.convert("RGB"), heat, alpha)
+    picture = Image.blend(image.convert("RGB"), heat, alpha)
+    if mark_peak and span > 1e-8:
+        x, y = peak_centre(grid, picture.size)
+        r = max(4.0, min(picture.size) / grid.shape[0] / 2)
+        draw = ImageDraw.Draw(picture)
+        for colour, width in (((0, 0, 0), 4), ((255, 255, 255), 2)):  # visible on any colour
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
+    return picture

@@ -14,45 +14,11 @@ from __future__ import annotations
 import argparse
 import random
 
-import numpy as np
 import torch
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
-
-
-def named_texts(scene: sw.Scene) -> list[tuple[str, str, int]]:
-    """(kind, text, index of the object it names) for every text that names one object."""
-    out = []
-    for i, obj in enumerate(scene.objects):
-        others = [o for j, o in enumerate(scene.objects) if j != i]
-        if all(o.name != obj.name for o in others):
-            out.append(("colour+shape", obj.name, i))
-        if all(o.shape != obj.shape for o in others):
-            out.append(("shape", f"the {obj.shape}", i))
-        if all(o.color != obj.color for o in others):
-            out.append(("colour", f"something {obj.color}", i))
-    return out
-
-
-def peak_object(grid: np.ndarray, scene: sw.Scene) -> int:
-    """The index of the object whose centre is nearest the map's highest cell."""
-    side = grid.shape[0]
-    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    y, x = (row + 0.5) / side, (col + 0.5) / side
-    return int(np.argmin([np.hypot(o.x - x, o.y - y) for o in scene.objects]))
-
-
-def peak_hits(explain, scenes: list[sw.Scene], size: int = 128) -> dict[str, float]:
-    """Hit rate by kind of text (and over all) of `explain(image, text) -> grid`."""
-    hits: dict[str, list[bool]] = {}
-    for scene in scenes:
-        image = sw.render(scene, size)
-        for kind, text, index in named_texts(scene):
-            hit = peak_object(explain(image, text), scene) == index
-            hits.setdefault(kind, []).append(hit)
-            hits.setdefault("all", []).append(hit)
-    return {kind: float(np.mean(values)) for kind, values in hits.items()}
+from vlm.evaluate import peak_hits  # the measure `eval shapeworld` reports
 
 
 def main() -> None:
@@ -70,7 +36,7 @@ def main() -> None:
         "occlusion, contrasted (now)": pipeline.explain,
     }
     for name, explain in methods.items():
-        rates = peak_hits(explain, scenes)
+        rates = peak_hits(explain, [sw.render(s, 128) for s in scenes], scenes)
         print(f"{name:30s}", "  ".join(f"{k} {v:.1%}" for k, v in rates.items()))
 
 
