@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
-# Offline machines: packages brought as wheels in .whl/ (see README, Performance)
+# Offline machines: packages brought as wheels in .whl/ (pip install --no-index from there)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1

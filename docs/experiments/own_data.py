@@ -1,6 +1,6 @@
 """A stand-in for a new user's own data: ShapeWorld-like scenes of one to three shapes, each
 captioned twice in "their own words" (not ShapeWorld's canonical sentence), written as a folder
-of PNGs with sidecar .txt files. README's offline quick start was measured on it:
+of PNGs with sidecar .txt files. docs/training.md's offline quick start was measured on it:
 
     python docs/experiments/own_data.py /tmp/own 300
     vlm train --data /tmp/own --out runs/own --encoder local-dir:assets/shapeworld/encoder …
