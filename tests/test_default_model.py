@@ -175,3 +175,15 @@ def test_probe_is_not_reached_when_hub_offline_in_the_app(hub, app_module, monke
     models = app_module.Models(None)
     assert models.default == "shapeworld" and "HF_HUB_OFFLINE is set" in models.reason
     assert hub.calls == [] and presets.hub_reachable() is False
+
+
+def test_the_app_asks_the_hub_once_at_start_up(hub, app_module):
+    """Choosing the default and listing what can run both need the hub's answer (nothing is
+    cached): one probe serves both."""
+    models = app_module.Models(None)
+    assert models.default == "shapeworld" and "not reachable" in models.reason
+    assert models.choices() == ["shapeworld"]
+    assert len(hub.calls) == 1
+    hub.up, hub.calls[:] = True, []
+    assert presets.runnable_presets(hub=lambda: True) == ["clipcap-coco", "shapeworld"]
+    assert hub.calls == []  # an answer given is not asked again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .paths import ASSETS
@@ -197,15 +198,26 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def runnable_presets(hub: bool | None = None) -> list[str]:
-    """The presets this machine can serve: in the cache or downloadable (`hub`: whether the
-    hub is reachable, asked once with a short timeout when not given), and on a GPU for the
-    models that need one."""
+Hub = bool | Callable[[], bool] | None
+
+
+def _ask(hub: Hub) -> bool:
+    """Whether the hub answers: `hub` itself, or its answer when it is a way to ask (e.g. one
+    probe shared by several questions), or else `hub_reachable()`."""
+    if hub is None:
+        return hub_reachable()
+    return hub() if callable(hub) else hub
+
+
+def runnable_presets(hub: Hub = None) -> list[str]:
+    """The presets this machine can serve: in the cache or downloadable, and on a GPU for the
+    models that need one. `hub`: whether the hub is reachable, or how to ask; asked only when
+    something is not cached (by default with `hub_reachable`'s short timeout)."""
     gpu = has_gpu()
     fits = [name for name, p in PRESETS.items() if gpu or not p.needs_gpu]
     cached = [name for name in fits if PRESETS[name].is_cached()]
-    if len(cached) < len(fits) and hub is None:
-        hub = hub_reachable()
+    if len(cached) < len(fits):
+        hub = _ask(hub)
     return [
         name
         for name in fits
@@ -219,10 +231,11 @@ def models_for_task(task: str, runnable: list[str]) -> list[str]:
     return [name for name in runnable if task in PRESETS[name].tasks]
 
 
-def choose_default_model() -> tuple[str, str]:
+def choose_default_model(hub: Hub = None) -> tuple[str, str]:
     """The model to serve when none is named, and why: BLIP-2 on a GPU, ClipCap on a CPU
     (each when cached or the hub answers quickly), else the bundled ShapeWorld model. Never
-    waits on the network longer than `hub_reachable`'s timeout, and not at all offline."""
+    waits on the network longer than `hub_reachable`'s timeout, and not at all offline.
+    `hub`: as for `runnable_presets`, asked only when the wanted model is not cached."""
     gpu = has_gpu()
     wanted = ["blip2-opt-2.7b", "clipcap-coco"] if gpu else ["clipcap-coco"]
     for name in wanted:
@@ -230,8 +243,7 @@ def choose_default_model() -> tuple[str, str]:
             return name, f"{name} is in the local Hugging Face cache" + (
                 " and a GPU is present" if PRESETS[name].needs_gpu else ""
             )
-    hub = hub_reachable()
-    if hub:
+    if _ask(hub):
         name = wanted[0]
         where = "a GPU is present" if gpu else "there is no GPU, so the CPU-sized model runs"
         return name, f"{name} is downloaded from the Hugging Face hub ({where})"
