@@ -1,5 +1,6 @@
-"""The one registry of named models: where each one's weights live, how it loads, what it
-was trained to do, and which one this machine serves by default."""
+"""The one registry of named models, as data: where each one's weights live, what it was
+trained to do, whether this machine has them, and which one it serves by default. Loading
+them is `vlm.pretrained`'s work."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .blip2 import is_cached as blip2_cached
 from .paths import ASSETS
 from .tasks import ALL_TASKS, CAPTION_TASKS, PREFIX_LM_TASKS
 
@@ -16,10 +18,11 @@ SHAPEWORLD_DIR = ASSETS / "shapeworld"
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named model. `folder`: a saved pipeline shipped with vlm. `clipcap`: a ClipCap
-    checkpoint file in a hub repo (`repo_id`, `filename`) or a local file (`env` names the
-    variable that holds its path), loaded with `load_clipcap(**clipcap)`. `blip2`: a hub repo
-    in transformers' Blip2ForConditionalGeneration layout (`repo_id`).
+    """A named model: data that `vlm.pretrained` loads. `folder`: a saved pipeline shipped with
+    vlm. `clipcap`: a ClipCap checkpoint file in a hub repo (`repo_id`, `filename`) or a local
+    file (`env` names the variable that holds its path), read with
+    `vlm.clipcap.read_clipcap(**clipcap)`. `blip2`: a hub repo in transformers'
+    Blip2ForConditionalGeneration layout (`repo_id`).
 
     `tasks` are what its weights were trained for (see `vlm.tasks`); `needs_gpu` marks a model
     too slow or too big to serve from a CPU."""
@@ -55,27 +58,12 @@ class Preset:
         if self.folder is not None:
             return (self.folder / "config.json").is_file()
         if self.blip2:
-            from .blip2 import is_cached
-
-            return is_cached(self.repo_id)
+            return blip2_cached(self.repo_id)
         if self.env and not (os.environ.get(self.env) and Path(os.environ[self.env]).is_file()):
             return False
         encoder = self.clipcap.get("encoder")
         return all(_in_cache(repo, file) for repo, file in self.hub_files) and (
             encoder is None or encoder_cached(encoder)
-        )
-
-    def load(self, device=None):
-        from .pipeline import Pipeline
-
-        if self.folder is not None:
-            return Pipeline.from_pretrained(self.folder, device=device)
-        if self.blip2:
-            from .blip2 import load_blip2
-
-            return load_blip2(self.repo_id, device=device, name=self.name)
-        return Pipeline.from_clipcap(
-            self.checkpoint(), name=self.name, tasks=self.tasks, device=device, **self.clipcap
         )
 
 
@@ -223,6 +211,11 @@ def runnable_presets(hub: Hub = None) -> list[str]:
         for name in fits
         if name in cached or (hub and not PRESETS[name].env and PRESETS[name].repo_id)
     ]
+
+
+def models_for(task: str) -> list[str]:
+    """The named models (presets) trained for `task`."""
+    return [name for name, preset in PRESETS.items() if task in preset.tasks]
 
 
 def models_for_task(task: str, runnable: list[str]) -> list[str]:
