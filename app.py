@@ -23,7 +23,7 @@ import open_clip
 import pandas as pd
 import torch
 
-from vlm import Pipeline, inputs, shapeworld
+from vlm import inputs, shapeworld
 from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
 from vlm.images import ImageError
 from vlm.inputs import is_url, url_refused
@@ -37,7 +37,7 @@ from vlm.serve import (
 )
 from vlm.uploads import ScratchFolder, UploadError
 
-__all__ = ["MAX_UPLOAD_FILES", "Models", "Pipeline", "build_demo", "make_handlers"]
+__all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
 
 log = logging.getLogger("vlm.app")
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 from huggingface_hub import constants
 
-from vlm import presets
+from vlm import Pipeline, presets
 from vlm.presets import PRESETS, available_presets, choose_default_model, hub_reachable
 
 COCO = PRESETS["clipcap-coco"]
@@ -165,7 +165,7 @@ def test_a_named_model_that_fails_falls_back_too_but_the_bundled_one_cannot(
     def broken(name, device=None):
         raise OSError(f"{name}: disk error")
 
-    monkeypatch.setattr(app_module.Pipeline, "from_pretrained", broken)
+    monkeypatch.setattr(Pipeline, "from_pretrained", broken)
     with pytest.raises(OSError, match="shapeworld: disk error"):  # nothing left to fall back to
         app_module.Models("shapeworld")
 
