@@ -385,7 +385,7 @@ def label_sets() -> dict[str, str]:
 # labels and templates, captioning or indexing many files) share one group that runs one
 # request at a time, so however many of them are queued, at most one waits for the model
 # beside the light requests (caption, answer, search, few-shot, explain): a caption waits
-# for at most one heavy request, which the limits above bound.
+# for at most one heavy request, which the limits in vlm.serve bound.
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
 
 
