@@ -1,23 +1,21 @@
 """The vlm demo: caption, classify, search, ask, few-shot and explain, in one Gradio page.
 
-UI only: every model call goes through `vlm.Pipeline`. Run `python app.py --help`; `gradio
-app.py` and Hugging Face Spaces use the module-level `demo`.
+UI only: the page's layout and handlers of a few lines that call `vlm.serve.Service` (the
+models, their search indexes and every task's checks and limits live there). Run
+`python app.py --help`; `gradio app.py` and Hugging Face Spaces use the module-level `demo`,
+built when first asked for: importing this module loads no model.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import gc
 import inspect
 import logging
 import os
-import re
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -25,40 +23,25 @@ import open_clip
 import pandas as pd
 import torch
 
-from vlm import Pipeline, SearchIndex, inputs, shapeworld
+from vlm import inputs, shapeworld
 from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
 from vlm.images import ImageError
-from vlm.inputs import ImageGate, is_url, number, url_refused
-from vlm.presets import PRESETS, choose_default_model, models_for_task, runnable_presets
+from vlm.inputs import is_url, url_refused
 from vlm.search import IndexLoadError
-from vlm.tasks import TASKS, UnsupportedTaskError
-from vlm.uploads import (
-    ScratchFolder,
-    UploadError,
-    check_length,
-    check_prompt_count,
-    clean_question,
-    collect_uploads,
-    parse_labels,
-    parse_templates,
+from vlm.serve import (
+    MAX_NEW_TOKENS,
+    MAX_UPLOAD_FILES,
+    Models,
+    Service,
+    index_folder,
 )
-from vlm.visualize import overlay_heatmap
+from vlm.uploads import ScratchFolder, UploadError
+
+__all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
 
 log = logging.getLogger("vlm.app")
 
-MAX_NEW_TOKENS = int(os.environ.get("VLM_MAX_NEW_TOKENS", 60))
-MAX_LABELS = int(os.environ.get("VLM_MAX_LABELS", 2000))
-MAX_QUESTION_CHARS = int(os.environ.get("VLM_MAX_QUESTION_CHARS", 500))
-MAX_UPLOAD_FILES = int(os.environ.get("VLM_MAX_UPLOAD_FILES", 500))
 MAX_FILE_SIZE = inputs.MAX_FILE_SIZE_TEXT  # uploads, paths and data URLs alike
-# Text limits, checked before any tokenising: labels (also the explain phrase and a search
-# text), zero-shot templates (count, length, and labels × templates: the cost of /classify),
-# few-shot texts and prompt.
-MAX_LABEL_CHARS = int(os.environ.get("VLM_MAX_LABEL_CHARS", 300))
-MAX_TEMPLATES = int(os.environ.get("VLM_MAX_TEMPLATES", 100))
-MAX_TEMPLATE_CHARS = int(os.environ.get("VLM_MAX_TEMPLATE_CHARS", 200))
-MAX_CLASSIFY_TEXTS = int(os.environ.get("VLM_MAX_CLASSIFY_TEXTS", 20_000))
-MAX_FEW_SHOT_CHARS = int(os.environ.get("VLM_MAX_FEW_SHOT_CHARS", 1000))
 # a request's output files (the caption CSV) are removed this many seconds after it
 TEMP_MAX_AGE = float(os.environ.get("VLM_TEMP_MAX_AGE", 600))
 # Gradio keeps a copy of the page's configuration for every session (about 0.3 MB each here)
@@ -110,88 +93,6 @@ class PathGuard(inputs.PathGuard):
     def __init__(self, allowed_dirs=()):
         allowed = [Path(d).resolve() for d in allowed_dirs]
         super().__init__(lambda: [*allowed, gr.utils.get_upload_folder(), EXAMPLES_DIR])
-
-
-# ---------------------------------------------------------------------------- models
-
-
-class Models:
-    """The pipelines this server has loaded, by name; the first one is the default."""
-
-    def __init__(self, requested: str | None):
-        if requested:
-            self.default, self.reason = requested, "chosen with --model / VLM_MODEL"
-        else:
-            self.default, self.reason = choose_default_model()
-        self._loaded: dict[str, Pipeline] = {}
-        self._turns: dict[str, threading.RLock] = {}
-        self._lock = threading.Lock()
-        self._runnable = runnable_presets()  # asks the hub at most once, briefly
-        try:
-            self.get(self.default)
-        except Exception as error:  # a missing or unreachable model: fall back, say why
-            if self.default == "shapeworld":
-                raise
-            log.warning("could not load %s: %s", self.default, error)
-            self.reason = f"{self.default} could not be loaded ({error}); the bundled model runs"
-            self.default = "shapeworld"
-            self.get(self.default)
-
-    def choices(self) -> list[str]:
-        """The models the picker offers: the default, then every preset this machine can run
-        (cached or downloadable, on a GPU for those that need one)."""
-        return list(dict.fromkeys([self.default, *self._runnable]))
-
-    def require(self, name: str, task: str) -> None:
-        """Refuse `task` on a model not trained for it, naming the offered models that are."""
-        if task not in self.get(name).tasks:
-            raise UnsupportedTaskError(task, name, models_for_task(task, self.choices()))
-
-    def pick(self, name: str | None, guard: PathGuard) -> str:
-        """The model a request asked for: one this server offers, or a model folder under an
-        allowed folder; never a hub id or a folder elsewhere (nothing a user types is fetched
-        or read unless allowed)."""
-        if not name:
-            return self.default
-        if name in self.choices():
-            return name
-        folder = guard.allows(name)
-        if folder is not None and folder.is_dir():
-            return str(folder)
-        raise gr.Error(
-            f"Model {name!r} is not offered here: choose one of {', '.join(self.choices())}, "
-            "or a model folder inside a folder allowed with --allowed-dir."
-        )
-
-    def get(self, name: str | None) -> Pipeline:
-        name = name or self.default
-        with self._lock:
-            if name not in self._loaded:
-                self._loaded[name] = Pipeline.from_pretrained(name)
-            return self._loaded[name]
-
-    @contextlib.contextmanager
-    def use(self, name: str | None):
-        """The pipeline, for one request at a time. Gradio runs two requests at once, and a
-        pipeline is not safe to share between threads: the image encoder switches its ViT to
-        also return patch tokens for the length of a call (open_clip's `output_tokens`), and
-        a search index is changed in place. Requests take turns per model; torch spreads each
-        one over every core anyway."""
-        pipeline = self.get(name)
-        with self._lock:
-            turn = self._turns.setdefault(name or self.default, threading.RLock())
-        with turn:
-            yield pipeline
-
-    def notice(self, name: str | None = None) -> str:
-        name = name or self.default
-        preset = PRESETS.get(name)
-        what = preset.description if preset else name
-        why = self.reason if name == self.default else "chosen in the model picker"
-        pipeline = self.get(name)
-        does = ", ".join(TASKS[task].split(" (")[0] for task in TASKS if task in pipeline.tasks)
-        device = pipeline.device.type.upper()
-        return f"**Model: `{name}`** — {what}. *{why}.* Running on {device}. It can: {does}."
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -276,28 +177,6 @@ def image_input(label: str = "Image", **options) -> UploadedImage:
     return UploadedImage(type="pil", label=label, **options)
 
 
-def _max_tokens(max_tokens) -> int:
-    return int(number(max_tokens, "Max length", 1, MAX_NEW_TOKENS, " tokens"))
-
-
-def _decoding(mode: str, beams: float, top_p: float, temperature: float, max_tokens: float):
-    options = dict(max_new_tokens=_max_tokens(max_tokens))
-    if mode == "beam search":
-        options["num_beams"] = int(number(beams, "Beams", 1, 8))
-    elif mode == "nucleus sampling":
-        top_p, temperature = number(top_p, "Top-p", 0, 1), number(temperature, "Temperature", 0, 2)
-        options.update(do_sample=True, top_p=top_p, temperature=max(temperature, 1e-3))
-    return options
-
-
-def _few_shot_limits(text1, text2, text3, prompt, max_tokens) -> None:
-    """The few-shot texts' lengths and max length, checked before anything is tokenised."""
-    for number_, text in enumerate((text1, text2, text3), 1):
-        check_length(text, f"Text {number_}", MAX_FEW_SHOT_CHARS)
-    check_length(prompt, "the prompt", MAX_FEW_SHOT_CHARS)
-    _max_tokens(max_tokens)
-
-
 def without_words(handler):
     """A streaming handler's outputs less the words: (text, words[, scores]) -> text[, scores]."""
 
@@ -320,130 +199,37 @@ def finished(handler):
     return run
 
 
-def index_folder(index_root: Path, model: str) -> Path:
-    """Where a model's search index lives: one folder per model, named safely."""
-    return index_root / re.sub(r"^\.+|[^A-Za-z0-9_.-]+", "_", model)
+def _live(stream):
+    """(text so far, its words with the LM's probabilities) as the LM writes them."""
+    for written in stream:
+        yield written.text, written.spans()
 
 
-def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
-    """The functions behind the page's buttons (and its API), closed over the models.
+def _gallery(items: list[str]) -> list[tuple[str, str]]:
+    return [(item, Path(item).name) for item in items]
 
-    Every server path a request names (an image or file given as a string, a model folder)
-    must lie under `allowed_dirs`, Gradio's upload folder or the bundled examples."""
-    indexes: dict[str, SearchIndex] = {}
-    index_lock = threading.Lock()
-    guard = PathGuard(allowed_dirs)
-    gate = ImageGate(guard)  # every image a request names passes it
-    scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
 
-    def using(model: str | None):
-        """The model a request asked for, held for this request (see Models.use)."""
-        return models.use(models.pick(model, guard))
+def _results(hits) -> list[tuple[str, str]]:
+    return [(h.item, f"{h.score:.3f} · {Path(h.item).name}") for h in hits]
 
-    def index_dir(model: str | None) -> Path:
-        return index_folder(index_root, models.pick(model, guard))
 
-    def _image(image, what: str = "an image"):
-        if image is None:
-            raise gr.Error(f"Please give {what} (upload, drop, paste or use the webcam).")
-        return gate.open(image)
-
-    def _files(files) -> list[Path]:
-        """Every file's path, inside the allowed folders and the byte limit (all or none)."""
-        return [gate.read_path(getattr(f, "path", None) or f) for f in files]
-
-    def get_index(model: str | None) -> SearchIndex:
-        """The model's persistent index, built from the bundled examples the first time."""
-        name = models.pick(model, guard)
-        models.require(name, "search")
-        with index_lock:
-            if name not in indexes:
-                encoder, folder = models.get(name).encoder, index_folder(index_root, name)
-                if (folder / "manifest.json").exists():
-                    indexes[name] = SearchIndex.load(folder, encoder)
-                else:
-                    index = SearchIndex(encoder)
-                    index.add([p for p, _ in shapeworld_examples()] + photo_examples())
-                    index.save(folder)
-                    indexes[name] = index
-            return indexes[name]
-
-    def _live(stream):
-        """(text so far, its words with the LM's probabilities) as the LM writes them. The LM
-        runs outside the model's turn (see Models.use): the next request need not wait."""
-        for written in stream:
-            yield written.text, written.spans()
+def _writers(service: Service) -> dict:
+    """The handlers whose answer the LM writes, streamed: (text, words[, choice scores])."""
 
     @friendly
     @gpu
     def caption_words(
         image, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30, model=None
     ):
-        options, picture = _decoding(mode, beams, top_p, temperature, max_tokens), _image(image)
-        with using(model) as pipeline:
-            stream = pipeline.stream_caption(picture, **options)
-        yield from _live(stream)
-
-    @friendly
-    @gpu
-    def caption_files(files, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30,
-                      model=None):  # fmt: skip
-        if not files:
-            raise gr.Error("Please add one or more image files.")
-        if len(files) > MAX_UPLOAD_FILES:
-            raise gr.Error(f"At most {MAX_UPLOAD_FILES} images at once.")
-        options = _decoding(mode, beams, top_p, temperature, max_tokens)
-        rows, good = [], []
-        for path in _files(files):
-            try:
-                good.append((path.name, gate.open(path)))
-            except ImageError as error:
-                rows.append((path.name, f"⚠ {error}"))
-        captions = []
-        if good:
-            with using(model) as pipeline:
-                captions = pipeline.caption([im for _, im in good], **options)
-        rows = [(name, c) for (name, _), c in zip(good, captions, strict=True)] + rows
-        table = pd.DataFrame(rows, columns=["file", "caption"])
-        out = scratch.new_file("captions.csv")
-        with out.open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([("file", "caption"), *rows])
-        return table, str(out)
-
-    @friendly
-    @gpu
-    def classify(image, labels_text="", templates_text="", model=None):
-        labels = parse_labels(labels_text or "", MAX_LABELS, MAX_LABEL_CHARS)
-        templates = parse_templates(templates_text, MAX_TEMPLATES, MAX_TEMPLATE_CHARS)
-        pipeline = models.get(models.pick(model, guard))
-        check_prompt_count(len(labels), len(templates or pipeline.templates()), MAX_CLASSIFY_TEXTS)
-        picture = _image(image)
-        # the label texts are encoded (and cached) outside the model's turn, which only the
-        # image side needs (Models.use): a caption does not wait for thousands of texts
-        pipeline.class_weights(labels, templates or None)
-        with using(model) as pipeline:
-            probs = pipeline.classify([picture], labels, templates or None)[0]
-        top = list(probs.items())[:15]
-        chart = pd.DataFrame({"label": [k for k, _ in top], "probability": [v for _, v in top]})
-        return probs, chart
+        yield from _live(service.caption(image, (mode, beams, top_p, temperature, max_tokens),
+                                         model))  # fmt: skip
 
     @friendly
     @gpu
     def answer_words(image, question="", choices_text="", model=None):
-        question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
-        choices = (
-            parse_labels(choices_text, 50, MAX_LABEL_CHARS)
-            if (choices_text or "").strip()
-            else None
-        )
-        picture = _image(image)
-        with using(model) as pipeline:
-            if choices:  # scored, not written: one answer, coloured by its choice probability
-                results = pipeline.answer([picture], [question], choices, return_scores=True)
-            else:
-                stream = pipeline.stream_answer(picture, question)
-        if choices:
-            best, scores = results[0]
+        stream, scored = service.answer(image, question, choices_text, model)
+        if scored:  # one answer, coloured by its choice probability
+            best, scores = scored
             yield best, [(best, scores[best])], scores
             return
         for text, words in _live(stream):
@@ -453,86 +239,70 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
     @gpu
     def few_shot_words(image1, text1, image2, text2, image3, text3, query, prompt="",
                        max_tokens=20, model=None):  # fmt: skip
-        _few_shot_limits(text1, text2, text3, prompt, max_tokens)
-        parts: list = []
-        for image, text in ((image1, text1), (image2, text2), (image3, text3)):
-            if image is not None and (text or "").strip():
-                parts += [_image(image), text.strip() + "\n"]
-            elif image is not None or (text or "").strip():
-                raise gr.Error("Each example needs both an image and its text.")
-        if not parts:
-            raise gr.Error("Give at least one example: an image and its text.")
-        parts += [_image(query, "a query image"), (prompt or "").strip()]
-        with using(model) as pipeline:
-            stream = pipeline.stream_continue(parts, max_new_tokens=_max_tokens(max_tokens))
-        yield from _live(stream)
+        examples = [(image1, text1), (image2, text2), (image3, text3)]
+        yield from _live(service.few_shot(examples, query, prompt, max_tokens, model))
+
+    return dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
+
+
+def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
+    """The other handlers: captions of many files, labels, search, the index, heatmaps."""
+
+    @friendly
+    @gpu
+    def caption_files(files, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30,
+                      model=None):  # fmt: skip
+        rows = service.caption_files(files, (mode, beams, top_p, temperature, max_tokens), model)
+        out = scratch.new_file("captions.csv")
+        with out.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("file", "caption"), *rows])
+        return pd.DataFrame(rows, columns=["file", "caption"]), str(out)
+
+    @friendly
+    @gpu
+    def classify(image, labels_text="", templates_text="", model=None):
+        probs = service.classify(image, labels_text, templates_text, model)
+        top = list(probs.items())[:15]
+        chart = pd.DataFrame({"label": [k for k, _ in top], "probability": [v for _, v in top]})
+        return probs, chart
 
     @friendly
     @gpu
     def explain(image, text="", model=None):
-        if not (text or "").strip():
-            raise gr.Error("Type a label or a phrase to look for.")
-        check_length(text, "the phrase", MAX_LABEL_CHARS)
-        picture = _image(image)
-        with using(model) as pipeline:
-            grid = pipeline.explain(picture, text.strip())
-        return overlay_heatmap(picture, grid)
-
-    def _gallery(index: SearchIndex, hits=None):
-        if hits is None:
-            return [(item, Path(item).name) for item in index.items[-60:]]
-        return [(h.item, f"{h.score:.3f} · {Path(h.item).name}") for h in hits]
+        return service.explain(image, text, model)
 
     @friendly
     @gpu
     def search(query_text="", query_image=None, k=8, model=None):
-        k = number(k, "Results", 1, 100)
-        if query_image is not None:
-            query = _image(query_image)
-        elif (query_text or "").strip():
-            query = check_length(query_text, "the text query", MAX_LABEL_CHARS).strip()
-        else:
-            raise gr.Error("Type a text query or give a query image.")
-        with using(model):
-            index = get_index(model)
-            return _gallery(index, index.search(query, k=int(k)))
+        return _results(service.search(query_text, query_image, k, model))
 
     @friendly
     def index_add(files, model=None, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        if not files:
-            raise gr.Error("Drop images or a .zip of images to add.")
-        if len(files) > MAX_UPLOAD_FILES:
-            raise gr.Error(f"At most {MAX_UPLOAD_FILES} files at once.")
-        uploads = _files(files)
-        with using(model), tempfile.TemporaryDirectory(prefix="vlm-unpack-") as unpacked:
-            index = get_index(model)
-            paths, skipped = collect_uploads(
-                [str(f) for f in uploads], Path(unpacked), max_files=MAX_UPLOAD_FILES
-            )
-            progress(0, desc="indexing")
-            # our own copies, content-addressed (Gradio's upload cache and the unpacked zip
-            # are temporary); what the index does not take is removed
-            added = index.add_copies(
-                paths, index_dir(model) / "images", progress=lambda n, of: progress(n / max(of, 1))
-            )
-            with index_lock:
-                index.save(index_dir(model))
-            skipped += index.skipped
+        def indexing(done: int, of: int) -> None:
+            progress(done / max(of, 1), desc="indexing")
+
+        index, added, skipped = service.index_add(files, model, indexing)
         status = f"Added {added} image(s); the index now holds {len(index)}."
         if skipped:
             status += " Skipped: " + "; ".join(f"{Path(n).name} ({why})" for n, why in skipped[:20])
-        return _gallery(index), status
+        return _gallery(index.items[-60:]), status
 
     @friendly
     def show_index(model=None):
-        with using(model):
-            return _gallery(get_index(model))
+        return _gallery(service.latest(model))
 
-    @friendly
-    def notice(model=None):
-        return models.notice(models.pick(model, guard))
+    return dict(caption_files=caption_files, classify=classify, explain=explain, search=search,
+                index_add=index_add, show_index=show_index)  # fmt: skip
 
-    streams = dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
+
+def make_handlers(models: Models, index_root: Path, allowed_dirs=()) -> dict:
+    """The functions behind the page's buttons (and its API), over the models.
+
+    Every server path a request names (an image or file given as a string, a model folder)
+    must lie under `allowed_dirs`, Gradio's upload folder or the bundled examples."""
+    service = Service(models, index_root, PathGuard(allowed_dirs))
+    scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
+    streams = _writers(service)
     return dict(
         # the tabs' buttons: (text, its words with their probabilities[, choice scores])
         **{f"{name}_words": stream for name, stream in streams.items()},
@@ -540,9 +310,9 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()):
         **{f"{name}_stream": without_words(stream) for name, stream in streams.items()},
         # and run to the end: the finished text, for a script that calls a handler
         **{name: finished(without_words(stream)) for name, stream in streams.items()},
-        caption_files=caption_files, classify=classify, explain=explain, search=search,
-        index_add=index_add, show_index=show_index, notice=notice,
-    )  # fmt: skip
+        **_clip_handlers(service, scratch),
+        notice=friendly(service.notice),
+    )
 
 
 # ---------------------------------------------------------------------------- the page
@@ -615,15 +385,151 @@ def label_sets() -> dict[str, str]:
 # labels and templates, captioning or indexing many files) share one group that runs one
 # request at a time, so however many of them are queued, at most one waits for the model
 # beside the light requests (caption, answer, search, few-shot, explain): a caption waits
-# for at most one heavy request, which the limits above bound.
+# for at most one heavy request, which the limits in vlm.serve bound.
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
+
+
+def caption_tab(handlers: dict, model: gr.Dropdown, examples: list[str]) -> None:
+    with gr.Row():
+        with gr.Column():
+            cap_image = image_input(elem_id="caption-image")
+            mode = gr.Radio(["greedy", "beam search", "nucleus sampling"], value="greedy",
+                            label="Decoding")  # fmt: skip
+            with gr.Accordion("Decoding settings", open=False):
+                beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
+                top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
+                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+                max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=30, step=1, label="Max length")
+            cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+        with gr.Column():
+            cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
+            cap_words = confidence_output("How sure the LM was", "caption-words")
+            with gr.Accordion("Several images at once", open=False):
+                cap_files = UploadedFiles(file_count="multiple", file_types=["image"],
+                                          label="Images")  # fmt: skip
+                cap_files_button = gr.Button("Caption all")
+                cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
+                cap_csv = gr.File(label="Download CSV")
+    decoding = [mode, beams, top_p, temperature, max_tokens, model]
+    cap_button.click(handlers["caption_words"], [cap_image, *decoding], [cap_text, cap_words],
+                     api_name="caption_words")  # fmt: skip
+    api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
+    cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
+                           [cap_table, cap_csv], api_name="caption_files", **HEAVY)  # fmt: skip
+    gr.Examples([[p] for p in examples], [cap_image], label="Examples")
+
+
+def zero_shot_tab(handlers, model, examples: list[str], templates: list[str], default_set: str):
+    sets = label_sets()
+    with gr.Row():
+        with gr.Column():
+            cls_image = image_input()
+            label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
+            labels = gr.Textbox(sets[default_set], lines=6, max_lines=12,
+                                label="Labels (one per line or comma-separated)")  # fmt: skip
+            prompts = gr.Textbox("\n".join(templates[:10]), lines=3,
+                                 label="Prompt templates ({} is the label; "
+                                 "blank: the model's own)")  # fmt: skip
+            cls_button = gr.Button("Classify", variant="primary")
+        with gr.Column():
+            cls_label = gr.Label(num_top_classes=5, label="Top labels")
+            cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
+                                   sort="-y")  # fmt: skip
+    label_set.change(lambda name: sets[name], label_set, labels, api_name=False)
+    cls_button.click(handlers["classify"], [cls_image, labels, prompts, model],
+                     [cls_label, cls_chart], api_name="classify", **HEAVY)  # fmt: skip
+    gr.Examples([[p] for p in examples], [cls_image], label="Examples")
+
+
+def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
+    """The Search tab; returns the gallery of the latest indexed images."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
+            query_image = image_input("…or an image query", sources=["upload", "clipboard"])
+            k = gr.Slider(1, 24, value=8, step=1, label="Results")
+            search_button = gr.Button("Search", variant="primary")
+            add_files = UploadedFiles(file_count="multiple", file_types=["image", ".zip"],
+                                      label="Add images or a .zip to the index")  # fmt: skip
+            add_button = gr.Button("Add to index")
+            add_status = gr.Markdown()
+        with gr.Column(scale=2):
+            results = gr.Gallery(label="Results", columns=4, height="auto")
+            indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
+    query = [query_text, query_image, k, model]
+    search_button.click(handlers["search"], query, results, api_name="search")
+    query_text.submit(handlers["search"], query, results, api_name=False)
+    add_button.click(handlers["index_add"], [add_files, model], [indexed, add_status],
+                     api_name="index_add", **HEAVY)  # fmt: skip
+    gr.Examples([["a large blue star"], ["a small red circle"], ["a cat"]], [query_text])
+    return indexed
+
+
+def ask_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+    with gr.Row():
+        with gr.Column():
+            qa_image = image_input()
+            question = gr.Textbox(label="Question", placeholder="what color is the star?")
+            choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
+            qa_button = gr.Button("Answer", variant="primary")
+        with gr.Column():
+            qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
+            qa_words = confidence_output("How sure the LM was", "answer-words")
+            qa_scores = gr.Label(label="Choice scores")
+    qa_inputs = [qa_image, question, choices, model]
+    qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
+                    api_name="answer_words")  # fmt: skip
+    api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
+    rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
+    rows.append([str(sw_examples[0][0]), "how many shapes are there?", "one, two, three"])
+    gr.Examples(rows, [qa_image, question, choices], label="Examples")
+
+
+def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+    gr.Markdown("Interleave example images with their text; the frozen LM reads them "
+                "all (Frozen-style) and continues after the query image.")  # fmt: skip
+    shots = []
+    with gr.Row():
+        for i in range(3):
+            with gr.Column():
+                shot_image = image_input(f"Example {i + 1}", height=160)
+                shot_text = gr.Textbox(label=f"Text {i + 1}", placeholder="Caption: …")
+                shots += [shot_image, shot_text]
+        with gr.Column():
+            fs_query = image_input("Query image", height=160)
+            fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
+    fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+    fs_button = gr.Button("Continue", variant="primary")
+    fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
+    fs_words = confidence_output("How sure the LM was", "few-shot-words")
+    fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
+    fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
+                    api_name="few_shot_words")  # fmt: skip
+    api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
+    row = []
+    for path, truth in sw_examples[:2]:
+        row += [str(path), f"Caption: {truth['caption']}"]
+    gr.Examples([[*row, None, None, str(sw_examples[2][0]), "Caption:"]],
+                [*shots, fs_query, fs_prompt], label="Example")  # fmt: skip
+
+
+def explain_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+    with gr.Row():
+        with gr.Column():
+            ex_image = image_input()
+            ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
+            ex_button = gr.Button("Show where it matches", variant="primary")
+        ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map)")
+    ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
+                    api_name="explain")  # fmt: skip
+    rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
+    gr.Examples(rows, [ex_image, ex_text], label="Examples")
 
 
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs)
     pipeline = models.get(None)
-    sets = label_sets()
     default_set = "ShapeWorld colour + shape" if pipeline.config.name == "shapeworld" else (
         "Everyday things"
     )  # fmt: skip
@@ -642,143 +548,19 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         model.change(handlers["notice"], model, notice, api_name=False)
         with gr.Accordion("How it works", open=False):
             gr.HTML(HOW_IT_WORKS)
-
         with gr.Tab("Caption"):
-            with gr.Row():
-                with gr.Column():
-                    cap_image = image_input(elem_id="caption-image")
-                    mode = gr.Radio(["greedy", "beam search", "nucleus sampling"],
-                                    value="greedy", label="Decoding")  # fmt: skip
-                    with gr.Accordion("Decoding settings", open=False):
-                        beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
-                        top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
-                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
-                        max_tokens = gr.Slider(
-                            1, MAX_NEW_TOKENS, value=30, step=1, label="Max length"
-                        )
-                    cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                with gr.Column():
-                    cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
-                    cap_words = confidence_output("How sure the LM was", "caption-words")
-                    with gr.Accordion("Several images at once", open=False):
-                        cap_files = UploadedFiles(file_count="multiple", file_types=["image"],
-                                                  label="Images")  # fmt: skip
-                        cap_files_button = gr.Button("Caption all")
-                        cap_table = gr.Dataframe(headers=["file", "caption"], label="Captions")
-                        cap_csv = gr.File(label="Download CSV")
-            decoding = [mode, beams, top_p, temperature, max_tokens, model]
-            cap_button.click(handlers["caption_words"], [cap_image, *decoding],
-                             [cap_text, cap_words], api_name="caption_words")  # fmt: skip
-            api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
-            cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
-                                   [cap_table, cap_csv], api_name="caption_files",
-                                   **HEAVY)  # fmt: skip
-            gr.Examples([[p] for p in sw_paths[:6] + photos], [cap_image], label="Examples")
-
+            caption_tab(handlers, model, sw_paths[:6] + photos)
         with gr.Tab("Zero-shot"):
-            with gr.Row():
-                with gr.Column():
-                    cls_image = image_input()
-                    label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
-                    labels = gr.Textbox(
-                        sets[default_set], lines=6, max_lines=12,
-                        label="Labels (one per line or comma-separated)",
-                    )  # fmt: skip
-                    templates = gr.Textbox("\n".join(pipeline.templates()[:10]), lines=3,
-                                           label="Prompt templates ({} is the label; "
-                                           "blank: the model's own)")  # fmt: skip
-                    cls_button = gr.Button("Classify", variant="primary")
-                with gr.Column():
-                    cls_label = gr.Label(num_top_classes=5, label="Top labels")
-                    cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
-                                           sort="-y")  # fmt: skip
-            label_set.change(lambda name: sets[name], label_set, labels, api_name=False)
-            cls_button.click(handlers["classify"], [cls_image, labels, templates, model],
-                             [cls_label, cls_chart], api_name="classify", **HEAVY)  # fmt: skip
-            gr.Examples([[p] for p in sw_paths[:4] + photos], [cls_image], label="Examples")
-
+            zero_shot_tab(handlers, model, sw_paths[:4] + photos, pipeline.templates(),
+                          default_set)  # fmt: skip
         with gr.Tab("Search"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
-                    query_image = image_input("…or an image query", sources=["upload", "clipboard"])
-                    k = gr.Slider(1, 24, value=8, step=1, label="Results")
-                    search_button = gr.Button("Search", variant="primary")
-                    add_files = UploadedFiles(
-                        file_count="multiple", file_types=["image", ".zip"],
-                        label="Add images or a .zip to the index",
-                    )  # fmt: skip
-                    add_button = gr.Button("Add to index")
-                    add_status = gr.Markdown()
-                with gr.Column(scale=2):
-                    results = gr.Gallery(label="Results", columns=4, height="auto")
-                    indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
-            search_button.click(handlers["search"], [query_text, query_image, k, model], results,
-                                api_name="search")  # fmt: skip
-            query_text.submit(handlers["search"], [query_text, query_image, k, model], results,
-                              api_name=False)  # fmt: skip
-            add_button.click(handlers["index_add"], [add_files, model], [indexed, add_status],
-                             api_name="index_add", **HEAVY)  # fmt: skip
-            gr.Examples([["a large blue star"], ["a small red circle"], ["a cat"]], [query_text])
-
+            indexed = search_tab(handlers, model)
         with gr.Tab("Ask"):
-            with gr.Row():
-                with gr.Column():
-                    qa_image = image_input()
-                    question = gr.Textbox(label="Question", placeholder="what color is the star?")
-                    choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
-                    qa_button = gr.Button("Answer", variant="primary")
-                with gr.Column():
-                    qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
-                    qa_words = confidence_output("How sure the LM was", "answer-words")
-                    qa_scores = gr.Label(label="Choice scores")
-            qa_inputs = [qa_image, question, choices, model]
-            qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
-                            api_name="answer_words")  # fmt: skip
-            api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
-            qa_rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
-            qa_rows.append([sw_paths[0], "how many shapes are there?", "one, two, three"])
-            gr.Examples(qa_rows, [qa_image, question, choices], label="Examples")
-
+            ask_tab(handlers, model, sw_examples)
         with gr.Tab("Few-shot"):
-            gr.Markdown("Interleave example images with their text; the frozen LM reads them "
-                        "all (Frozen-style) and continues after the query image.")  # fmt: skip
-            shots = []
-            with gr.Row():
-                for i in range(3):
-                    with gr.Column():
-                        shot_image = image_input(f"Example {i + 1}", height=160)
-                        shot_text = gr.Textbox(label=f"Text {i + 1}", placeholder="Caption: …")
-                        shots += [shot_image, shot_text]
-                with gr.Column():
-                    fs_query = image_input("Query image", height=160)
-                    fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
-            fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
-            fs_button = gr.Button("Continue", variant="primary")
-            fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
-            fs_words = confidence_output("How sure the LM was", "few-shot-words")
-            fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
-            fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
-                            api_name="few_shot_words")  # fmt: skip
-            api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
-            fs_row = []
-            for path, truth in sw_examples[:2]:
-                fs_row += [str(path), f"Caption: {truth['caption']}"]
-            gr.Examples([[*fs_row, None, None, str(sw_examples[2][0]), "Caption:"]],
-                        [*shots, fs_query, fs_prompt], label="Example")  # fmt: skip
-
+            few_shot_tab(handlers, model, sw_examples)
         with gr.Tab("Explain"):
-            with gr.Row():
-                with gr.Column():
-                    ex_image = image_input()
-                    ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
-                    ex_button = gr.Button("Show where it matches", variant="primary")
-                ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map)")
-            ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
-                            api_name="explain")  # fmt: skip
-            ex_rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
-            gr.Examples(ex_rows, [ex_image, ex_text], label="Examples")
-
+            explain_tab(handlers, model, sw_examples)
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=64)
     demo.vlm_served_paths = served_paths(settings.index_dir, models.choices())
@@ -808,8 +590,16 @@ def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-settings = parse_settings(sys.argv[1:] if __name__ == "__main__" else [])
-demo = build_demo(settings)
+def __getattr__(name: str):
+    """`demo`, built on first use (`gradio app.py`, Spaces), with the flags' defaults and the
+    environment's settings: importing this module loads no model."""
+    if name == "demo":
+        globals()["demo"] = build_demo(parse_settings([]))
+        return globals()["demo"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
+    settings = parse_settings(sys.argv[1:])
+    demo = build_demo(settings)
     launch(demo, settings)

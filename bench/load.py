@@ -57,8 +57,10 @@ import psutil
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
+
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "assets" / "examples"
+EXAMPLES = EXAMPLES_DIR
 KINDS = ("caption", "classify", "answer", "search", "few_shot", "explain")
 MB = 1 << 20
 
@@ -184,13 +186,10 @@ class Example:
 
 def examples() -> tuple[list[Example], list[Path]]:
     """The bundled ShapeWorld scenes with their truth, and the bundled photos."""
-    folder = EXAMPLES / "shapeworld"
-    truth = json.loads((folder / "captions.json").read_text())
     scenes = [
-        Example(folder / name, t["caption"], t["questions"][0][0])
-        for name, t in sorted(truth.items())
+        Example(path, t["caption"], t["questions"][0][0]) for path, t in shapeworld_examples()
     ]
-    return scenes, sorted((EXAMPLES / "photos").glob("*.jpg"))
+    return scenes, photo_examples()
 
 
 LABELS = "\n".join(

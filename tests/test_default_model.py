@@ -9,7 +9,7 @@ import socket
 import pytest
 from huggingface_hub import constants
 
-from vlm import presets
+from vlm import Pipeline, presets
 from vlm.presets import PRESETS, available_presets, choose_default_model, hub_reachable
 
 COCO = PRESETS["clipcap-coco"]
@@ -165,7 +165,7 @@ def test_a_named_model_that_fails_falls_back_too_but_the_bundled_one_cannot(
     def broken(name, device=None):
         raise OSError(f"{name}: disk error")
 
-    monkeypatch.setattr(app_module.Pipeline, "from_pretrained", broken)
+    monkeypatch.setattr(Pipeline, "from_pretrained", broken)
     with pytest.raises(OSError, match="shapeworld: disk error"):  # nothing left to fall back to
         app_module.Models("shapeworld")
 
@@ -175,3 +175,15 @@ def test_probe_is_not_reached_when_hub_offline_in_the_app(hub, app_module, monke
     models = app_module.Models(None)
     assert models.default == "shapeworld" and "HF_HUB_OFFLINE is set" in models.reason
     assert hub.calls == [] and presets.hub_reachable() is False
+
+
+def test_the_app_asks_the_hub_once_at_start_up(hub, app_module):
+    """Choosing the default and listing what can run both need the hub's answer (nothing is
+    cached): one probe serves both."""
+    models = app_module.Models(None)
+    assert models.default == "shapeworld" and "not reachable" in models.reason
+    assert models.choices() == ["shapeworld"]
+    assert len(hub.calls) == 1
+    hub.up, hub.calls[:] = True, []
+    assert presets.runnable_presets(hub=lambda: True) == ["clipcap-coco", "shapeworld"]
+    assert hub.calls == []  # an answer given is not asked again

@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .config import Parts, PipelineConfig
 from .device import default_device
-from .tasks import PREFIX_LM_TASKS, UnsupportedTaskError, models_for
+from .tasks import PREFIX_LM_TASKS, UnsupportedTaskError
 
 MODEL_TYPE = "blip-2"
 CONFIG_NAME = "config.json"
@@ -55,12 +56,14 @@ def weights_dtype(device: torch.device) -> torch.dtype:
 
 
 class Blip2ImageEncoder:
-    """The frozen vision tower and BLIP-2's own image processor (resize, normalise)."""
+    """The frozen vision tower and BLIP-2's own image processor (resize, normalise).
+    `capable`: the models to name when asked for what only a text tower does."""
 
-    def __init__(self, vision_model: nn.Module, image_processor, spec: dict):
+    def __init__(self, vision_model: nn.Module, image_processor, spec: dict, capable=()):
         self.model = vision_model.eval().requires_grad_(False)
         self.image_processor = image_processor
         self.spec = spec
+        self.capable = list(capable)
         self.is_local = False
 
     @property
@@ -84,9 +87,7 @@ class Blip2ImageEncoder:
         return self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
 
     def _no_text_tower(self, *args, **kwargs):
-        raise UnsupportedTaskError(
-            "classify", self.spec.get("model", "BLIP-2"), models_for("classify")
-        )
+        raise UnsupportedTaskError("classify", self.spec.get("model", "BLIP-2"), self.capable)
 
     # the contrastive encoder's API, which BLIP-2 lacks: a clear error, not an AttributeError
     encode_text = encode_images = encode_pixels = patch_similarity = _no_text_tower
@@ -125,20 +126,20 @@ class QFormerMapper(nn.Module):
         return self.language_projection(out.to(image_embeds.dtype))
 
 
-def load_blip2(
+def read_blip2(
     name_or_path: str | os.PathLike,
     *,
     device=None,
     name: str | None = None,
     dtype: torch.dtype | None = None,
-):
-    """A Pipeline from a BLIP-2 hub repo or a folder saved by `Blip2ForConditionalGeneration.
-    save_pretrained` + `Blip2Processor.save_pretrained`. Weights load from safetensors only;
-    on a GPU in fp16 with accelerate's `device_map="auto"` (parts that do not fit the GPU
-    stay in CPU memory)."""
+    capable=(),
+) -> Parts:
+    """A pipeline's parts from a BLIP-2 hub repo or a folder saved by
+    `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor.save_pretrained`
+    (`Pipeline.from_pretrained` loads it). Weights load from safetensors only; on a GPU in
+    fp16 with accelerate's `device_map="auto"` (parts that do not fit the GPU stay in CPU
+    memory). `capable`: see `Blip2ImageEncoder`."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    from .pipeline import Pipeline, PipelineConfig
 
     device = torch.device(device) if device is not None else default_device()
     source = os.fspath(name_or_path)
@@ -148,7 +149,8 @@ def load_blip2(
     ).eval()
     model.requires_grad_(False)
     processor = Blip2Processor.from_pretrained(source)
-    encoder = Blip2ImageEncoder(model.vision_model, processor.image_processor, {"model": source})
+    spec = {"model": source}
+    encoder = Blip2ImageEncoder(model.vision_model, processor.image_processor, spec, capable)
     encoder.blip2, encoder.processor = model, processor  # what save_blip2 writes back
     mapper = QFormerMapper(model.query_tokens, model.qformer, model.language_projection)
     config = PipelineConfig(
@@ -162,11 +164,11 @@ def load_blip2(
         bos_after_image=True,
         family="blip2",
     )
-    return Pipeline(encoder, model.language_model, processor.tokenizer, mapper, config, device)
+    return Parts(encoder, model.language_model, processor.tokenizer, mapper, config)
 
 
 def save_blip2(pipeline, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write the published layout back (model + processor), which `load_blip2` reads."""
+    """Write the published layout back (model + processor), which `read_blip2` reads."""
     model, processor = pipeline.encoder.blip2, pipeline.encoder.processor
     state = None
     if dtype is not None:

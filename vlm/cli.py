@@ -87,15 +87,11 @@ def cmd_answer(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from .search import SearchIndex
+    from .serve import open_index
 
     pipeline = _model(args)
     out = Path(args.out)
-    index = (
-        SearchIndex.load(out, pipeline.encoder)
-        if (out / "manifest.json").exists()
-        else SearchIndex(pipeline.encoder, factory=args.factory)
-    )
+    index = open_index(out, pipeline, factory=args.factory)
     added = index.add(args.images, batch_size=args.batch_size)
     index.save(out)
     for item, reason in index.skipped:

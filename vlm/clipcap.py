@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .config import Parts, PipelineConfig
 from .encoder import Encoder
 from .mapper import PrefixMapper
 from .tasks import CAPTION_TASKS
@@ -66,7 +67,7 @@ def mapper_from_state(
     return mapper
 
 
-def load_clipcap(
+def read_clipcap(
     checkpoint: str | os.PathLike,
     *,
     encoder: dict | None = None,
@@ -75,9 +76,8 @@ def load_clipcap(
     name: str = "clipcap",
     tasks: Iterable[str] = CAPTION_TASKS,
     precision: str = "fp32",
-    device=None,
-):
-    """A Pipeline from a ClipCap checkpoint file.
+) -> Parts:
+    """A pipeline's parts from a ClipCap checkpoint file (`Pipeline.from_clipcap` loads it).
 
     `encoder` is the open_clip spec (default ViT-B-32 with OpenAI's weights, QuickGELU as
     CLIP had); `lm` gives GPT-2's config and tokenizer (its weights come from the file when
@@ -87,8 +87,6 @@ def load_clipcap(
     `tasks`: ClipCap was trained on captions only, so by default it captions (and its CLIP
     ranks labels, searches and explains) but does not answer. `precision="fp32"` decodes as
     published (no autocast); "mixed" opts into bf16/fp16 autocast on a GPU."""
-    from .pipeline import Pipeline, PipelineConfig
-
     state = load_state_dict(checkpoint)
     gpt = {k[len("gpt.") :]: v for k, v in state.items() if k.startswith("gpt.")}
     gpt = {k: v for k, v in gpt.items() if not _STALE_BUFFER.search(k)}
@@ -116,4 +114,4 @@ def load_clipcap(
         encoder=encoder_spec, mapper=mapper.config, lm=lm, name=name, stop=["."],
         tasks=sorted(tasks), precision=precision,
     )  # fmt: skip
-    return Pipeline(image_encoder, language_model, tokenizer, mapper, config, device)
+    return Parts(image_encoder, language_model, tokenizer, mapper, config)

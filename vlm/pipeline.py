@@ -18,55 +18,23 @@ from pathlib import Path
 import open_clip
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
 
+from .blip2 import save_blip2
+from .config import CONFIG_NAME, MAPPER_WEIGHTS, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
-from .encoder import Encoder, ImageEncoder
+from .encoder import ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
-from .prompts import QUESTION_TEMPLATE
+from .presets import models_for
+from .pretrained import clipcap_parts, load_parts
+from .search import SearchIndex
 from .streaming import TextStream
-from .tasks import UnsupportedTaskError, models_for, task_set
-
-CONFIG_NAME = "config.json"
-MAPPER_WEIGHTS = "mapper.safetensors"
+from .tasks import UnsupportedTaskError, task_set
 
 # A part of an interleaved sequence: an image (its visual prefix goes there) or text.
 Part = ImageInput | str
-
-
-@dataclasses.dataclass
-class PipelineConfig:
-    """What `config.json` in a pipeline folder holds."""
-
-    encoder: dict  # {"model": open_clip name or "local-dir:encoder", "pretrained": tag or path}
-    mapper: dict  # PrefixMapper keyword arguments
-    lm: str = "lm"  # a subfolder of the pipeline folder, or a hub id
-    name: str = ""
-    caption_prompt: str = ""  # text between the prefix and the caption (ClipCap: none)
-    question_template: str = QUESTION_TEMPLATE
-    stop: list[str] = dataclasses.field(default_factory=list)  # extra strings that end a text
-    templates: list[str] | None = None  # zero-shot prompts; None: OpenAI's 80 ImageNet ones
-    # how templates combine: "mean" averages each label's prompt embeddings (CLIP's ensemble);
-    # "sum" treats each prompt as a sub-class and adds probabilities, for templates that
-    # enumerate the forms a label takes (ShapeWorld: "a small {}", "a large {}")
-    template_pooling: str = "mean"
-    label_sets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    # what the weights were trained for (vlm.tasks.TASKS); None: every task
-    tasks: list[str] | None = None
-    # the decode (mapper + LM): "fp32" runs each weight in its loaded dtype, as published;
-    # "mixed" autocasts to bf16/fp16 on a GPU (faster, may change tokens); see vlm.device
-    precision: str = "fp32"
-    # each image's prefix is followed by the LM's BOS token, as BLIP-2 feeds OPT
-    bos_after_image: bool = False
-    family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PipelineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class Pipeline:
@@ -101,47 +69,18 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device=None) -> Pipeline:
-        """Load a preset name (see `vlm.presets`), a saved folder or a hub repo id."""
-        from .blip2 import is_blip2_config, load_blip2
-        from .presets import PRESETS
-
-        name = str(name_or_path)
-        if name in PRESETS:
-            return PRESETS[name].load(device)
-        folder = Path(name).expanduser()
-        if not folder.is_dir():  # a hub repo: its config first, to fetch only what it needs
-            from huggingface_hub import hf_hub_download, snapshot_download
-
-            data = json.loads(Path(hf_hub_download(name, CONFIG_NAME)).read_text())
-            if is_blip2_config(data):
-                return load_blip2(name, device=device)
-            folder = Path(snapshot_download(name))
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: not a saved vlm pipeline")
-        data = json.loads((folder / CONFIG_NAME).read_text())
-        if is_blip2_config(data):
-            return load_blip2(folder, device=device)
-        config = PipelineConfig.from_dict(data)
-        encoder = Encoder.load(config.encoder, root=folder)
-        lm_source = folder / config.lm if (folder / config.lm).is_dir() else config.lm
-        lm = AutoModelForCausalLM.from_pretrained(lm_source, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(lm_source)
-        mapper = PrefixMapper(**config.mapper)
-        mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
-        return cls(encoder, lm, tokenizer, mapper, config, device)
+        """Load a preset name (see `vlm.presets`), a saved folder, a BLIP-2 folder or a hub
+        repo id (see `vlm.pretrained`)."""
+        return cls(*load_parts(name_or_path, device), device=device)
 
     @classmethod
-    def from_clipcap(cls, checkpoint: str | os.PathLike, **kwargs) -> Pipeline:
-        """Load a ClipCap checkpoint as published (see `vlm.clipcap.load_clipcap`)."""
-        from .clipcap import load_clipcap
-
-        return load_clipcap(checkpoint, **kwargs)
+    def from_clipcap(cls, checkpoint: str | os.PathLike, device=None, **kwargs) -> Pipeline:
+        """Load a ClipCap checkpoint as published (see `vlm.clipcap.read_clipcap`)."""
+        return cls(*clipcap_parts(checkpoint, **kwargs), device=device)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None):
         """Write a folder that `from_pretrained` loads; `dtype` (e.g. fp16) shrinks the files."""
         if self.config.family == "blip2":  # the published layout, as transformers writes it
-            from .blip2 import save_blip2
-
             return save_blip2(self, directory, dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -519,8 +458,6 @@ class Pipeline:
     def build_index(self, images_or_paths, batch_size: int = 32, **kwargs):
         """A text/image search index over images or image files (see `vlm.search`)."""
         self._require("search")
-        from .search import SearchIndex
-
         index = SearchIndex(self.encoder, **kwargs)
         index.add(images_or_paths, batch_size=batch_size)
         return index

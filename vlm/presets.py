@@ -1,12 +1,15 @@
-"""The one registry of named models: where each one's weights live, how it loads, what it
-was trained to do, and which one this machine serves by default."""
+"""The one registry of named models, as data: where each one's weights live, what it was
+trained to do, whether this machine has them, and which one it serves by default. Loading
+them is `vlm.pretrained`'s work."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from .blip2 import is_cached as blip2_cached
 from .paths import ASSETS
 from .tasks import ALL_TASKS, CAPTION_TASKS, PREFIX_LM_TASKS
 
@@ -15,10 +18,11 @@ SHAPEWORLD_DIR = ASSETS / "shapeworld"
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named model. `folder`: a saved pipeline shipped with vlm. `clipcap`: a ClipCap
-    checkpoint file in a hub repo (`repo_id`, `filename`) or a local file (`env` names the
-    variable that holds its path), loaded with `load_clipcap(**clipcap)`. `blip2`: a hub repo
-    in transformers' Blip2ForConditionalGeneration layout (`repo_id`).
+    """A named model: data that `vlm.pretrained` loads. `folder`: a saved pipeline shipped with
+    vlm. `clipcap`: a ClipCap checkpoint file in a hub repo (`repo_id`, `filename`) or a local
+    file (`env` names the variable that holds its path), read with
+    `vlm.clipcap.read_clipcap(**clipcap)`. `blip2`: a hub repo in transformers'
+    Blip2ForConditionalGeneration layout (`repo_id`).
 
     `tasks` are what its weights were trained for (see `vlm.tasks`); `needs_gpu` marks a model
     too slow or too big to serve from a CPU."""
@@ -54,27 +58,12 @@ class Preset:
         if self.folder is not None:
             return (self.folder / "config.json").is_file()
         if self.blip2:
-            from .blip2 import is_cached
-
-            return is_cached(self.repo_id)
+            return blip2_cached(self.repo_id)
         if self.env and not (os.environ.get(self.env) and Path(os.environ[self.env]).is_file()):
             return False
         encoder = self.clipcap.get("encoder")
         return all(_in_cache(repo, file) for repo, file in self.hub_files) and (
             encoder is None or encoder_cached(encoder)
-        )
-
-    def load(self, device=None):
-        from .pipeline import Pipeline
-
-        if self.folder is not None:
-            return Pipeline.from_pretrained(self.folder, device=device)
-        if self.blip2:
-            from .blip2 import load_blip2
-
-            return load_blip2(self.repo_id, device=device, name=self.name)
-        return Pipeline.from_clipcap(
-            self.checkpoint(), name=self.name, tasks=self.tasks, device=device, **self.clipcap
         )
 
 
@@ -197,20 +186,36 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def runnable_presets(hub: bool | None = None) -> list[str]:
-    """The presets this machine can serve: in the cache or downloadable (`hub`: whether the
-    hub is reachable, asked once with a short timeout when not given), and on a GPU for the
-    models that need one."""
+Hub = bool | Callable[[], bool] | None
+
+
+def _ask(hub: Hub) -> bool:
+    """Whether the hub answers: `hub` itself, or its answer when it is a way to ask (e.g. one
+    probe shared by several questions), or else `hub_reachable()`."""
+    if hub is None:
+        return hub_reachable()
+    return hub() if callable(hub) else hub
+
+
+def runnable_presets(hub: Hub = None) -> list[str]:
+    """The presets this machine can serve: in the cache or downloadable, and on a GPU for the
+    models that need one. `hub`: whether the hub is reachable, or how to ask; asked only when
+    something is not cached (by default with `hub_reachable`'s short timeout)."""
     gpu = has_gpu()
     fits = [name for name, p in PRESETS.items() if gpu or not p.needs_gpu]
     cached = [name for name in fits if PRESETS[name].is_cached()]
-    if len(cached) < len(fits) and hub is None:
-        hub = hub_reachable()
+    if len(cached) < len(fits):
+        hub = _ask(hub)
     return [
         name
         for name in fits
         if name in cached or (hub and not PRESETS[name].env and PRESETS[name].repo_id)
     ]
+
+
+def models_for(task: str) -> list[str]:
+    """The named models (presets) trained for `task`."""
+    return [name for name, preset in PRESETS.items() if task in preset.tasks]
 
 
 def models_for_task(task: str, runnable: list[str]) -> list[str]:
@@ -219,10 +224,11 @@ def models_for_task(task: str, runnable: list[str]) -> list[str]:
     return [name for name in runnable if task in PRESETS[name].tasks]
 
 
-def choose_default_model() -> tuple[str, str]:
+def choose_default_model(hub: Hub = None) -> tuple[str, str]:
     """The model to serve when none is named, and why: BLIP-2 on a GPU, ClipCap on a CPU
     (each when cached or the hub answers quickly), else the bundled ShapeWorld model. Never
-    waits on the network longer than `hub_reachable`'s timeout, and not at all offline."""
+    waits on the network longer than `hub_reachable`'s timeout, and not at all offline.
+    `hub`: as for `runnable_presets`, asked only when the wanted model is not cached."""
     gpu = has_gpu()
     wanted = ["blip2-opt-2.7b", "clipcap-coco"] if gpu else ["clipcap-coco"]
     for name in wanted:
@@ -230,8 +236,7 @@ def choose_default_model() -> tuple[str, str]:
             return name, f"{name} is in the local Hugging Face cache" + (
                 " and a GPU is present" if PRESETS[name].needs_gpu else ""
             )
-    hub = hub_reachable()
-    if hub:
+    if _ask(hub):
         name = wanted[0]
         where = "a GPU is present" if gpu else "there is no GPU, so the CPU-sized model runs"
         return name, f"{name} is downloaded from the Hugging Face hub ({where})"

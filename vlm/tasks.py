@@ -47,10 +47,3 @@ class UnsupportedTaskError(ValueError):
         if self.capable:
             message += f"; models that can: {', '.join(self.capable)}"
         super().__init__(message)
-
-
-def models_for(task: str) -> list[str]:
-    """The named models (presets) trained for `task`."""
-    from .presets import PRESETS
-
-    return [name for name, preset in PRESETS.items() if task in preset.tasks]

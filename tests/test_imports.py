@@ -1,0 +1,72 @@
+"""Imports in `vlm/` flow one way: no module imports one that imports it back, however deep
+the circle and wherever the import sits (at the top of the file or inside a function)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+VLM = Path(__file__).resolve().parent.parent / "vlm"
+MODULES = {p.stem for p in VLM.glob("*.py")} - {"__init__", "__main__"}
+
+
+def vlm_imports(source: str, modules: set[str] = MODULES) -> set[str]:
+    """The vlm modules a module's `source` imports anywhere in it: `from .x import y`,
+    `from . import x`, `import vlm.x`, `from vlm.x import y`, `from vlm import x`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vlm.")}
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 0 and parts[0] != "vlm":
+                continue  # another package
+            path = parts[1:] if node.level == 0 else parts
+            if path and path[0]:
+                found.add(path[0])
+            else:  # from . import x, y
+                found |= {a.name for a in node.names}
+    return found & modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {name: vlm_imports((VLM / f"{name}.py").read_text()) - {name} for name in MODULES}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports as the modules along it (the first one again at the end)."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        for target in sorted(graph.get(module, ())):
+            if cycle := visit(target, [*path, module]):
+                return cycle
+        done.add(module)
+        return None
+
+    return next((c for m in sorted(graph) if (c := visit(m, []))), None)
+
+
+def test_the_walk_sees_every_form_of_import_at_any_depth():
+    source = (
+        "import os\nfrom .a import x\nimport vlm.b\nfrom vlm.c import y\nfrom . import d\n"
+        "from vlm import e\nfrom torch import nn\n"
+        "def f():\n    from .g import z\n    class C:\n        import vlm.h\n"
+    )
+    modules = set("abcdefgh") | {"os", "torch", "nn"}
+    assert vlm_imports(source, modules) == set("abcdegh")
+
+
+def test_find_cycle_finds_a_deep_circle():
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+
+
+def test_no_module_in_vlm_imports_one_that_imports_it_back():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)

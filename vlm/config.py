@@ -1,0 +1,53 @@
+"""What a pipeline folder's `config.json` holds, and the parts a pipeline is built from."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+from .prompts import QUESTION_TEMPLATE
+
+CONFIG_NAME = "config.json"
+MAPPER_WEIGHTS = "mapper.safetensors"
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """What `config.json` in a pipeline folder holds."""
+
+    encoder: dict  # {"model": open_clip name or "local-dir:encoder", "pretrained": tag or path}
+    mapper: dict  # PrefixMapper keyword arguments
+    lm: str = "lm"  # a subfolder of the pipeline folder, or a hub id
+    name: str = ""
+    caption_prompt: str = ""  # text between the prefix and the caption (ClipCap: none)
+    question_template: str = QUESTION_TEMPLATE
+    stop: list[str] = dataclasses.field(default_factory=list)  # extra strings that end a text
+    templates: list[str] | None = None  # zero-shot prompts; None: OpenAI's 80 ImageNet ones
+    # how templates combine: "mean" averages each label's prompt embeddings (CLIP's ensemble);
+    # "sum" treats each prompt as a sub-class and adds probabilities, for templates that
+    # enumerate the forms a label takes (ShapeWorld: "a small {}", "a large {}")
+    template_pooling: str = "mean"
+    label_sets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # what the weights were trained for (vlm.tasks.TASKS); None: every task
+    tasks: list[str] | None = None
+    # the decode (mapper + LM): "fp32" runs each weight in its loaded dtype, as published;
+    # "mixed" autocasts to bf16/fp16 on a GPU (faster, may change tokens); see vlm.device
+    precision: str = "fp32"
+    # each image's prefix is followed by the LM's BOS token, as BLIP-2 feeds OPT
+    bos_after_image: bool = False
+    family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PipelineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Parts(NamedTuple):
+    """What `Pipeline(...)` is built from; `vlm.pretrained` reads them from published weights."""
+
+    encoder: Any  # vlm.encoder.ImageEncoder
+    lm: Any  # a transformers causal LM
+    tokenizer: Any
+    mapper: Any  # vlm.mapper.PrefixMapper or another mapper module
+    config: PipelineConfig
