@@ -24,7 +24,14 @@ import pandas as pd
 import torch
 
 from vlm import inputs, shapeworld
-from vlm.examples import EXAMPLES_DIR, photo_examples, shapeworld_examples
+from vlm.examples import (
+    EXAMPLES_DIR,
+    caption_examples,
+    few_shot_examples,
+    photo_examples,
+    question_examples,
+    shapeworld_examples,
+)
 from vlm.images import ImageError
 from vlm.inputs import is_url, url_refused
 from vlm.search import IndexLoadError
@@ -389,7 +396,8 @@ def label_sets() -> dict[str, str]:
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
 
 
-def caption_tab(handlers: dict, model: gr.Dropdown, examples: list[str]) -> None:
+def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[str]]) -> None:
+    """The Caption tab; `examples`: rows of one image and their labels."""
     with gr.Row():
         with gr.Column():
             cap_image = image_input(elem_id="caption-image")
@@ -416,7 +424,8 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: list[str]) -> None
     api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
     cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
                            [cap_table, cap_csv], api_name="caption_files", **HEAVY)  # fmt: skip
-    gr.Examples([[p] for p in examples], [cap_image], label="Examples")
+    rows, labels = examples
+    gr.Examples(rows, [cap_image], label="Examples", example_labels=labels)
 
 
 def zero_shot_tab(handlers, model, examples: list[str], templates: list[str], default_set: str):
@@ -480,9 +489,8 @@ def ask_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
     qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
                     api_name="answer_words")  # fmt: skip
     api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
-    rows = [[str(p), truth["questions"][0][0], ""] for p, truth in sw_examples[:4]]
-    rows.append([str(sw_examples[0][0]), "how many shapes are there?", "one, two, three"])
-    gr.Examples(rows, [qa_image, question, choices], label="Examples")
+    rows, labels = question_examples()
+    gr.Examples(rows, [qa_image, question, choices], label="Examples", example_labels=labels)
 
 
 def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
@@ -506,11 +514,15 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
     fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                     api_name="few_shot_words")  # fmt: skip
     api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
+    rows, labels = few_shot_examples()
     row = []
     for path, truth in sw_examples[:2]:
         row += [str(path), f"Caption: {truth['caption']}"]
-    gr.Examples([[*row, None, None, str(sw_examples[2][0]), "Caption:"]],
-                [*shots, fs_query, fs_prompt], label="Example")  # fmt: skip
+    if row:
+        rows.append([*row, None, None, str(sw_examples[2][0]), "Caption:"])
+        labels.append("2-shot captions")
+    gr.Examples(rows, [*shots, fs_query, fs_prompt], label="Examples",
+                example_labels=labels)  # fmt: skip
 
 
 def explain_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
@@ -519,7 +531,8 @@ def explain_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
             ex_image = image_input()
             ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
             ex_button = gr.Button("Show where it matches", variant="primary")
-        ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map)")
+        ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map; the "
+                             "ring marks its peak)")  # fmt: skip
     ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
                     api_name="explain")  # fmt: skip
     rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
@@ -549,7 +562,16 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Accordion("How it works", open=False):
             gr.HTML(HOW_IT_WORKS)
         with gr.Tab("Caption"):
-            caption_tab(handlers, model, sw_paths[:6] + photos)
+            rows, labels = caption_examples()
+            keep = [i for i, label in enumerate(labels) if i < 6 or "never" in label]
+            caption_tab(
+                handlers,
+                model,
+                (
+                    [rows[i] for i in keep] + [[p] for p in photos],
+                    [labels[i] for i in keep] + ["a photo"] * len(photos),
+                ),
+            )
         with gr.Tab("Zero-shot"):
             zero_shot_tab(handlers, model, sw_paths[:4] + photos, pipeline.templates(),
                           default_set)  # fmt: skip

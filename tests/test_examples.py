@@ -87,3 +87,36 @@ def test_write_examples_is_deterministic(tmp_path):
         assert a.shape == b.shape and np.abs(a - b).mean() < 1.0
     written = (tmp_path / "shapeworld" / CAPTIONS_FILE).read_text(encoding="utf-8")
     assert written == (EXAMPLES_DIR / "shapeworld" / CAPTIONS_FILE).read_text(encoding="utf-8")
+
+
+def test_example_labels_say_truly_what_was_never_seen():
+    from vlm.examples import caption_examples, few_shot_examples, question_examples
+
+    truth = {str(path): entry for path, entry in shapeworld_examples()}
+    rows, labels = caption_examples()
+    for (path,), label in zip(rows, labels, strict=True):
+        combos = {(o["color"], o["shape"]) for o in truth[path]["objects"]}
+        assert ("never seen" in label) == bool(combos & set(sw.HELD_OUT)), (path, label)
+    assert sum("never seen" in label for label in labels) >= 2
+    rows, labels = question_examples()
+    for (_, question, _), label in zip(rows, labels, strict=True):
+        sw.question_type(question)  # a form the world knows
+        assert ("phrasing never asked" in label) == sw.is_held_out_form(question), question
+    assert any("phrasing never asked" in label for label in labels)
+    assert any("never seen with any image" in label for label in labels)
+    rows, labels = few_shot_examples()
+    formats = 0
+    for row, label in zip(rows, labels, strict=True):
+        shots = [(row[i], row[i + 1]) for i in (0, 2, 4) if row[i]]
+        query, prompt = row[6], row[7]
+        values = [text.split(prompt.split()[-1] if "=>" in prompt else ":")[-1].strip()
+                  for _, text in shots]  # fmt: skip
+        attribute = {"Colour": "color", "Form": "shape", "Scale": "size"}[
+            prompt.split()[0].rstrip(":")
+        ]
+        answer = sw.attribute(scene_from_entry(truth[query]), attribute)
+        assert answer not in values, (label, values)  # the answer is not copied from an example
+        held = prompt.split()[0].rstrip(":") in sw.HELD_OUT_KEYS
+        assert held == ("never seen" in label), label
+        formats += held
+    assert formats >= 2
