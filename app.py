@@ -23,10 +23,11 @@ import open_clip
 import pandas as pd
 import torch
 
-from vlm import inputs, shapeworld
+from vlm import inputs
 from vlm.examples import (
     EXAMPLES_DIR,
     caption_examples,
+    explain_examples,
     few_shot_examples,
     photo_examples,
     question_examples,
@@ -375,11 +376,10 @@ def api_only(handler, inputs, outputs, api_name: str) -> None:
     gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name)
 
 
-def label_sets() -> dict[str, str]:
+def label_sets(pipeline) -> dict[str, str]:
+    """The model's own label sets (its config's), then ImageNet's and a few everyday things."""
     sets = {
-        "ShapeWorld colour + shape": shapeworld.labels(),
-        "ShapeWorld shapes": list(shapeworld.SHAPES),
-        "ShapeWorld colours": list(shapeworld.COLORS),
+        **pipeline.config.label_sets,
         "ImageNet (1,000 classes)": list(open_clip.IMAGENET_CLASSNAMES),
         "Everyday things": ["a cat", "a dog", "a person", "a cup of coffee", "a rocket",
                             "a car", "a bird", "a building", "food", "a landscape"],
@@ -428,8 +428,8 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[s
     gr.Examples(rows, [cap_image], label="Examples", example_labels=labels)
 
 
-def zero_shot_tab(handlers, model, examples: list[str], templates: list[str], default_set: str):
-    sets = label_sets()
+def zero_shot_tab(handlers, model, examples: list[str], templates: list[str],
+                  sets: dict[str, str], default_set: str) -> None:  # fmt: skip
     with gr.Row():
         with gr.Column():
             cls_image = image_input()
@@ -525,7 +525,7 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
                 example_labels=labels)  # fmt: skip
 
 
-def explain_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     with gr.Row():
         with gr.Column():
             ex_image = image_input()
@@ -535,17 +535,15 @@ def explain_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
                              "ring marks its peak)")  # fmt: skip
     ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
                     api_name="explain")  # fmt: skip
-    rows = [[str(p), t["caption"].split(" left of ")[0]] for p, t in sw_examples[3:6]]
-    gr.Examples(rows, [ex_image, ex_text], label="Examples")
+    gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
 
 
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs)
     pipeline = models.get(None)
-    default_set = "ShapeWorld colour + shape" if pipeline.config.name == "shapeworld" else (
-        "Everyday things"
-    )  # fmt: skip
+    sets = label_sets(pipeline)
+    default_set = next(iter(pipeline.config.label_sets), "Everyday things")
     sw_examples = shapeworld_examples()
     sw_paths = [str(p) for p, _ in sw_examples]
     photos = [str(p) for p in photo_examples()]
@@ -574,7 +572,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             )
         with gr.Tab("Zero-shot"):
             zero_shot_tab(handlers, model, sw_paths[:4] + photos, pipeline.templates(),
-                          default_set)  # fmt: skip
+                          sets, default_set)  # fmt: skip
         with gr.Tab("Search"):
             indexed = search_tab(handlers, model)
         with gr.Tab("Ask"):
@@ -582,7 +580,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Few-shot"):
             few_shot_tab(handlers, model, sw_examples)
         with gr.Tab("Explain"):
-            explain_tab(handlers, model, sw_examples)
+            explain_tab(handlers, model)
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=64)
     demo.vlm_served_paths = served_paths(settings.index_dir, models.choices())

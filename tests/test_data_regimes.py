@@ -106,7 +106,7 @@ def test_few_shot_documents_hide_the_query_value_in_about_half():
 
 def test_the_lm_weighs_k_shot_values_as_answers(data, lm_texts):
     from vlm.factory import train_tokenizer
-    from vlm.train import answer_mask, pack_texts
+    from vlm.text_batches import answer_mask, pack_texts
 
     tokenizer = train_tokenizer(lm_texts[:1000], 400)
     document = "Caption: a small red circle\nHue: red\nCaption: a large blue star\nTag -> star"

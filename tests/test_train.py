@@ -96,7 +96,7 @@ def test_caption_head_learns_captions_from_patch_tokens_and_skips_padding():
     """CoCa's captioning loss in the CLIP stage: the head must be able to write a caption from
     the patch tokens (so the encoder is pushed to keep what the caption says), and padding is
     never a target."""
-    from vlm.train import CaptionHead
+    from vlm.caption_head import CaptionHead
 
     torch.manual_seed(0)
     tokens = torch.tensor([[49406, 320, 1901, 49407, 0, 0], [49406, 320, 1746, 2866, 49407, 0]])
@@ -138,7 +138,7 @@ def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_
 def test_answer_mask_marks_only_the_answers_in_packed_text(run):
     from transformers import AutoTokenizer
 
-    from vlm.train import answer_mask, pack_texts
+    from vlm.text_batches import answer_mask, pack_texts
 
     tokenizer = AutoTokenizer.from_pretrained(run[0] / "lm")
     documents = [

@@ -296,12 +296,13 @@ def sw_image():
 def test_gradient_checkpointing_gives_the_same_gradients(trained):
     from transformers import AutoModelForCausalLM
 
-    from vlm.train import _checkpoint_layers, _texts_tensor, prefix_loss
+    from vlm.text_batches import texts_tensor
+    from vlm.train import _checkpoint_layers, prefix_loss
 
     pipeline = trained
     lm = AutoModelForCausalLM.from_config(pipeline.lm.config).eval().requires_grad_(False)
     lm.load_state_dict(pipeline.lm.state_dict())
-    tokens, labels = _texts_tensor(pipeline.tokenizer, ["a large red square"], "cpu", ["Caption:"])
+    tokens, labels = texts_tensor(pipeline.tokenizer, ["a large red square"], "cpu", ["Caption:"])
     features = pipeline.image_features([sw_image()])
 
     def gradients(model):

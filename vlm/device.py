@@ -48,6 +48,12 @@ def half_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def training_precision(device: torch.device) -> str:
+    """accelerate's `mixed_precision` for training on `device`: "bf16" on a GPU that has it,
+    else "no" (fp32; fp16 training would need a loss scaler for little gain here)."""
+    return "bf16" if half_dtype(device) == torch.bfloat16 else "no"
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The encoder's autocast dtype: 16-bit on GPUs, none (fp32) on CPU or when
     VLM_PRECISION=fp32 asks for full precision."""

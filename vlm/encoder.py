@@ -148,7 +148,7 @@ class Encoder:
     ) -> torch.Tensor:
         """Image tokens in the joint space, [B, 1 + grid², D]: the pooled embedding, then the
         ViT's patch tokens projected like it and average-pooled to a grid × grid layout."""
-        pooled, patches = self._pooled_and_patches(pixels.to(self.device), mixed)
+        pooled, patches = self.pooled_and_patches(pixels.to(self.device), mixed)
         b, n, d = patches.shape
         side = int(round(n**0.5))
         patches = patches.transpose(1, 2).reshape(b, d, side, side)
@@ -158,10 +158,12 @@ class Encoder:
     def _autocast(self, mixed: bool = True):
         return autocast(self.device) if mixed else autocast_to(self.device, None)
 
-    def _pooled_and_patches(
-        self, pixels: torch.Tensor, mixed: bool = True
+    def pooled_and_patches(
+        self, pixels: torch.Tensor, mixed: bool = True, project: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ViT's pooled embedding and its patch tokens, both in the joint space (fp32)."""
+        """The ViT's pooled embedding and its patch tokens (fp32), the tokens in the joint
+        space (`project`) or as the transformer leaves them. Gradients flow when the caller
+        allows them (the CLIP stage trains through this)."""
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
             raise ValueError("image tokens need a ViT image encoder")
@@ -173,7 +175,7 @@ class Encoder:
             finally:
                 visual.output_tokens = False
         tokens = tokens.float()
-        if visual.proj is not None:
+        if project and visual.proj is not None:
             tokens = tokens @ visual.proj.float()
         return pooled.float(), tokens
 
@@ -190,7 +192,7 @@ class Encoder:
     def patch_similarity(self, image: Image.Image, text: str) -> np.ndarray:
         """Cosine similarity of each ViT patch (projected into the joint space) with `text`,
         as a [grid, grid] array: a coarse map of where the text matches the image."""
-        _, tokens = self._pooled_and_patches(self.pixels([image]).to(self.device))
+        _, tokens = self.pooled_and_patches(self.pixels([image]).to(self.device))
         patches = F.normalize(tokens[0], dim=-1)
         similarity = patches @ self.encode_text([text])[0]
         grid = int(round(similarity.numel() ** 0.5))

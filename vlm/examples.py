@@ -199,6 +199,17 @@ def question_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], lis
     return rows, labels
 
 
+def explain_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """Rows ([image, phrase]) for the Explain tab: scenes of two or three objects, each with
+    a phrase naming one of its objects."""
+    rows = []
+    for path, entry in shapeworld_examples(folder):
+        if entry["n_objects"] > 1 and len(rows) < 3:
+            scene = scene_from_entry(entry)
+            rows.append([str(path), scene.objects[-1].phrase])
+    return rows
+
+
 def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
     """Rows ([image, text] × 3, query image, prompt) and labels for the Few-shot tab: 2-shot
     lists whose query's value is in neither example, in a seen format and in formats that

@@ -28,6 +28,17 @@ from .device import available_cores
 from .images import DecodedImages, collate_decoded
 
 
+def features_in_memory(pipeline, images, batch_size: int = 256) -> torch.Tensor:
+    """What the mapper reads (frozen-encoder features) for every (image, texts) item of an
+    in-memory dataset, computed once and kept in fp16: the rendered datasets' counterpart of
+    the disk cache below."""
+    features = []
+    for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+        batch = [images[i][0] for i in range(start, min(start + batch_size, len(images)))]
+        features.append(pipeline.image_features(batch).half().cpu())
+    return torch.cat(features)
+
+
 def fingerprint(pipeline) -> str:
     """A short hash of everything that decides what `pipeline.image_features` returns."""
     digest = hashlib.sha256()

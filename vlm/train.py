@@ -25,18 +25,19 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from open_clip.transformer import MultimodalTransformer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .caption_head import CaptionHead, caption_vocabulary
 from .data import DataError, FileDataset
 from .datasets import DATASETS
-from .device import default_device
+from .device import default_device, half_dtype, training_precision
 from .encoder import Encoder
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
-from .features import FeatureCache
+from .features import FeatureCache, features_in_memory
 from .pipeline import PipelineConfig
 from .prompts import answer_cue
+from .text_batches import answer_mask, pack_texts, split_prompt, texts_tensor
 
 STAGES = ("clip", "lm", "prefix")
 CAPTION_LAYERS = 1  # CoCa decoder depth in the CLIP stage (2 layers: 11% more time a step)
@@ -258,90 +259,7 @@ def _epochs(
             yield [j * unit + k for j in mine for k in range(unit)]
 
 
-def split_prompt(text: str, config) -> tuple[str, str]:
-    """(prompt, target) of a prefix-stage text: the task prompt the pipeline will give at
-    inference ("Caption:", "Question: … Answer:") and what the LM must produce after it."""
-    cue = answer_cue(config.question_template)
-    if config.caption_prompt and text.startswith(config.caption_prompt):
-        return config.caption_prompt, text[len(config.caption_prompt) :]
-    if cue and cue in text:
-        cut = text.rindex(cue) + len(cue)
-        return text[:cut], text[cut:]
-    return "", text
-
-
-def _texts_tensor(
-    tokenizer, texts: list[str], device, prompts: list[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of `prompt + text + eos`, right-padded, and labels that score only the text
-    and its eos (the prompt is given at inference, so it is not learned)."""
-    eos = tokenizer.eos_token_id
-    prompts = prompts or [""] * len(texts)
-    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    rows = [(encode(p), encode(t) + [eos]) for p, t in zip(prompts, texts, strict=True)]
-    length = max(len(p) + len(t) for p, t in rows)
-    tokens = torch.full((len(rows), length), eos, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (prompt, target) in enumerate(rows):
-        tokens[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
-    return tokens.to(device), labels.to(device)
-
-
 # ---------------------------------------------------------------------------- the stages
-
-
-class CaptionHead(torch.nn.Module):
-    """CoCa's captioning decoder (Yu et al. 2022), used only while the encoder trains: it reads
-    the ViT's patch tokens and must write the canonical caption, so every object's attributes
-    have to survive in those tokens, not just enough of them to tell a batch apart. It is
-    open_clip's `MultimodalTransformer` over a small vocabulary: the tokens the captions use."""
-
-    def __init__(self, vocabulary: list[int], width: int, layers: int, context_length: int):
-        super().__init__()
-        lookup = torch.zeros(max(vocabulary) + 1, dtype=torch.long)  # open_clip id -> ours
-        lookup[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
-        self.register_buffer("lookup", lookup, persistent=False)
-        self.register_buffer("vocabulary", torch.tensor(vocabulary))  # kept in checkpoints
-        self.embedding = torch.nn.Embedding(len(vocabulary), width)
-        self.position = torch.nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.decoder = MultimodalTransformer(
-            width=width, layers=layers, heads=max(1, width // 32), context_length=context_length,
-            output_dim=len(vocabulary),
-        )  # fmt: skip
-        # (its own init_parameters() is broken in open_clip 3; the projection starts empty)
-        torch.nn.init.normal_(self.decoder.text_projection, std=width**-0.5)
-
-    def forward(self, patch_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token loss of `tokens` (open_clip ids, 0-padded) given the image's patches."""
-        ids = self.lookup[tokens]  # padding (0) maps to a real id, but is never a target
-        inputs = self.embedding(ids[:, :-1]) + self.position[: ids.shape[1] - 1]
-        logits = self.decoder(patch_tokens, inputs)
-        targets = ids[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
-
-    @torch.no_grad()
-    def generate(self, patch_tokens: torch.Tensor, start: int, end: int) -> list[list[int]]:
-        """Greedy captions of the images (open_clip ids between `start` and `end`): what the
-        encoder's patch tokens say, read by the decoder that trained with them."""
-        ids = self.lookup.new_full((patch_tokens.shape[0], 1), int(self.lookup[start]))
-        ended = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(self.position.shape[0] - 1):
-            inputs = self.embedding(ids) + self.position[: ids.shape[1]]
-            next_ids = self.decoder(patch_tokens, inputs)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_ids], dim=1)
-            ended |= next_ids[:, 0] == self.lookup[end]
-            if ended.all():  # every caption has its end: the rest would be cut off anyway
-                break
-        captions = []
-        for row in self.vocabulary[ids[:, 1:]].tolist():
-            captions.append(row[: row.index(end)] if end in row else row)
-        return captions
-
-
-def caption_vocabulary(tokenizer, captions: list[str]) -> list[int]:
-    """CaptionHead's vocabulary: the open_clip ids the captions use, and padding (0)."""
-    return sorted(set(tokenizer(captions).unique().tolist()) | {0})
 
 
 def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encoder:
@@ -375,10 +293,8 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
 
     def loss_fn(module, batch):
         pixels, tokens, captions = batch
-        clip = module["clip"]
-        clip.visual.output_tokens = True
-        pooled, patches = clip.visual(pixels)
-        clip.visual.output_tokens = False
+        clip = module["clip"]  # encoder.model: the tokens come through the encoder's lock
+        pooled, patches = encoder.pooled_and_patches(pixels, mixed=False, project=False)
         image = F.normalize(pooled, dim=-1)
         text = clip.encode_text(tokens, normalize=True)
         total = loss(image, text, clip.logit_scale.exp())
@@ -393,37 +309,6 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
                       config, accelerator, batch_size=config.batch_size)  # fmt: skip
     encoder.model = model["clip"].requires_grad_(False)
     return encoder
-
-
-def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
-    """GPT-style packing: all texts, each ended by EOS, cut into [N, block_size] blocks, so
-    the LM learns to read text at every position (after a visual prefix, too)."""
-    ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids += row + [tokenizer.eos_token_id]
-    blocks = len(ids) // block_size
-    return torch.tensor(ids[: blocks * block_size]).view(blocks, block_size)
-
-
-def answer_mask(tokenizer, blocks: torch.Tensor, cue: str, more_cues=()) -> torch.Tensor:
-    """True at the tokens of every answer in packed `blocks`: those after `cue` (" Answer:")
-    or after one of `more_cues` (exact text, e.g. a k-shot list's "Colour:") up to the newline
-    or EOS that ends it. Nothing is marked when there is no cue."""
-    cues = ([" " + cue] if cue else []) + list(more_cues)
-    after_cue = torch.zeros_like(blocks, dtype=torch.bool)  # the token before ends the cue
-    if not cues:
-        return after_cue
-    for text in cues:
-        cue_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-        windows = blocks.unfold(1, len(cue_ids), 1)  # [n, length - len(cue) + 1, len(cue)]
-        after_cue[:, len(cue_ids) :] |= (windows == cue_ids).all(-1)[:, :-1]
-    vocab = tokenizer.get_vocab()
-    ends = [i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t])]
-    ends = torch.tensor([*ends, tokenizer.eos_token_id])
-    n, length = blocks.shape
-    positions = torch.arange(length).expand(n, length)
-    last = lambda marks: torch.where(marks, positions, -1).cummax(1).values  # noqa: E731
-    return last(after_cue) > last(torch.isin(blocks, ends))
 
 
 def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
@@ -485,16 +370,6 @@ def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Te
     return lm(inputs_embeds=inputs, labels=torch.cat([ignore, labels], dim=1), use_cache=False).loss
 
 
-def cache_features(pipeline, images, batch_size: int = 256) -> torch.Tensor:
-    """What the mapper reads (frozen-encoder features) for every image, computed once and
-    kept in fp16."""
-    features = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
-        batch = [images[i][0] for i in range(start, min(start + batch_size, len(images)))]
-        features.append(pipeline.image_features(batch).half().cpu())
-    return torch.cat(features)
-
-
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
     """(texts of each item, lookup(indices) -> features) for the prefix stage: rendered
     datasets are encoded in memory; file datasets stream through a `FeatureCache`, their bad
@@ -502,7 +377,7 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_ou
     `held_out`: the same for the validation examples."""
     if not hasattr(dataset, "examples"):
         data = dataset.prefix_data(config.prefix_examples, config.seed)
-        features = cache_features(pipeline, data)
+        features = features_in_memory(pipeline, data)
         return data.texts, lambda indices: features[indices]
     cache = FeatureCache(None if config.features_in_memory else config.feature_cache, pipeline)
     shared = cache.dir is not None  # on disk, each process encodes its share
@@ -563,7 +438,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
             yield (
                 lookup(batch).float().to(accelerator.device),
-                _texts_tensor(tokenizer, targets, accelerator.device, prompts),
+                texts_tensor(tokenizer, targets, accelerator.device, prompts),
             )
 
     def parts(module):  # (lm, mapper) of the trained module: the mapper, or both (ablation)
@@ -591,7 +466,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
                 chunk = val_pairs[start : start + batch_size]
                 features = val_lookup([i for i, _ in chunk]).float().to(accelerator.device)
                 prompts, targets = [p for _, (p, _) in chunk], [t for _, (_, t) in chunk]
-                tokens, labels = _texts_tensor(tokenizer, targets, accelerator.device, prompts)
+                tokens, labels = texts_tensor(tokenizer, targets, accelerator.device, prompts)
                 loss = prefix_loss(lm, mapper(features), tokens, labels)
                 losses.append(loss.item())
             return float(sum(losses) / len(losses))
@@ -703,10 +578,7 @@ def _frozen_parts(config: TrainConfig, encoder_dir: Path, lm_dir: Path, device):
         encoder = Encoder.load(spec)
     else:
         encoder = Encoder.load({"model": f"local-dir:{encoder_dir.resolve()}"})
-    dtype = torch.float32
-    if torch.device(device).type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    lm, tokenizer = _load_lm(config.lm or lm_dir, dtype)
+    lm, tokenizer = _load_lm(config.lm or lm_dir, half_dtype(device) or torch.float32)
     return encoder, lm, tokenizer
 
 
@@ -715,8 +587,7 @@ def train(config: TrainConfig):
 
     With pretrained parts (`encoder`, `lm`), only the prefix stage runs."""
     on_cpu = default_device().type == "cpu"  # then several processes are CPU ones (gloo)
-    mixed = "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=training_precision(default_device()))
     set_seed(config.seed)
     check_parts(config)
     config.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Diagnosis: how much of each caption do the encoder's patch tokens hold?
 
-The CLIP stage trains CoCa's captioning decoder beside the encoder (`vlm.train.CaptionHead`),
+The CLIP stage trains CoCa's captioning decoder beside the encoder (`vlm.caption_head.CaptionHead`),
 then drops it. Kept in the stage's checkpoint, it reads the patch tokens the prefix mapper
 reads (before the linear projection into the joint space that the mapper reads them through),
 trained with the encoder instead of after it: its greedy captions, exact-matched
@@ -30,9 +30,10 @@ from safetensors.torch import load_file
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
+from vlm.caption_head import CaptionHead, caption_vocabulary
 from vlm.evaluate import normalize_caption
 from vlm.factory import build_encoder
-from vlm.train import CAPTION_LAYERS, SIZES, CaptionHead, caption_vocabulary
+from vlm.train import CAPTION_LAYERS, SIZES
 
 
 def load_caption_head(run: Path, size: str = "small", layers: int = CAPTION_LAYERS):

@@ -27,7 +27,8 @@ from vlm import shapeworld as sw
 from vlm.datasets import prefix_texts
 from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
-from vlm.train import _schedule, _texts_tensor, prefix_loss, split_prompt
+from vlm.text_batches import split_prompt, texts_tensor
+from vlm.train import _schedule, prefix_loss
 
 FEATURES = len(sw.SHAPES) + len(sw.COLORS) + len(sw.SIZES) + 2  # one-hots, then x and y
 
@@ -58,7 +59,7 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
         scenes = [sw.sample_scene(rng) for _ in range(batch_size)]
         texts = [split_prompt(rng.choice(prefix_texts(s, rng)), pipeline.config) for s in scenes]
         prompts, targets = [p for p, _ in texts], [t for _, t in texts]
-        tokens, labels = _texts_tensor(pipeline.tokenizer, targets, "cpu", prompts)
+        tokens, labels = texts_tensor(pipeline.tokenizer, targets, "cpu", prompts)
         loss = prefix_loss(pipeline.lm, mapper(torch.stack([scene_tokens(s) for s in scenes])),
                            tokens, labels)  # fmt: skip
         optimizer.zero_grad()

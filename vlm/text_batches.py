@@ -1,0 +1,70 @@
+"""Text as the trainer feeds it to the LM: documents packed into blocks with their answer
+tokens marked (the LM stage), and (prompt, target) rows after a visual prefix (the prefix
+stage), where only the target is scored."""
+
+from __future__ import annotations
+
+import torch
+
+from .prompts import answer_cue
+
+
+def split_prompt(text: str, config) -> tuple[str, str]:
+    """(prompt, target) of a prefix-stage text: the task prompt the pipeline will give at
+    inference ("Caption:", "Question: … Answer:") and what the LM must produce after it."""
+    cue = answer_cue(config.question_template)
+    if config.caption_prompt and text.startswith(config.caption_prompt):
+        return config.caption_prompt, text[len(config.caption_prompt) :]
+    if cue and cue in text:
+        cut = text.rindex(cue) + len(cue)
+        return text[:cut], text[cut:]
+    return "", text
+
+
+def texts_tensor(
+    tokenizer, texts: list[str], device, prompts: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of `prompt + text + eos`, right-padded, and labels that score only the text
+    and its eos (the prompt is given at inference, so it is not learned)."""
+    eos = tokenizer.eos_token_id
+    prompts = prompts or [""] * len(texts)
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+    rows = [(encode(p), encode(t) + [eos]) for p, t in zip(prompts, texts, strict=True)]
+    length = max(len(p) + len(t) for p, t in rows)
+    tokens = torch.full((len(rows), length), eos, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (prompt, target) in enumerate(rows):
+        tokens[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    return tokens.to(device), labels.to(device)
+
+
+def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """GPT-style packing: all texts, each ended by EOS, cut into [N, block_size] blocks, so
+    the LM learns to read text at every position (after a visual prefix, too)."""
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += row + [tokenizer.eos_token_id]
+    blocks = len(ids) // block_size
+    return torch.tensor(ids[: blocks * block_size]).view(blocks, block_size)
+
+
+def answer_mask(tokenizer, blocks: torch.Tensor, cue: str, more_cues=()) -> torch.Tensor:
+    """True at the tokens of every answer in packed `blocks`: those after `cue` (" Answer:")
+    or after one of `more_cues` (exact text, e.g. a k-shot list's "Colour:") up to the newline
+    or EOS that ends it. Nothing is marked when there is no cue."""
+    cues = ([" " + cue] if cue else []) + list(more_cues)
+    after_cue = torch.zeros_like(blocks, dtype=torch.bool)  # the token before ends the cue
+    if not cues:
+        return after_cue
+    for text in cues:
+        cue_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        windows = blocks.unfold(1, len(cue_ids), 1)  # [n, length - len(cue) + 1, len(cue)]
+        after_cue[:, len(cue_ids) :] |= (windows == cue_ids).all(-1)[:, :-1]
+    vocab = tokenizer.get_vocab()
+    ends = [i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t])]
+    ends = torch.tensor([*ends, tokenizer.eos_token_id])
+    n, length = blocks.shape
+    positions = torch.arange(length).expand(n, length)
+    last = lambda marks: torch.where(marks, positions, -1).cummax(1).values  # noqa: E731
+    return last(after_cue) > last(torch.isin(blocks, ends))
