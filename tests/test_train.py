@@ -4,6 +4,7 @@ encoder and the LM bit-identical while it trains the prefix."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -49,6 +50,26 @@ def test_prefix_stage_leaves_encoder_and_lm_bit_identical(run):
     lm = AutoModelForCausalLM.from_pretrained(out / "lm")
     for key, value in lm.state_dict().items():
         assert torch.equal(pipeline.lm.state_dict()[key].cpu(), value), key
+
+
+def test_the_ablation_fine_tunes_the_lm_with_the_mapper(run, tmp_path):
+    """--finetune-lm (ClipCap's other variant, for the frozen-vs-finetuned table): the prefix
+    stage trains the LM too, from the same encoder and LM; the encoder stays as it was."""
+    out, _, _ = run
+    for part in ("encoder", "lm"):
+        shutil.copytree(out / part, tmp_path / part)
+    config = TrainConfig(out=tmp_path, stages=("prefix",), prefix_steps=20, finetune_lm=True,
+                         **SMALL)  # fmt: skip
+    tuned = train(config)
+    lm = AutoModelForCausalLM.from_pretrained(out / "lm")
+    changed = [
+        k for k, v in lm.state_dict().items() if not torch.equal(tuned.lm.state_dict()[k].cpu(), v)
+    ]
+    assert len(changed) > len(lm.state_dict()) // 2, changed
+    assert not any(p.requires_grad for p in tuned.lm.parameters())  # frozen again for serving
+    encoder = Encoder.load({"model": f"local-dir:{out / 'encoder'}"})
+    for key, value in encoder.model.state_dict().items():
+        assert torch.equal(tuned.encoder.model.state_dict()[key].cpu(), value), key
 
 
 def test_bundle_loads_and_is_fp16_on_disk(run):

@@ -121,9 +121,10 @@ def _answers(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, fl
 
 def evaluate_shapeworld(
     pipeline, n: int = 1000, seed: int = 1234,
-    perturbations: tuple[str, ...] = PERTURBATIONS, batch_size: int = 64,
+    perturbations: tuple[str, ...] = PERTURBATIONS, batch_size: int = 64, extras: bool = True,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """{measure: {perturbation: score}} on freshly sampled scenes, in slices:
+    """{measure: {perturbation: score}} on freshly sampled scenes, in slices (`extras=False`:
+    only the captions and answers of the first three):
 
     - seen (no measure prefix): n scenes of seen colour-shape combinations, questions in
       the seen forms;
@@ -152,7 +153,6 @@ def evaluate_shapeworld(
     crowded = [
         sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(max(1, n // 10))
     ]
-    labels = sw.labels()
     groups = {"scenes": scenes, "held_out": held_scenes, "zeroshot_train": singles,
               "zeroshot_held_out": held_singles, "explain": crowded}  # fmt: skip
     clean = {name: [sw.render(s) for s in group] for name, group in groups.items()}
@@ -166,30 +166,39 @@ def evaluate_shapeworld(
         scores |= _answers(pipeline, images["scenes"], qa, "", batch_size)
         scores |= _answers(pipeline, images["held_out"], held_qa, "held_out_", batch_size)
         scores |= _answers(pipeline, images["scenes"], phrasing_qa, "phrasing_", batch_size)
-        for name, group in (("zeroshot_train", singles), ("zeroshot_held_out", held_singles)):
-            probs = pipeline.classify(images[name], labels)
-            top = [next(iter(p)) == s.objects[0].name for p, s in zip(probs, group, strict=True)]
-            scores[name] = float(np.mean(top))
-
-        index = pipeline.build_index(images["scenes"], batch_size=batch_size)
-        r1, r5 = [], []
-        for query in sorted({sw.describe(s) for s in scenes}):
-            hits = [sw.describe(scenes[h.position]) == query for h in index.search(query, k=5)]
-            r1.append(hits[0])
-            r5.append(any(hits))
-        scores["retrieval_r1"], scores["retrieval_r5"] = float(np.mean(r1)), float(np.mean(r5))
-
-        several = [i for i, s in enumerate(scenes) if len(s.objects) > 1]
-        scores |= binding_accuracy(pipeline.encoder, [images["scenes"][i] for i in several],
-                                   [scenes[i] for i in several], text_cache)  # fmt: skip
-        peaks = peak_hits(pipeline.explain, images["explain"], crowded)
-        scores |= {f"explain_peak_{k}": v for k, v in peaks.items()}
-        if "few_shot" in getattr(pipeline, "tasks", ()):
-            few = evaluate_few_shot(pipeline, max(1, n // 10), seed, kind, batch_size)
-            scores |= few
+        if extras:
+            scores |= _extras(pipeline, images, groups, kind, seed, batch_size, text_cache)
         for measure, score in scores.items():
             results[measure][kind] = score
     return dict(results)
+
+
+def _extras(pipeline, images, groups, kind, seed, batch_size, text_cache) -> dict[str, float]:
+    """Zero-shot labels, retrieval, binding, explain's peaks and few-shot (see above)."""
+    scenes, labels, scores = groups["scenes"], sw.labels(), {}
+    for name in ("zeroshot_train", "zeroshot_held_out"):
+        group = groups[name]
+        probs = pipeline.classify(images[name], labels)
+        top = [next(iter(p)) == s.objects[0].name for p, s in zip(probs, group, strict=True)]
+        scores[name] = float(np.mean(top))
+
+    index = pipeline.build_index(images["scenes"], batch_size=batch_size)
+    r1, r5 = [], []
+    for query in sorted({sw.describe(s) for s in scenes}):
+        hits = [sw.describe(scenes[h.position]) == query for h in index.search(query, k=5)]
+        r1.append(hits[0])
+        r5.append(any(hits))
+    scores["retrieval_r1"], scores["retrieval_r5"] = float(np.mean(r1)), float(np.mean(r5))
+
+    several = [i for i, s in enumerate(scenes) if len(s.objects) > 1]
+    scores |= binding_accuracy(pipeline.encoder, [images["scenes"][i] for i in several],
+                               [scenes[i] for i in several], text_cache)  # fmt: skip
+    peaks = peak_hits(pipeline.explain, images["explain"], groups["explain"])
+    scores |= {f"explain_peak_{k}": v for k, v in peaks.items()}
+    if "few_shot" in getattr(pipeline, "tasks", ()):
+        n = max(1, len(scenes) // 10)
+        scores |= evaluate_few_shot(pipeline, n, seed, kind, batch_size)
+    return scores
 
 
 # ---------------------------------------------------------------------------- explain
