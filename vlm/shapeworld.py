@@ -5,6 +5,9 @@ A scene holds 1-3 non-overlapping filled shapes on a black background. Everythin
 is known exactly, so we can render it, caption it and ask it questions with unambiguous answers.
 A few colour-shape combinations (HELD_OUT) never appear in training scenes, which lets us test
 compositional generalisation: the model has seen purple things and triangles, never both at once.
+Questions come in several forms (QUESTION_FORMS), of which HELD_OUT_FORMS are never asked of a
+training image, and k-shot lists (few_shot_document) in formats of which HELD_OUT_KEYS and
+HELD_OUT_SEPARATORS appear nowhere in training: the language model reads them only as text.
 """
 
 from __future__ import annotations
