@@ -144,12 +144,14 @@ def test_answer_endpoint(client, one_object):
 
 
 def test_few_shot_endpoint_continues_like_its_examples(client):
-    """Two captioned examples, then a query image: the continuation is a ShapeWorld caption,
-    the examples' format (its content is the bundled model's guess: see test_app_decoding)."""
+    """Two captioned examples ("Caption: …", as the Few-shot tab's example row), then a query
+    image and "Caption:": the continuation is a ShapeWorld caption, the examples' format (its
+    content is the bundled model's guess: see test_app_decoding)."""
     (p1, t1), (p2, t2), (p3, _) = shapeworld_examples()[:3]
     text = client.predict(
-        handle_file(str(p1)), t1["caption"], handle_file(str(p2)), t2["caption"], None, "",
-        handle_file(str(p3)), "", 12, api_name="/few_shot",
+        handle_file(str(p1)), f"Caption: {t1['caption']}", handle_file(str(p2)),
+        f"Caption: {t2['caption']}", None, "", handle_file(str(p3)), "Caption:", 12,
+        api_name="/few_shot",
     )  # fmt: skip
     assert CAPTION.fullmatch(text), text
 

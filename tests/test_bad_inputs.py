@@ -412,10 +412,13 @@ def test_questions_are_cleaned_and_answered(trained, images, case):
 
 
 def test_a_question_at_the_length_limit_is_refused_clearly(trained, images):
-    """500 characters pass clean_question, but need more positions than the tiny LM has (96):
+    """500 characters pass clean_question, but need more positions than the tiny LM has (64):
     a clear error naming both numbers, before the LM runs past its position table."""
     question = clean_question("what color is it? " * 27, max_chars=500)
-    with pytest.raises(ValueError, match=r"too long for this model: \d+ tokens .* at most 96"):
+    positions = trained.lm.config.n_positions
+    with pytest.raises(
+        ValueError, match=rf"too long for this model: \d+ tokens .* at most {positions}"
+    ):
         trained.answer([images["a large red square"]], [question])
     with pytest.raises(ValueError, match="too long"):  # with choices, scored: the same check
         trained.answer([images["a large red square"]], [question], ["red", "blue"])
