@@ -217,7 +217,7 @@ def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str
     scenes = _by_name(folder)
     if not scenes:
         return [], []
-    one = {key: (path, sw.Scene(tuple(sw.Obj(**o) for o in entry["objects"])))
+    one = {key: (path, scene_from_entry(entry))
            for key, (path, entry) in scenes.items() if entry["n_objects"] == 1}  # fmt: skip
     tasks = [  # (attribute, key, separator, two example scenes, query scene, label)
         ("color", "Colour", ": ", ("sw-01", "sw-02"), "sw-04", "2-shot colour, a seen format"),

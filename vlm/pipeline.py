@@ -29,6 +29,7 @@ from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
+from .prompts import question_prompt
 from .search import SearchIndex
 from .streaming import TextStream
 from .tasks import UnsupportedTaskError, task_set
@@ -350,7 +351,7 @@ class Pipeline:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         prefixes = self.prefix(images)
         return [
-            self._embed_parts([p, self.config.question_template.format(question=q.strip())])
+            self._embed_parts([p, question_prompt(q.strip(), self.config.question_template)])
             for p, q in zip(prefixes, questions, strict=True)
         ]
 

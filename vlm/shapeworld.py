@@ -282,7 +282,7 @@ def _forms(kind: str, pool: str, one_object: bool) -> list[str]:
     if pool == "seen":
         return [f for f in forms if f not in HELD_OUT_FORMS]
     if pool == "held_out":
-        return [f for f in forms if f in HELD_OUT_FORMS] or forms[:0]
+        return [f for f in forms if f in HELD_OUT_FORMS]
     if pool == "all":
         return forms
     raise ValueError(f"forms must be one of {FORM_POOLS}, got {pool!r}")

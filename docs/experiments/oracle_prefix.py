@@ -27,6 +27,7 @@ from vlm import shapeworld as sw
 from vlm.datasets import prefix_texts
 from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
+from vlm.prompts import question_prompt
 from vlm.text_batches import split_prompt, texts_tensor
 from vlm.train import _schedule, prefix_loss
 
@@ -90,7 +91,7 @@ def evaluate_oracle(pipeline: Pipeline, mapper: PrefixMapper, n: int = 300) -> d
         caption = greedy(pipeline, prefix, pipeline.config.caption_prompt, 30)
         captions[len(scene.objects)].append(caption == sw.describe(scene))
         question, answer = rng.choice(sw.questions(scene))
-        prompt = pipeline.config.question_template.format(question=question)
+        prompt = question_prompt(question, pipeline.config.question_template)
         answers[sw.question_type(question)].append(greedy(pipeline, prefix, prompt, 3) == answer)
     mean = lambda groups: sum(map(sum, groups.values())) / n  # noqa: E731
     return {
