@@ -28,6 +28,7 @@ from . import shapeworld as sw
 from .data import BadRows, group_by_image
 from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
+from .visualize import peak_centre
 
 PERTURBATIONS = ("clean", "jpeg50", "resize224")
 # the generalisation issue's targets (fresh scenes, --n 1000)
@@ -158,6 +159,7 @@ def evaluate_shapeworld(
     clean = {name: [sw.render(s) for s in group] for name, group in groups.items()}
     results: dict[str, dict[str, float]] = defaultdict(dict)
     text_cache: dict = {}  # binding: caption embeddings, shared by the perturbations
+    few_shot: dict[str, float] = {}
     for kind in perturbations:
         images = {name: [perturb(image, kind) for image in group]
                   for name, group in clean.items()}  # fmt: skip
@@ -168,13 +170,18 @@ def evaluate_shapeworld(
         scores |= _answers(pipeline, images["scenes"], phrasing_qa, "phrasing_", batch_size)
         if extras:
             scores |= _extras(pipeline, images, groups, kind, seed, batch_size, text_cache)
+            if "few_shot" in getattr(pipeline, "tasks", ()):
+                contexts = ("image", "text") if kind == perturbations[0] else ("image",)
+                few_shot |= evaluate_few_shot(pipeline, max(1, n // 10), seed, kind,
+                                              batch_size, contexts=contexts)  # fmt: skip
+                scores |= few_shot  # the text rows (images replaced by words) are the same
         for measure, score in scores.items():
             results[measure][kind] = score
     return dict(results)
 
 
 def _extras(pipeline, images, groups, kind, seed, batch_size, text_cache) -> dict[str, float]:
-    """Zero-shot labels, retrieval, binding, explain's peaks and few-shot (see above)."""
+    """Zero-shot labels, retrieval, binding and explain's peaks (see above)."""
     scenes, labels, scores = groups["scenes"], sw.labels(), {}
     for name in ("zeroshot_train", "zeroshot_held_out"):
         group = groups[name]
@@ -195,9 +202,6 @@ def _extras(pipeline, images, groups, kind, seed, batch_size, text_cache) -> dic
                                [scenes[i] for i in several], text_cache)  # fmt: skip
     peaks = peak_hits(pipeline.explain, images["explain"], groups["explain"])
     scores |= {f"explain_peak_{k}": v for k, v in peaks.items()}
-    if "few_shot" in getattr(pipeline, "tasks", ()):
-        n = max(1, len(scenes) // 10)
-        scores |= evaluate_few_shot(pipeline, n, seed, kind, batch_size)
     return scores
 
 
@@ -222,9 +226,7 @@ def named_texts(scene: sw.Scene) -> list[tuple[str, str, int]]:
 
 def peak_object(grid: np.ndarray, scene: sw.Scene) -> int:
     """The index of the object whose centre is nearest the map's highest cell."""
-    side = grid.shape[0]
-    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    y, x = (row + 0.5) / side, (col + 0.5) / side
+    x, y = peak_centre(grid, (1, 1))  # in image units, as the objects' centres
     return int(np.argmin([np.hypot(o.x - x, o.y - y) for o in scene.objects]))
 
 
@@ -275,16 +277,22 @@ def few_shot_tasks(n: int, seed: int, shots: tuple[int, ...] = (0, 1, 2, 3)):
 
 def evaluate_few_shot(
     pipeline, n: int = 100, seed: int = 1234, perturbation: str = "clean", batch_size: int = 64,
-    caption_prompt: str = "Caption:",
+    contexts: tuple[str, ...] = ("image", "text"), caption_prompt: str = "Caption:",
 ) -> dict[str, float]:  # fmt: skip
     """First-word accuracy of k-shot lists (`few_shot_tasks`), Frozen-style: each example an
     image and its "<key><separator><value>" line, then the query image and "<key><separator>".
     `few_shot_<format>_<k>shot` (mean over attributes), `few_shot_<attribute>_<format>_2shot`,
     and `few_shot_text_<format>_<k>shot`: the same lists with each scene written as a caption
-    line instead of its image — the gap to it is how well the prefix stands in for words."""
+    line instead of its image — the gap to it is how well the prefix stands in for words.
+    `contexts`: which of the two to run (the text lists do not change with `perturbation`)."""
     tasks = list(few_shot_tasks(n, seed))
+    by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
+    for i, task in enumerate(tasks):
+        by_k[task[2]].append(i)
+    batches = [group[s : s + batch_size] for group in by_k.values()
+               for s in range(0, len(group), batch_size)]  # fmt: skip
     hits: dict[str, list[bool]] = defaultdict(list)
-    for context in ("image", "text"):
+    for context in contexts:
         lists = []
         for attribute, _, _, examples, query, key, separator in tasks:
             parts = []
@@ -297,11 +305,6 @@ def evaluate_few_shot(
                 parts.append(f"{key}{separator}{value}".rstrip() + ("\n" if value else ""))
             lists.append(parts)
         name = "few_shot" if context == "image" else "few_shot_text"
-        by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
-        for i, task in enumerate(tasks):
-            by_k[task[2]].append(i)
-        batches = [group[s : s + batch_size] for group in by_k.values()
-                   for s in range(0, len(group), batch_size)]  # fmt: skip
         for chunk in batches:
             try:
                 outputs = pipeline.continue_sequences([lists[i] for i in chunk], max_new_tokens=4)
