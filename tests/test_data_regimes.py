@@ -42,11 +42,30 @@ def clip_pool(data):
 
 
 def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(clip_pool, prefix_pool):
-    # each item's first text is the canonical caption of the rendered scene (its every object)
+    # each item's first text is the canonical caption of the rendered scene (its every object);
+    # a colourless view's names no colour, and its image holds nothing but greys
     for pool in (clip_pool, prefix_pool):
         captions = [texts[0].removeprefix(CAPTION_PROMPT).strip() for texts in pool.texts]
         assert len(captions) == len(pool) >= 600
-        assert all(names_in(c) and not names_in(c) & set(HELD_NAMES) for c in captions)
+        coloured = [i for i, c in enumerate(captions) if names_in(c)]
+        assert not any(names_in(captions[i]) & set(HELD_NAMES) for i in coloured)
+        for i in set(range(len(pool))) - set(coloured):
+            assert not re.search(rf"\b({'|'.join(sw.COLORS)})\b", " ".join(pool.texts[i]))
+            image = pool.images[i].int()
+            assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+            drawn = image[..., 0][image[..., 0] > 40].float()  # no white: augmentation (JPEG,
+            assert drawn.median() <= sw.GREYS[1] + 10  # rescaling) overshoots at edges only
+
+
+def test_the_clip_stage_shows_a_share_of_colourless_views_and_their_twins(data, clip_pool):
+    captions = [texts[0] for texts in clip_pool.texts]
+    colourless = [not names_in(c) for c in captions]
+    assert 0.15 < sum(colourless) / len(captions) < 0.35  # colourless_share: 0.25
+    for first in range(0, len(captions), 2):  # twins: both colourless or neither, and distinct
+        assert colourless[first] == colourless[first + 1]
+        assert captions[first] != captions[first + 1]
+    image = clip_pool.images[colourless.index(True)].int()
+    assert image.max() >= sw.GREYS[0] - 16  # the shapes are drawn, not left black
 
 
 def test_prefix_stage_asks_only_seen_forms_and_never_names_a_held_out_combination(prefix_pool):
@@ -116,3 +135,15 @@ def test_the_lm_weighs_k_shot_values_as_answers(data, lm_texts):
     marked = tokenizer.decode(blocks[answer_mask(tokenizer, blocks, "Answer:", data.answer_cues())])
     # the answer and the value after a seen key; "Hue" is a held-out key, never weighed
     assert marked.split() == ["red", "star"]
+
+
+def test_colourless_views_draw_in_grey_and_speak_without_colour():
+    scene = sw.Scene((sw.Obj("circle", "orange", "small", 0.3, 0.5),
+                      sw.Obj("star", "white", "large", 0.7, 0.5)))  # fmt: skip
+    assert sw.describe(scene, colour=False) == "a small circle left of a large star"
+    assert not names_in(sw.paraphrase(scene, random.Random(0), colour=False))
+    pixels = sw.render(scene, 64, grey=120).getcolors(64 * 64)
+    assert all(r == g == b for _, (r, g, b) in pixels)
+    assert max((n, c) for n, c in pixels if c[0] > 40)[1] == (120, 120, 120)
+    with pytest.raises(ValueError, match="grey"):
+        sw.render(scene, 64, grey=255)  # white is a palette colour, not a colourless grey

@@ -192,6 +192,8 @@ TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from
     "prefix_lr": "prefix stage: peak learning rate",
     "prefix_examples": "prefix stage: rendered scenes (shapeworld)",
     "prefix_epochs": "prefix stage: epochs over the (image, text) pairs; replaces --prefix-steps",
+    "prefix_context": "prefix stage: share of batches with two (image, text) items a row, the "
+    "second read after the first as in a k-shot list (default: the dataset's; files: 0)",
     "val_fraction": "file data: fraction of the images held out for validation when there is "
     "no --val-data (Karpathy data: its val split; 0: none)",
     "val_every": "steps between validation losses in log.jsonl (0: none)",
@@ -333,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         ("clip_caption_weight", float),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int), ("lm_answer_weight", float),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
-        ("prefix_epochs", float), ("val_fraction", float), ("val_every", int),
+        ("prefix_epochs", float), ("prefix_context", float),
+        ("val_fraction", float), ("val_every", int),
         ("early_stopping", int), ("max_new_tokens", int),
     ]:  # fmt: skip
         group = data if name in ("val_fraction", "val_every", "early_stopping") else knobs

@@ -38,9 +38,10 @@ def _valid(scene: sw.Scene) -> bool:
     return True
 
 
-def _twin(scene: sw.Scene, rng: random.Random) -> sw.Scene:
+def _twin(scene: sw.Scene, rng: random.Random, colour: bool = True) -> sw.Scene:
     """A hard negative for `scene`: the same objects rearranged, recoloured or resized, so
-    that the contrastive loss must learn binding and order, not just a bag of attributes."""
+    that the contrastive loss must learn binding and order, not just a bag of attributes.
+    `colour=False`: for a colourless view, so the twin's colourless caption differs."""
     objects = list(scene.objects)
     for _ in range(20):
         kind = rng.random()
@@ -66,7 +67,7 @@ def _twin(scene: sw.Scene, rng: random.Random) -> sw.Scene:
         names = {(o.color, o.shape) for o in twin.objects}
         if (
             _valid(twin)
-            and sw.describe(twin) != sw.describe(scene)
+            and sw.describe(twin, colour) != sw.describe(scene, colour)
             and not names & set(sw.HELD_OUT)
         ):
             return twin
@@ -119,24 +120,40 @@ class ShapeWorld:
 
     image_size: int = 64
     few_shot_share: float = 0.3  # of the LM's documents: k-shot lists (Frozen's few-shot)
+    # Of the CLIP stage's scenes: colourless views (sw.GREYS) captioned without colour words,
+    # so the encoder learns shapes apart from colours. Without them it read the shape of a
+    # held-out combination as the seen shape of the same colour (held_out_probe.py in docs).
+    colourless_share: float = 0.25
+    # Of the prefix stage's batches: two (image, text) items a row, so the frozen LM reads a
+    # prefix after other text, as in a k-shot list (TrainConfig.prefix_context).
+    prefix_context: float = 0.5
 
-    def _pool(self, scenes: list[sw.Scene], texts: list[list[str]], rng) -> ImagePool:
+    def _pool(
+        self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None]
+    ) -> ImagePool:
         images = torch.stack([
-            torch.from_numpy(np.array(_augment(sw.render(s, self.image_size), rng)))
-            for s in tqdm(scenes, desc="rendering", leave=False, mininterval=5)
+            torch.from_numpy(np.array(_augment(sw.render(s, self.image_size, grey), rng)))
+            for s, grey in tqdm(list(zip(scenes, greys, strict=True)), desc="rendering",
+                                leave=False, mininterval=5)
         ])  # fmt: skip
         return ImagePool(images, texts)
 
     def clip_data(self, n: int, seed: int) -> ImagePool:
         """Image-caption pairs for contrastive training, in twins: each scene is followed by a
-        hard negative of it, and the trainer keeps twins in the same batch."""
+        hard negative of it, and the trainer keeps twins in the same batch. A share of the
+        pairs are colourless views, captioned without colour words."""
         rng = random.Random(f"clip-{seed}")
-        scenes = []
+        scenes, greys = [], []
         while len(scenes) < n:
             scene = sw.sample_scene(rng)
-            scenes += [scene, _twin(scene, rng)]
-        texts = [[sw.describe(s)] * 3 + [sw.paraphrase(s, rng)] for s in scenes]
-        return self._pool(scenes[:n], texts[:n], rng)
+            grey = rng.randint(*sw.GREYS) if rng.random() < self.colourless_share else None
+            scenes += [scene, _twin(scene, rng, colour=grey is None)]
+            greys += [grey, grey]
+        texts = [
+            [sw.describe(s, grey is None)] * 3 + [sw.paraphrase(s, rng, grey is None)]
+            for s, grey in zip(scenes, greys, strict=True)
+        ]
+        return self._pool(scenes[:n], texts[:n], rng, greys[:n])
 
     def texts(self, n: int, seed: int) -> list[str]:
         """Documents for the language model. Most describe one scene: its caption, a
@@ -171,7 +188,8 @@ class ShapeWorld:
         caption half of the time, else one of the scene's Q/A pairs (seen forms only)."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
-        return self._pool(scenes, [prefix_texts(scene, rng) for scene in scenes], rng)
+        texts = [prefix_texts(scene, rng) for scene in scenes]
+        return self._pool(scenes, texts, rng, [None] * n)
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

@@ -37,6 +37,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 SIZES = ("small", "large")
+# Colourless views (the encoder learns shape apart from colour): every object drawn in one grey
+# of this range, which is no palette colour (white is 255), captioned without colour words.
+GREYS = (90, 170)
 RADIUS = {"small": 0.085, "large": 0.15}  # outer radius, as a fraction of the image side
 
 # (colour, shape) pairs that never occur in training scenes; each colour and shape at most twice
@@ -91,6 +94,10 @@ class Obj:
     @property
     def phrase(self) -> str:
         return f"a {self.size} {self.name}"
+
+    @property
+    def colourless_phrase(self) -> str:
+        return f"a {self.size} {self.shape}"
 
     @property
     def radius(self) -> float:
@@ -185,13 +192,17 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, size: int = 128) -> Image.Image:
-    """Render a scene as a size x size RGB image, drawn at 4x and downsampled for antialiasing."""
+def render(scene: Scene, size: int = 128, grey: int | None = None) -> Image.Image:
+    """Render a scene as a size x size RGB image, drawn at 4x and downsampled for antialiasing.
+    `grey` (in GREYS): a colourless view, every object drawn in that grey."""
+    if grey is not None and not GREYS[0] <= grey <= GREYS[1]:
+        raise ValueError(f"grey must lie in {GREYS}, got {grey}")
     big = 4 * size
     img = Image.new("RGB", (big, big), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        _draw(draw, o.shape, o.x * big, o.y * big, o.radius * big, COLORS[o.color])
+        fill = COLORS[o.color] if grey is None else (grey, grey, grey)
+        _draw(draw, o.shape, o.x * big, o.y * big, o.radius * big, fill)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -199,14 +210,19 @@ def render(scene: Scene, size: int = 128) -> Image.Image:
 # language: captions, paraphrases, questions
 
 
-def describe(scene: Scene) -> str:
-    """The canonical caption: object phrases left to right, joined by ' left of '."""
-    return " left of ".join(o.phrase for o in scene.objects)
+def _phrases(scene: Scene, colour: bool) -> list[str]:
+    return [o.phrase if colour else o.colourless_phrase for o in scene.objects]
 
 
-def paraphrase(scene: Scene, rng: random.Random) -> str:
+def describe(scene: Scene, colour: bool = True) -> str:
+    """The canonical caption: object phrases left to right, joined by ' left of '.
+    `colour=False`: without colour words ("a small circle left of a large star")."""
+    return " left of ".join(_phrases(scene, colour))
+
+
+def paraphrase(scene: Scene, rng: random.Random, colour: bool = True) -> str:
     """A randomly chosen alternative phrasing of the scene, always true of it."""
-    phrases = [o.phrase for o in scene.objects]
+    phrases = _phrases(scene, colour)
     if len(phrases) == 1:
         options = [
             phrases[0],

@@ -22,16 +22,17 @@ def split_prompt(text: str, config) -> tuple[str, str]:
 
 
 def texts_tensor(
-    tokenizer, texts: list[str], device, prompts: list[str] | None = None
+    tokenizer, texts: list[str], device, prompts: list[str] | None = None, eos: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of `prompt + text + eos`, right-padded, and labels that score only the text
-    and its eos (the prompt is given at inference, so it is not learned)."""
-    eos = tokenizer.eos_token_id
+    and its eos (the prompt is given at inference, so it is not learned). `eos=False`: the
+    text is not the end (more follows it in the row), so no eos is added."""
+    end = [tokenizer.eos_token_id] if eos else []
     prompts = prompts or [""] * len(texts)
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    rows = [(encode(p), encode(t) + [eos]) for p, t in zip(prompts, texts, strict=True)]
+    rows = [(encode(p), encode(t) + end) for p, t in zip(prompts, texts, strict=True)]
     length = max(len(p) + len(t) for p, t in rows)
-    tokens = torch.full((len(rows), length), eos, dtype=torch.long)
+    tokens = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     for i, (prompt, target) in enumerate(rows):
         tokens[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)

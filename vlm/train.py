@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +89,9 @@ class TrainConfig:
     prefix_lr: float = 1e-3
     prefix_examples: int = 60_000
     prefix_epochs: float | None = None  # if set, replaces prefix_steps (epochs over the pairs)
+    # Of the prefix stage's batches: rows of two (image, text) items, the LM reading the second
+    # prefix after the first item, as in a k-shot list (None: the dataset's choice, else 0)
+    prefix_context: float | None = None
     checkpoint_every: int = 250
     resume: bool = False
     bundle: Path | None = None  # where the final pipeline goes (default: <out>/pipeline)
@@ -362,12 +366,33 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     return lm, tokenizer
 
 
-def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
-    """The LM's next-token loss on the text after the visual prefix (none on the prefix)."""
+def _prefixed(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
+    """(LM input embeddings, labels) of visual prefixes followed by their tokens."""
     table = lm.get_input_embeddings()
     inputs = torch.cat([prefix.to(table.weight.dtype), table(tokens)], dim=1)
     ignore = labels.new_full((labels.shape[0], prefix.shape[1]), -100)
-    return lm(inputs_embeds=inputs, labels=torch.cat([ignore, labels], dim=1), use_cache=False).loss
+    return inputs, torch.cat([ignore, labels], dim=1)
+
+
+def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                context: tuple[torch.Tensor, ...] | None = None):  # fmt: skip
+    """The LM's next-token loss on the text after the visual prefix (none on the prefix).
+
+    `context`: (prefix, tokens, labels) of an item that each row reads first, up to its last
+    scored token (no padding between the two), and is scored on too: a prefix read after
+    other text, as in a k-shot list."""
+    inputs, targets = _prefixed(lm, prefix, tokens, labels)
+    if context is not None:
+        before, before_targets = _prefixed(lm, *context)
+        positions = torch.arange(before_targets.shape[1], device=before_targets.device)
+        ends = torch.where(before_targets != -100, positions, -1).max(1).values + 1
+        cut = [(before[i, :end], before_targets[i, :end]) for i, end in enumerate(ends.tolist())]
+        rows = zip(cut, inputs, targets, strict=True)
+        inputs, targets = zip(*[(torch.cat([b, x]), torch.cat([t, y])) for (b, t), x, y in rows],
+                              strict=True)  # fmt: skip
+        inputs = pad_sequence(list(inputs), batch_first=True)
+        targets = pad_sequence(list(targets), batch_first=True, padding_value=-100)
+    return lm(inputs_embeds=inputs, labels=targets, use_cache=False).loss
 
 
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
@@ -430,24 +455,40 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         pairs = sum(len(t) for t in texts)
         steps = max(1, math.ceil(config.prefix_epochs * pairs / batch_size))
 
+    context_share = config.prefix_context
+    if context_share is None:
+        context_share = getattr(dataset, "prefix_context", 0.0)
+    prefix_length = pipeline.mapper.prefix_length
+    positions = getattr(pipeline.lm.config, "max_position_embeddings", None) or math.inf
+
+    def items(indices: list[int], rng, context: bool = False):
+        """(features, tokens, labels) of items; a context item's text ends its line."""
+        pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in indices]
+        prompts, targets = [p for p, _ in pairs], [t + "\n" * context for _, t in pairs]
+        tokens = texts_tensor(tokenizer, targets, accelerator.device, prompts, eos=not context)
+        return lookup(indices).float().to(accelerator.device), *tokens
+
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
         seed = f"prefix-{config.seed}-{start}"
         for batch in _epochs(len(texts), batch_size, seed, accelerator):
-            pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in batch]
-            prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
-            yield (
-                lookup(batch).float().to(accelerator.device),
-                texts_tensor(tokenizer, targets, accelerator.device, prompts),
-            )
+            half = len(batch) // 2 if rng.random() < context_share else 0
+            if half:  # rows of two items: the first half is read before the second
+                main, context = items(batch[half : 2 * half], rng), items(batch[:half], rng, True)
+                if 2 * prefix_length + main[1].shape[1] + context[1].shape[1] <= positions:
+                    yield main, context
+                    continue
+            yield items(batch, rng), None  # (or the two would not fit in the LM's positions)
 
     def parts(module):  # (lm, mapper) of the trained module: the mapper, or both (ablation)
         return (module["lm"], module["mapper"]) if config.finetune_lm else (pipeline.lm, module)
 
     def loss_fn(module, batch):
-        embedding, (tokens, labels) = batch
+        (embedding, tokens, labels), context = batch
         lm, mapper = parts(module)
-        return prefix_loss(lm, mapper(embedding), tokens, labels)
+        if context is not None:
+            context = (mapper(context[0]), *context[1:])
+        return prefix_loss(lm, mapper(embedding), tokens, labels, context)
 
     def check():  # the method's promise: nothing but the mapper learns (the LM too: ablation)
         assert all(p.grad is None for p in frozen), "a gradient reached a frozen part"
