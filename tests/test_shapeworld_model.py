@@ -14,26 +14,29 @@ from vlm.evaluate import evaluate_shapeworld, one_change_captions
 from vlm.presets import SHAPEWORLD_DIR
 
 # Well under what the shipped bundle measures on 250 scenes per slice (docs/shapeworld.md:
-# caption exact 95%, held-out combinations 37%, VQA 91% / held-out 79% / held-out phrasings
-# 86%, zero-shot 98% / held-out 88%, R@5 100%, few-shot 0-shot 99% and 2-shot from text 100%,
-# explain's peak on the named object 65%), since 100 scenes (10 per few-shot cell) are noisy.
+# caption exact 97%, held-out combinations 58%, VQA 91% / held-out 82% / held-out phrasings
+# 88%, zero-shot 99% / held-out 92%, R@5 100%, few-shot 0-shot 67% and 2-shot 67% (from text
+# 100%), explain's peak on the named object 77%), since 100 scenes (10 per few-shot cell) are
+# noisy.
 FLOORS = {
-    "caption_exact": 0.88,
-    "held_out_caption_exact": 0.22,
-    "zeroshot_train": 0.92,
-    "zeroshot_held_out": 0.80,
+    "caption_exact": 0.90,
+    "held_out_caption_exact": 0.42,
+    "zeroshot_train": 0.93,
+    "zeroshot_held_out": 0.82,
     "vqa_overall": 0.80,
-    "held_out_vqa_overall": 0.65,
-    "phrasing_vqa_overall": 0.72,
+    "held_out_vqa_overall": 0.70,
+    "phrasing_vqa_overall": 0.75,
     "retrieval_r5": 0.92,
-    "few_shot_seen_0shot": 0.85,
+    "few_shot_seen_0shot": 0.50,
+    "few_shot_seen_2shot": 0.45,
+    "few_shot_held_out_2shot": 0.25,
     "few_shot_text_seen_2shot": 0.85,
-    "explain_peak_all": 0.45,
-    # the encoder prefers a scene's caption to every one-object change of it (shape 53%,
-    # size 100%, colour 98% on scenes of two or three objects)
-    "binding_shape": 0.40,
+    "explain_peak_all": 0.60,
+    # the encoder prefers a scene's caption to every one-object change of it (shape 68%,
+    # size 100%, colour 91% on scenes of two or three objects)
+    "binding_shape": 0.52,
     "binding_size": 0.88,
-    "binding_color": 0.88,
+    "binding_color": 0.80,
 }
 
 
