@@ -111,7 +111,7 @@ def test_example_labels_say_truly_what_was_never_seen():
         query, prompt = row[6], row[7]
         values = [text.split(prompt.split()[-1] if "=>" in prompt else ":")[-1].strip()
                   for _, text in shots]  # fmt: skip
-        attribute = {"Colour": "color", "Form": "shape", "Scale": "size"}[
+        attribute = {"Shape": "shape", "Colour": "color", "Form": "shape", "Scale": "size"}[
             prompt.split()[0].rstrip(":")
         ]
         answer = sw.attribute(scene_from_entry(truth[query]), attribute)
