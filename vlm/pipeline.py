@@ -210,11 +210,16 @@ class Pipeline:
             mask[i, length - s.shape[0] :] = 1
         return embeds, mask
 
+    @property
+    def max_positions(self) -> int:
+        """How many positions the LM reads (the size of its position table; 2**30 if none)."""
+        return getattr(self.lm.config, "max_position_embeddings", None) or 1 << 30
+
     def _room(self, length: int, need: int = 1) -> int:
-        """How many more tokens the LM can read after `length` (the size of its position
-        table), or a clear error if fewer than `need`. Going past it fails with an IndexError,
-        on a GPU with a device-side assert that breaks every later request."""
-        limit = getattr(self.lm.config, "max_position_embeddings", None) or 1 << 30
+        """How many more tokens the LM can read after `length` (`max_positions`), or a clear
+        error if fewer than `need`. Going past it fails with an IndexError, on a GPU with a
+        device-side assert that breaks every later request."""
+        limit = self.max_positions
         if length + need > limit:
             raise ValueError(
                 f"the text is too long for this model: {length} tokens with the image prefix; "

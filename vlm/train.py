@@ -459,7 +459,6 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     if context_share is None:
         context_share = getattr(dataset, "prefix_context", 0.0)
     prefix_length = pipeline.mapper.prefix_length
-    positions = getattr(pipeline.lm.config, "max_position_embeddings", None) or math.inf
 
     def items(indices: list[int], rng, context: bool = False):
         """(features, tokens, labels) of items; a context item's text ends its line."""
@@ -475,7 +474,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             half = len(batch) // 2 if rng.random() < context_share else 0
             if half:  # rows of two items: the first half is read before the second
                 main, context = items(batch[half : 2 * half], rng), items(batch[:half], rng, True)
-                if 2 * prefix_length + main[1].shape[1] + context[1].shape[1] <= positions:
+                length = 2 * prefix_length + main[1].shape[1] + context[1].shape[1]
+                if length <= pipeline.max_positions:
                     yield main, context
                     continue
             yield items(batch, rng), None  # (or the two would not fit in the LM's positions)
