@@ -90,6 +90,28 @@ def test_few_shot_continuation_follows_the_example(trained, images):
     assert set(answers.values()) <= set(CAPTIONS), answers
 
 
+def test_describe_images_writes_each_caption_after_its_image(trained, images):
+    """describe=True is the same continuation as the list with each image's own greedy
+    caption written after it by hand; text and ready prefixes are left as they are."""
+    names = list(images)
+    prefix = trained.prefix([images[names[2]]])[0]
+    parts = [images[names[0]], "Shape: circle\n", prefix, "x\n", images[names[1]], "Shape:"]
+    described = trained.describe_images([parts])[0]
+    first, second = trained.caption([images[names[0]], images[names[1]]])
+    assert described[1:3] == [f"Caption: {first}\n", "Shape: circle\n"]
+    assert described[3] is prefix and described[4:] == [
+        "x\n",
+        images[names[1]],
+        f"Caption: {second}\n",
+        "Shape:",
+    ]
+    assert trained.continue_sequence(parts, max_new_tokens=6, describe=True) == (
+        trained.continue_sequence(described, max_new_tokens=6)
+    )
+    streamed = trained.stream_continue(parts, max_new_tokens=6, describe=True).final().text
+    assert streamed == trained.continue_sequence(described, max_new_tokens=6)
+
+
 def test_save_and_load_round_trip(trained, saved_pipeline, images):
     loaded = Pipeline.from_pretrained(saved_pipeline, device="cpu")
     pictures = list(images.values())

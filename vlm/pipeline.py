@@ -341,11 +341,14 @@ class Pipeline:
         return self._stream(sequence, max_new_tokens=max_new_tokens)
 
     def stream_continue(
-        self, parts: Sequence[Part], *, max_new_tokens: int = 20, **decoding
-    ) -> TextStream:
+        self, parts: Sequence[Part], *, max_new_tokens: int = 20, describe: bool = False,
+        **decoding,
+    ) -> TextStream:  # fmt: skip
         """`continue_sequence`, streamed like `stream_caption`."""
         if not parts:
             raise ValueError("nothing to continue: give at least one image or text")
+        if describe:
+            parts = self.describe_images([parts])[0]
         return self._stream(self._embed_parts(parts), max_new_tokens=max_new_tokens, **decoding)
 
     def _question_sequences(self, images, questions) -> list[torch.Tensor]:
@@ -390,18 +393,38 @@ class Pipeline:
     def continue_sequence(self, parts: Sequence[Part], *, max_new_tokens: int = 20, **kw) -> str:
         """Few-shot, Frozen-style: interleaved images and text, continued by the frozen LM.
 
-        e.g. [img1, "Colour: red\\n", img2, "Colour: blue\\n", query_image, "Colour:"]."""
+        e.g. [img1, "Colour: red\\n", img2, "Colour: blue\\n", query_image, "Colour:"].
+        `describe=True` first writes each image's caption after it (`describe_images`)."""
         return self.continue_sequences([parts], max_new_tokens=max_new_tokens, **kw)[0]
 
     def continue_sequences(
-        self, sequences: Sequence[Sequence[Part]], *, max_new_tokens: int = 20, **kw
-    ) -> list[str]:
+        self, sequences: Sequence[Sequence[Part]], *, max_new_tokens: int = 20,
+        describe: bool = False, **kw,
+    ) -> list[str]:  # fmt: skip
         """`continue_sequence` for several interleaved sequences at once (one batch)."""
         self._require("few_shot")
         if not sequences or not all(sequences):
             raise ValueError("nothing to continue: give at least one image or text")
+        if describe:
+            sequences = self.describe_images(sequences)
         embedded = [self._embed_parts(parts) for parts in sequences]
         return self._generate(embedded, max_new_tokens=max_new_tokens, **kw)
+
+    def describe_images(self, sequences: Sequence[Sequence[Part]]) -> list[list[Part]]:
+        """The sequences with each image followed by its caption line (the caption prompt, the
+        model's greedy caption, a newline), all images captioned in one batch. A small LM that
+        has read k-shot lists only after scene descriptions reads the examples' values off
+        the words; the image's prefix stays in front of them (docs/shapeworld.md measures
+        both ways)."""
+        self._require("caption")
+        images = [part for parts in sequences for part in parts if _is_image(part)]
+        captions = iter(self.caption(images) if images else [])
+        prompt = (self.config.caption_prompt + " ").lstrip()
+        return [
+            [piece for part in parts
+             for piece in ((part, f"{prompt}{next(captions)}\n") if _is_image(part) else (part,))]
+            for parts in sequences
+        ]  # fmt: skip
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
@@ -475,6 +498,11 @@ class Pipeline:
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
         return occlusion_map(self.encoder, self._images(image)[0], text, references)
+
+
+def _is_image(part) -> bool:
+    """An image part of an interleaved sequence (not text, not a ready prefix tensor)."""
+    return not isinstance(part, str | torch.Tensor)
 
 
 def _place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
