@@ -171,7 +171,7 @@ def evaluate_shapeworld(
         if extras:
             scores |= _extras(pipeline, images, groups, kind, seed, batch_size, text_cache)
             if "few_shot" in getattr(pipeline, "tasks", ()):
-                contexts = ("image", "text") if kind == perturbations[0] else ("image",)
+                contexts = ("image", "described", "text")[: 3 if kind == perturbations[0] else 2]
                 few_shot |= evaluate_few_shot(pipeline, max(1, n // 10), seed, kind,
                                               batch_size, contexts=contexts)  # fmt: skip
                 scores |= few_shot  # the text rows (images replaced by words) are the same
@@ -277,14 +277,15 @@ def few_shot_tasks(n: int, seed: int, shots: tuple[int, ...] = (0, 1, 2, 3)):
 
 def evaluate_few_shot(
     pipeline, n: int = 100, seed: int = 1234, perturbation: str = "clean", batch_size: int = 64,
-    contexts: tuple[str, ...] = ("image", "text"), caption_prompt: str = "Caption:",
+    contexts: tuple[str, ...] = ("image", "described", "text"), caption_prompt: str = "Caption:",
 ) -> dict[str, float]:  # fmt: skip
     """First-word accuracy of k-shot lists (`few_shot_tasks`), Frozen-style: each example an
     image and its "<key><separator><value>" line, then the query image and "<key><separator>".
-    `few_shot_<format>_<k>shot` (mean over attributes), `few_shot_<attribute>_<format>_2shot`,
-    and `few_shot_text_<format>_<k>shot`: the same lists with each scene written as a caption
-    line instead of its image — the gap to it is how well the prefix stands in for words.
-    `contexts`: which of the two to run (the text lists do not change with `perturbation`)."""
+    `few_shot_<format>_<k>shot` (mean over attributes), `few_shot_<attribute>_<format>_2shot`;
+    `few_shot_described_*`: the same lists with each image followed by the model's own caption
+    (`describe=True`); `few_shot_text_*`: each scene written as its true caption line instead
+    of its image — the gaps to it are how well the prefix stands in for words.
+    `contexts`: which of the three to run (the text lists do not change with `perturbation`)."""
     tasks = list(few_shot_tasks(n, seed))
     by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
     for i, task in enumerate(tasks):
@@ -297,17 +298,19 @@ def evaluate_few_shot(
         for attribute, _, _, examples, query, key, separator in tasks:
             parts = []
             for scene in [*examples, query]:
-                if context == "image":
+                if context != "text":
                     parts.append(perturb(sw.render(scene), perturbation))
                 else:
                     parts.append(f"{caption_prompt} {sw.describe(scene)}\n")
                 value = sw.attribute(scene, attribute) if scene is not query else ""
                 parts.append(f"{key}{separator}{value}".rstrip() + ("\n" if value else ""))
             lists.append(parts)
-        name = "few_shot" if context == "image" else "few_shot_text"
+        name = "few_shot" if context == "image" else f"few_shot_{context}"
         for chunk in batches:
             try:
-                outputs = pipeline.continue_sequences([lists[i] for i in chunk], max_new_tokens=4)
+                outputs = pipeline.continue_sequences(
+                    [lists[i] for i in chunk], max_new_tokens=4, describe=context == "described"
+                )
             except ValueError:  # longer than the LM reads (k too large for it): not measured
                 continue
             for i, output in zip(chunk, outputs, strict=True):
@@ -315,8 +318,8 @@ def evaluate_few_shot(
                 words = output.strip().lower().split()
                 hit = bool(words) and words[0] == sw.attribute(query, attribute)
                 hits[f"{name}_{fmt}_{k}shot"].append(hit)
-                if context == "image" and k == 2:
-                    hits[f"few_shot_{attribute}_{fmt}_2shot"].append(hit)
+                if context != "text" and k == 2:
+                    hits[f"{name}_{attribute}_{fmt}_2shot"].append(hit)
     return {measure: float(np.mean(values)) for measure, values in sorted(hits.items())}
 
 
