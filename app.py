@@ -246,9 +246,10 @@ def _writers(service: Service) -> dict:
     @friendly
     @gpu
     def few_shot_words(image1, text1, image2, text2, image3, text3, query, prompt="",
-                       max_tokens=20, model=None):  # fmt: skip
+                       max_tokens=20, model=None, describe=True):  # fmt: skip
         examples = [(image1, text1), (image2, text2), (image3, text3)]
-        yield from _live(service.few_shot(examples, query, prompt, max_tokens, model))
+        yield from _live(service.few_shot(examples, query, prompt, max_tokens, model,
+                                          bool(describe)))  # fmt: skip
 
     return dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
 
@@ -506,11 +507,18 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
         with gr.Column():
             fs_query = image_input("Query image", height=160)
             fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
-    fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+    with gr.Row():
+        fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+        fs_describe = gr.Checkbox(
+            True, label="Describe each image first",
+            info="Writes the model's caption after each image before the LM reads the list. "
+                 "The bundled LM learned k-shot lists after scene descriptions; without them "
+                 "it reads colours from the examples, not the query (docs/shapeworld.md).",
+        )  # fmt: skip
     fs_button = gr.Button("Continue", variant="primary")
     fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
     fs_words = confidence_output("How sure the LM was", "few-shot-words")
-    fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model]
+    fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model, fs_describe]
     fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                     api_name="few_shot_words")  # fmt: skip
     api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")

@@ -120,3 +120,25 @@ def test_example_labels_say_truly_what_was_never_seen():
         assert held == ("never seen" in label), label
         formats += held
     assert formats >= 2
+
+
+def test_few_shot_examples_are_answered_right_by_the_bundle_as_the_tab_runs_them():
+    """The Few-shot tab's examples, with "Describe each image first" on (its default), each
+    continue with the query's value: the labels promise working k-shot tasks."""
+    from vlm import Pipeline
+    from vlm.examples import few_shot_examples
+
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    truth = {str(path): entry for path, entry in shapeworld_examples()}
+    rows, labels = few_shot_examples()
+    for row, label in zip(rows, labels, strict=True):
+        parts = []
+        for image, text in [(row[i], row[i + 1]) for i in (0, 2, 4) if row[i]]:
+            parts += [load_image(image), text + "\n"]
+        query, prompt = row[6], row[7]
+        key = prompt.split()[0].rstrip(":")
+        attribute = {"Shape": "shape", "Colour": "color", "Form": "shape", "Scale": "size"}[key]
+        answer = sw.attribute(scene_from_entry(truth[query]), attribute)
+        written = pipeline.continue_sequence([*parts, load_image(query), prompt],
+                                             max_new_tokens=4, describe=True)  # fmt: skip
+        assert written.split()[:1] == [answer], (label, written)

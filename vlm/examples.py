@@ -213,8 +213,8 @@ def explain_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
 def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
     """Rows ([image, text] × 3, query image, prompt) and labels for the Few-shot tab: 2-shot
     lists whose query's value is in neither example, in a seen format and in formats that
-    appear nowhere in training (HELD_OUT_KEYS). Shape and size: the bundle reads a colour
-    after examples wrongly (docs/shapeworld.md, few-shot)."""
+    appear nowhere in training (HELD_OUT_KEYS). The colour list needs the tab's "Describe
+    each image first" (docs/shapeworld.md, few-shot)."""
     scenes = _by_name(folder)
     if not scenes:
         return [], []
@@ -222,6 +222,7 @@ def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str
            for key, (path, entry) in scenes.items() if entry["n_objects"] == 1}  # fmt: skip
     tasks = [  # (attribute, key, separator, two example scenes, query scene, label)
         ("shape", "Shape", ": ", ("sw-01", "sw-02"), "sw-03", "2-shot shape, a seen format"),
+        ("color", "Colour", ": ", ("sw-01", "sw-04"), "sw-02", "2-shot colour, a seen format"),
         ("size", "Scale", ": ", ("sw-01", "sw-04"), "sw-02",
          "2-shot size, key never seen in training"),
         ("shape", "Form", ": ", ("sw-03", "sw-04"), "sw-02",

@@ -295,9 +295,11 @@ class Service:
             return pipeline.stream_answer(picture, question), None
 
     def few_shot(
-        self, examples: Sequence[tuple], query, prompt: str = "", length=20, model=None
-    ) -> TextStream:
-        """The LM's continuation of (image, text) examples, then the query image and `prompt`."""
+        self, examples: Sequence[tuple], query, prompt: str = "", length=20, model=None,
+        describe: bool = True,
+    ) -> TextStream:  # fmt: skip
+        """The LM's continuation of (image, text) examples, then the query image and `prompt`;
+        with `describe`, each image's caption is written after it first."""
         for number_, (_, text) in enumerate(examples, 1):
             check_length(text, f"Text {number_}", MAX_FEW_SHOT_CHARS)
         check_length(prompt, "the prompt", MAX_FEW_SHOT_CHARS)
@@ -312,7 +314,7 @@ class Service:
             raise RequestError("Give at least one example: an image and its text.")
         parts += [self.image(query, "a query image"), (prompt or "").strip()]
         with self.using(model) as pipeline:
-            return pipeline.stream_continue(parts, max_new_tokens=length)
+            return pipeline.stream_continue(parts, max_new_tokens=length, describe=describe)
 
     # ------------------------------------------------------------------ CLIP's side
 
