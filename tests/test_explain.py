@@ -15,23 +15,26 @@ import torch
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.encoder import Encoder
-from vlm.explain import background_colour, grid_size, occluded, occlusion_map
+from vlm.explain import background_colour, grid_size, occlusion_map, windowed
 
 
-def test_occluded_fills_the_window_around_each_cell_with_the_border_colour():
+def test_windowed_covers_the_window_around_each_cell_or_all_but_it():
     pixels = torch.zeros(3, 8, 8)
     pixels[:, 2:6, 2:6] = 5.0  # an "object" inside a background of 0
-    copies = occluded(pixels, grid=4, window=3)  # cells of 2×2 pixels
-    assert copies.shape == (16, 3, 8, 8)
+    covered_copies = windowed(pixels, grid=4, window=3, keep=False)  # cells of 2×2 pixels
+    kept_copies = windowed(pixels, grid=4, window=3)
+    assert covered_copies.shape == kept_copies.shape == (16, 3, 8, 8)
     assert torch.equal(background_colour(pixels), torch.zeros(3))
-    # cell (1, 1) covers rows and columns 0..5 (cells 0, 1, 2): the object's top-left is gone
-    covered = copies[1 * 4 + 1]
-    assert covered[:, 0:6, 0:6].eq(0).all()
-    assert covered[:, 6:8, 6:8].equal(pixels[:, 6:8, 6:8])
+    # cell (1, 1)'s window is rows and columns 0..5 (cells 0, 1, 2): covered, the object's
+    # top-left is gone; kept, only it is left
+    covered, kept = covered_copies[1 * 4 + 1], kept_copies[1 * 4 + 1]
+    assert covered[:, 0:6, 0:6].eq(0).all() and kept[:, 0:6, 0:6].equal(pixels[:, 0:6, 0:6])
+    assert covered[:, 6:8, 6:8].equal(pixels[:, 6:8, 6:8]) and kept[:, 6:8].eq(0).all()
     assert covered[:, 4:6, 6:8].equal(pixels[:, 4:6, 6:8])  # column 6 is outside the window
+    assert kept[:, 4:6, 6:8].eq(0).all() and kept[:, 4:6, 4:6].eq(5).all()
     # a corner cell's window is clipped at the image's edge
-    corner = copies[0]
-    assert corner[:, 0:4, 0:4].eq(0).all() and corner[:, 4:6, 4:6].eq(5).all()
+    assert covered_copies[0][:, 0:4, 0:4].eq(0).all() and covered_copies[0][:, 4:6, 4:6].eq(5).all()
+    assert kept_copies[0][:, 2:4, 2:4].eq(5).all() and kept_copies[0][:, 4:, :].eq(0).all()
     assert pixels[:, 2:6, 2:6].eq(5).all()  # the input is untouched
 
 
@@ -66,6 +69,26 @@ def test_the_map_peaks_on_the_object_whose_colour_the_text_names(pipeline):
     before = _colour_hits(pipeline.encoder.patch_similarity, scenes)
     assert now >= 0.7
     assert now >= before + 0.15
+
+
+def test_each_window_alone_points_at_the_named_object_better_than_covering_it(pipeline):
+    """Every kind of text (colour and shape, shape alone, colour alone) on scenes of two or
+    three objects from a seed no experiment used: the map of each window alone peaks on the
+    named object more often than the covering map shipped before (docs/explain.md: 90.7%
+    against 77.7% on 60 scenes)."""
+    from functools import partial
+
+    from vlm.evaluate import peak_hits
+
+    rng = random.Random(4243)
+    scenes = [sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(20)]
+    images = [sw.render(scene, 128) for scene in scenes]
+    references = next(iter(pipeline.config.label_sets.values()))
+    covering = partial(occlusion_map, pipeline.encoder, references=references, keep=False)
+    now = peak_hits(pipeline.explain, images, scenes)
+    before = peak_hits(covering, images, scenes)
+    print("kept windows", now, "covered windows", before)
+    assert now["all"] >= 0.8 and now["all"] >= before["all"] + 0.05
 
 
 @pytest.mark.parametrize(
@@ -136,8 +159,9 @@ def test_one_object_the_peak_lies_on_the_object(pipeline):
 def test_two_objects_the_named_one_gets_the_peak_more_often(pipeline):
     """Two objects of different colours and shapes; the text names one of them (alternately
     the left and the right one). The peak lies on the named object far more often than on
-    the other (72% vs 2% on these 50 scenes; the patch-text cosine shown before: 54% vs 16%);
-    a map that does not depend on the text puts it on each about equally often (56% vs 44%)."""
+    the other (98% vs 0% on these 50 scenes; the covering map shipped before: 72% vs 2%; the
+    patch-text cosine before it: 54% vs 16%); a map that does not depend on the text puts it
+    on each about equally often (56% vs 44%)."""
     rng = random.Random(7)
     on_named, on_other = [], []
     while len(on_named) < 50:
@@ -152,7 +176,7 @@ def test_two_objects_the_named_one_gets_the_peak_more_often(pipeline):
         on_other.append(bool(object_cells(other, heatmap.shape[0])[where]))
     named_rate, other_rate = np.mean(on_named), np.mean(on_other)
     print(f"two objects: peak on the named one {named_rate:.2f}, on the other {other_rate:.2f}")
-    assert named_rate >= 0.6 and named_rate >= 5 * other_rate
+    assert named_rate >= 0.85 and named_rate >= 5 * other_rate
 
 
 def test_the_overlay_rings_the_peak_cell():

@@ -492,8 +492,9 @@ class Pipeline:
         return index
 
     def explain(self, image: ImageInput, text: str):
-        """Where in the image `text` matches: a [grid, grid] occlusion map contrasted with the
-        model's first label set (see `vlm.explain`); higher means more of `text` is there."""
+        """Where in the image `text` matches: a [grid, grid] map of each window alone,
+        contrasted with the model's first label set (see `vlm.explain`); higher means more of
+        `text` is there."""
         self._require("explain")
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
