@@ -112,6 +112,19 @@ def test_describe_images_writes_each_caption_after_its_image(trained, images):
     assert streamed == trained.continue_sequence(described, max_new_tokens=6)
 
 
+def test_describing_says_when_the_captions_make_the_list_too_long(trained, images, monkeypatch):
+    names = list(images)
+    parts = [images[names[0]], "Shape: circle\n", images[names[1]], "Shape:"]
+    plain = len(trained._embed_parts(parts))
+    described = len(trained._embed_parts(trained.describe_images([parts])[0]))
+    assert described > plain + 4
+    monkeypatch.setattr(Pipeline, "max_positions", property(lambda self: plain + 4))
+    trained.continue_sequence(parts, max_new_tokens=2)  # fits without the captions
+    for run in (trained.continue_sequence, trained.stream_continue):
+        with pytest.raises(ValueError, match="captions written after the images.*fewer examples"):
+            run(parts, max_new_tokens=2, describe=True)
+
+
 def test_save_and_load_round_trip(trained, saved_pipeline, images):
     loaded = Pipeline.from_pretrained(saved_pipeline, device="cpu")
     pictures = list(images.values())

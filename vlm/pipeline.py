@@ -347,9 +347,8 @@ class Pipeline:
         """`continue_sequence`, streamed like `stream_caption`."""
         if not parts:
             raise ValueError("nothing to continue: give at least one image or text")
-        if describe:
-            parts = self.describe_images([parts])[0]
-        return self._stream(self._embed_parts(parts), max_new_tokens=max_new_tokens, **decoding)
+        sequence = self._embed_sequences([parts], describe)[0]
+        return self._stream(sequence, max_new_tokens=max_new_tokens, **decoding)
 
     def _question_sequences(self, images, questions) -> list[torch.Tensor]:
         images = self._images(images)
@@ -405,9 +404,7 @@ class Pipeline:
         self._require("few_shot")
         if not sequences or not all(sequences):
             raise ValueError("nothing to continue: give at least one image or text")
-        if describe:
-            sequences = self.describe_images(sequences)
-        embedded = [self._embed_parts(parts) for parts in sequences]
+        embedded = self._embed_sequences(sequences, describe)
         return self._generate(embedded, max_new_tokens=max_new_tokens, **kw)
 
     def describe_images(self, sequences: Sequence[Sequence[Part]]) -> list[list[Part]]:
@@ -425,6 +422,21 @@ class Pipeline:
              for piece in ((part, f"{prompt}{next(captions)}\n") if _is_image(part) else (part,))]
             for parts in sequences
         ]  # fmt: skip
+
+    def _embed_sequences(self, sequences, describe: bool) -> list[torch.Tensor]:
+        """`_embed_parts` of each interleaved sequence, described first with `describe`
+        (with a hint in the error when the captions are what makes one too long)."""
+        if not describe:
+            return [self._embed_parts(parts) for parts in sequences]
+        embedded = [self._embed_parts(parts) for parts in self.describe_images(sequences)]
+        try:
+            self._room(max(len(sequence) for sequence in embedded))
+        except ValueError as error:
+            raise ValueError(
+                f"{error}, and the captions written after the images take room too: give "
+                "fewer examples, or do not describe the images"
+            ) from error
+        return embedded
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
