@@ -90,39 +90,46 @@ def test_few_shot_continuation_follows_the_example(trained, images):
     assert set(answers.values()) <= set(CAPTIONS), answers
 
 
-def test_describe_images_writes_each_caption_after_its_image(trained, images):
+def test_describe_images_writes_each_caption_after_its_image(trained, images, monkeypatch):
     """describe=True is the same continuation as the list with each image's own greedy
-    caption written after it by hand; text and ready prefixes are left as they are."""
+    caption written after it by hand; a ready prefix is described too, text left as it is,
+    and every image is encoded once."""
     names = list(images)
     prefix = trained.prefix([images[names[2]]])[0]
-    parts = [images[names[0]], "Shape: circle\n", prefix, "x\n", images[names[1]], "Shape:"]
+    parts = [prefix, "Shape: circle\n", images[names[1]], "Shape:"]
+    third, second = trained.caption([images[names[i]] for i in (2, 1)])
+    encoded = []
+    prefix_of = trained.prefix
+    counted = lambda pics: encoded.append(len(pics)) or prefix_of(pics)  # noqa: E731
+    monkeypatch.setattr(trained, "prefix", counted)
     described = trained.describe_images([parts])[0]
-    first, second = trained.caption([images[names[0]], images[names[1]]])
-    assert described[1:3] == [f"Caption: {first}\n", "Shape: circle\n"]
-    assert described[3] is prefix and described[4:] == [
-        "x\n",
-        images[names[1]],
-        f"Caption: {second}\n",
-        "Shape:",
-    ]
-    assert trained.continue_sequence(parts, max_new_tokens=6, describe=True) == (
-        trained.continue_sequence(described, max_new_tokens=6)
-    )
+    assert encoded == [1]  # the image; the ready prefix is not encoded again
+    assert described[0] is prefix and described[4:] == [f"Caption: {second}\n", "Shape:"]
+    assert described[1:3] == [f"Caption: {third}\n", "Shape: circle\n"]
+    assert torch.allclose(described[3], prefix_of([images[names[1]]])[0], atol=1e-5)
+    monkeypatch.undo()
+    expected = trained.continue_sequence(described, max_new_tokens=6)
+    assert trained.continue_sequence(parts, max_new_tokens=6, describe=True) == expected
     streamed = trained.stream_continue(parts, max_new_tokens=6, describe=True).final().text
-    assert streamed == trained.continue_sequence(described, max_new_tokens=6)
+    assert streamed == expected
 
 
-def test_describing_says_when_the_captions_make_the_list_too_long(trained, images, monkeypatch):
+def test_describing_writes_only_the_caption_lines_that_fit(trained, images, monkeypatch):
+    """From the last image back: with room for one caption line only the query's is written;
+    with room for none the list is read bare; too long even bare is the usual error."""
     names = list(images)
     parts = [images[names[0]], "Shape: circle\n", images[names[1]], "Shape:"]
-    plain = len(trained._embed_parts(parts))
-    described = len(trained._embed_parts(trained.describe_images([parts])[0]))
-    assert described > plain + 4
-    monkeypatch.setattr(Pipeline, "max_positions", property(lambda self: plain + 4))
-    trained.continue_sequence(parts, max_new_tokens=2)  # fits without the captions
-    for run in (trained.continue_sequence, trained.stream_continue):
-        with pytest.raises(ValueError, match="captions written after the images.*fewer examples"):
-            run(parts, max_new_tokens=2, describe=True)
+    bare = len(trained._embed_parts(parts))
+    lines = [p for p in trained.describe_images([parts])[0] if str(p).startswith("Caption:")]
+    query_line = len(trained._token_ids(lines[1]))
+    for limit, kept in ((bare + 1, []), (bare + 1 + query_line, [lines[1]])):
+        monkeypatch.setattr(Pipeline, "max_positions", property(lambda self, n=limit: n))
+        described = trained.describe_images([parts], fit=True)[0]
+        assert [p for p in described if isinstance(p, str) and p.startswith("Caption:")] == kept
+        trained.continue_sequence(parts, max_new_tokens=1, describe=True)  # fits: no error
+    monkeypatch.setattr(Pipeline, "max_positions", property(lambda self: bare))
+    with pytest.raises(ValueError, match="too long"):
+        trained.continue_sequence(parts, max_new_tokens=1, describe=True)
 
 
 def test_save_and_load_round_trip(trained, saved_pipeline, images):

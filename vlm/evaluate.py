@@ -286,6 +286,8 @@ def evaluate_few_shot(
     (`describe=True`); `few_shot_text_*`: each scene written as its true caption line instead
     of its image — the gaps to it are how well the prefix stands in for words.
     `contexts`: which of the three to run (the text lists do not change with `perturbation`)."""
+    if "caption" not in getattr(pipeline, "tasks", {"caption"}):  # nothing to describe with
+        contexts = tuple(c for c in contexts if c != "described")
     tasks = list(few_shot_tasks(n, seed))
     by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
     for i, task in enumerate(tasks):

@@ -315,13 +315,19 @@ class Pipeline:
         images = self._images(images)
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            prefixes = self.prefix(chunk)
-            sequences = [self._embed_parts([p, self.config.caption_prompt]) for p in prefixes]
-            captions += self._generate(
-                sequences, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                do_sample=do_sample, temperature=temperature, top_p=top_p,
+            captions += self._caption_prefixes(
+                self.prefix(images[start : start + batch_size]), max_new_tokens=max_new_tokens,
+                num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p,
             )  # fmt: skip
+        return captions
+
+    def _caption_prefixes(self, prefixes, batch_size: int = 16, **decoding) -> list[str]:
+        """Captions of ready prefixes ([k, d] each), `batch_size` at a time."""
+        captions: list[str] = []
+        for start in range(0, len(prefixes), batch_size):
+            chunk = prefixes[start : start + batch_size]
+            sequences = [self._embed_parts([p, self.config.caption_prompt]) for p in chunk]
+            captions += self._generate(sequences, **decoding)
         return captions
 
     def stream_caption(self, image: ImageInput, **decoding) -> TextStream:
@@ -345,6 +351,7 @@ class Pipeline:
         **decoding,
     ) -> TextStream:  # fmt: skip
         """`continue_sequence`, streamed like `stream_caption`."""
+        self._require("few_shot")
         if not parts:
             raise ValueError("nothing to continue: give at least one image or text")
         sequence = self._embed_sequences([parts], describe)[0]
@@ -393,7 +400,8 @@ class Pipeline:
         """Few-shot, Frozen-style: interleaved images and text, continued by the frozen LM.
 
         e.g. [img1, "Colour: red\\n", img2, "Colour: blue\\n", query_image, "Colour:"].
-        `describe=True` first writes each image's caption after it (`describe_images`)."""
+        `describe=True` first writes each image's caption after it, as far as the LM's
+        positions leave room (`describe_images`)."""
         return self.continue_sequences([parts], max_new_tokens=max_new_tokens, **kw)[0]
 
     def continue_sequences(
@@ -407,36 +415,51 @@ class Pipeline:
         embedded = self._embed_sequences(sequences, describe)
         return self._generate(embedded, max_new_tokens=max_new_tokens, **kw)
 
-    def describe_images(self, sequences: Sequence[Sequence[Part]]) -> list[list[Part]]:
-        """The sequences with each image followed by its caption line (the caption prompt, the
-        model's greedy caption, a newline), all images captioned in one batch. A small LM that
-        has read k-shot lists only after scene descriptions reads the examples' values off
-        the words; the image's prefix stays in front of them (docs/shapeworld.md measures
-        both ways)."""
+    def describe_images(
+        self, sequences: Sequence[Sequence[Part | torch.Tensor]], *, fit: bool = False
+    ) -> list[list[str | torch.Tensor]]:
+        """The sequences with each image as its prefix (encoded together) and each
+        prefix followed by its caption line: the caption prompt, the model's greedy caption, a
+        newline. With `fit`, caption lines are written from the last image back only while the
+        LM's positions leave room for them and a word more (the query's first).
+
+        A small LM that read k-shot lists only after scene descriptions reads the examples'
+        values off the words; the prefixes stay in front of them (docs/shapeworld.md
+        measures both ways)."""
         self._require("caption")
-        images = [part for parts in sequences for part in parts if _is_image(part)]
-        captions = iter(self.caption(images) if images else [])
+        sequences = self._with_prefixes(sequences)
+        prefixes = [part for parts in sequences for part in parts if not isinstance(part, str)]
+        captions = iter(self._caption_prefixes(prefixes))
         prompt = (self.config.caption_prompt + " ").lstrip()
-        return [
-            [piece for part in parts
-             for piece in ((part, f"{prompt}{next(captions)}\n") if _is_image(part) else (part,))]
-            for parts in sequences
-        ]  # fmt: skip
+        described = []
+        for parts in sequences:
+            lines = {i: f"{prompt}{next(captions)}\n"
+                     for i, p in enumerate(parts) if not isinstance(p, str)}  # fmt: skip
+            if fit:
+                room = self.max_positions - 1 - len(self._embed_parts(parts))
+                for i in sorted(lines, reverse=True):
+                    room -= len(self._token_ids(lines[i]))
+                    if room < 0:  # this line and every earlier one are left out
+                        lines = {j: line for j, line in lines.items() if j > i}
+                        break
+            pieces: list[str | torch.Tensor] = []
+            for i, part in enumerate(parts):
+                pieces += [part, lines[i]] if i in lines else [part]
+            described.append(pieces)
+        return described
+
+    def _with_prefixes(self, sequences) -> list[list[str | torch.Tensor]]:
+        """The sequences with every image replaced by its prefix, all encoded together."""
+        images = [part for parts in sequences for part in parts if _is_image(part)]
+        prefixes = iter(self.prefix(images) if images else [])
+        return [[next(prefixes) if _is_image(p) else p for p in parts] for parts in sequences]
 
     def _embed_sequences(self, sequences, describe: bool) -> list[torch.Tensor]:
-        """`_embed_parts` of each interleaved sequence, described first with `describe`
-        (with a hint in the error when the captions are what makes one too long)."""
-        if not describe:
-            return [self._embed_parts(parts) for parts in sequences]
-        embedded = [self._embed_parts(parts) for parts in self.describe_images(sequences)]
-        try:
-            self._room(max(len(sequence) for sequence in embedded))
-        except ValueError as error:
-            raise ValueError(
-                f"{error}, and the captions written after the images take room too: give "
-                "fewer examples, or do not describe the images"
-            ) from error
-        return embedded
+        """`_embed_parts` of each interleaved sequence, with `describe` described first as far
+        as the LM's positions leave room."""
+        if describe:
+            sequences = self.describe_images(sequences, fit=True)
+        return [self._embed_parts(parts) for parts in sequences]
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
@@ -503,14 +526,14 @@ class Pipeline:
         index.add(images_or_paths, batch_size=batch_size)
         return index
 
-    def explain(self, image: ImageInput, text: str):
+    def explain(self, image: ImageInput, text: str, *, keep: bool = True):
         """Where in the image `text` matches: a [grid, grid] map of each window alone,
         contrasted with the model's first label set (see `vlm.explain`); higher means more of
-        `text` is there."""
+        `text` is there. `keep=False`: the map of each window covered, shown before."""
         self._require("explain")
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
-        return occlusion_map(self.encoder, self._images(image)[0], text, references)
+        return occlusion_map(self.encoder, self._images(image)[0], text, references, keep=keep)
 
 
 def _is_image(part) -> bool:
