@@ -511,9 +511,10 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
         fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
         fs_describe = gr.Checkbox(
             True, label="Describe each image first",
-            info="Writes the model's caption after each image before the LM reads the list. "
-                 "The bundled LM learned k-shot lists after scene descriptions; without them "
-                 "it reads colours from the examples, not the query (docs/shapeworld.md).",
+            info="Writes the model's caption after each image before the LM reads the list, "
+                 "from the query back as far as the LM's length allows. The bundled LM learned "
+                 "k-shot lists after scene descriptions; without them it reads colours from "
+                 "the examples, not the query (docs/shapeworld.md).",
         )  # fmt: skip
     fs_button = gr.Button("Continue", variant="primary")
     fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
@@ -521,7 +522,8 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
     fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model, fs_describe]
     fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                     api_name="few_shot_words")  # fmt: skip
-    api_only(handlers["few_shot_stream"], fs_inputs, fs_output, "few_shot")
+    # /few_shot keeps the inputs it had before describing (describing is then on)
+    api_only(handlers["few_shot_stream"], fs_inputs[:-1], fs_output, "few_shot")
     rows, labels = few_shot_examples()
     row = []
     for path, truth in sw_examples[:2]:
@@ -539,8 +541,8 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
             ex_image = image_input()
             ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
             ex_button = gr.Button("Show where it matches", variant="primary")
-        ex_output = gr.Image(type="pil", label="Where the text matches (occlusion map; the "
-                             "ring marks its peak)")  # fmt: skip
+        ex_output = gr.Image(type="pil", label="Where the text matches (each part of the "
+                             "image seen alone; the ring marks the peak)")  # fmt: skip
     ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
                     api_name="explain")  # fmt: skip
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
