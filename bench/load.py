@@ -224,7 +224,7 @@ def send(
         hits = client.predict(scene.caption, None, 8, api_name="/search")
         assert len(hits) == 8, hits
         return key, " ".join(Path(hit["image"]).name for hit in hits[:3])
-    if kind == "few_shot":  # two one-object examples: longer texts overflow the LM's 96 positions
+    if kind == "few_shot":  # two one-object examples: longer texts overflow the LM's 128 positions
         single = [s for s in scenes if " left of " not in s.caption]
         a, b = single[(n + 1) % len(single)], single[(n + 2) % len(single)]
         text = client.predict(

@@ -1,4 +1,4 @@
-"""Where in an image a text matches: an occlusion map, contrasted with other texts.
+"""Where in an image a text matches: each window seen alone, contrasted with other texts.
 
 For each cell of a grid over the image the encoder reads, everything but a window of
 neighbouring cells around it is covered with the image's own background colour, and the map

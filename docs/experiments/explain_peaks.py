@@ -22,7 +22,6 @@ import torch
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.evaluate import peak_hits  # the measure `eval shapeworld` reports
-from vlm.explain import occlusion_map
 
 
 def main() -> None:
@@ -35,12 +34,9 @@ def main() -> None:
     pipeline = Pipeline.from_pretrained(args.model, device="cpu")
     rng = random.Random(args.seed)
     scenes = [sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(args.n)]
-    references = next(iter(pipeline.config.label_sets.values()))
     methods = {
         "patch-text cosine (first)": pipeline.encoder.patch_similarity,
-        "windows covered (second)": partial(
-            occlusion_map, pipeline.encoder, references=references, keep=False
-        ),
+        "windows covered (second)": partial(pipeline.explain, keep=False),
         "each window alone (now)": pipeline.explain,
     }
     for name, explain in methods.items():
