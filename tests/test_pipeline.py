@@ -132,6 +132,17 @@ def test_describing_writes_only_the_caption_lines_that_fit(trained, images, monk
         trained.continue_sequence(parts, max_new_tokens=1, describe=True)
 
 
+def test_an_image_with_its_caption_written_is_not_described_again(trained, images):
+    """Examples that are captions ("Caption: …"), and a query followed by "Caption:", are
+    read as given: describing would write each caption twice."""
+    names = list(images)
+    parts = [images[names[0]], "Caption: a small red square\n", images[names[1]], " Caption:"]
+    described = trained.describe_images([parts])[0]
+    assert [p for p in described if isinstance(p, str)] == [parts[1], parts[3]]
+    mixed = [images[names[0]], "Shape: circle\n", images[names[1]], "Caption:"]
+    assert sum(isinstance(p, str) for p in trained.describe_images([mixed])[0]) == 3
+
+
 def test_save_and_load_round_trip(trained, saved_pipeline, images):
     loaded = Pipeline.from_pretrained(saved_pipeline, device="cpu")
     pictures = list(images.values())

@@ -420,7 +420,8 @@ class Pipeline:
     ) -> list[list[str | torch.Tensor]]:
         """The sequences with each image as its prefix (encoded together) and each
         prefix followed by its caption line: the caption prompt, the model's greedy caption, a
-        newline. With `fit`, caption lines are written from the last image back only while the
+        newline. An image whose text already starts with the caption prompt is not described
+        again. With `fit`, caption lines are written from the last image back only while the
         LM's positions leave room for them and a word more (the query's first).
 
         A small LM that read k-shot lists only after scene descriptions reads the examples'
@@ -435,6 +436,10 @@ class Pipeline:
         for parts in sequences:
             lines = {i: f"{prompt}{next(captions)}\n"
                      for i, p in enumerate(parts) if not isinstance(p, str)}  # fmt: skip
+            for i in list(lines):
+                after = parts[i + 1] if i + 1 < len(parts) else None
+                if prompt and isinstance(after, str) and after.lstrip().startswith(prompt.strip()):
+                    del lines[i]  # the user wrote (or asks for) this image's caption
             if fit:
                 room = self.max_positions - 1 - len(self._embed_parts(parts))
                 for i in sorted(lines, reverse=True):
