@@ -316,8 +316,9 @@ class Pipeline:
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
             captions += self._caption_prefixes(
-                self.prefix(images[start : start + batch_size]), max_new_tokens=max_new_tokens,
-                num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                self.prefix(images[start : start + batch_size]), batch_size,
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                temperature=temperature, top_p=top_p,
             )  # fmt: skip
         return captions
 
