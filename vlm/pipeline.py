@@ -430,17 +430,22 @@ class Pipeline:
         measures both ways)."""
         self._require("caption")
         sequences = self._with_prefixes(sequences)
-        prefixes = [part for parts in sequences for part in parts if not isinstance(part, str)]
-        captions = iter(self._caption_prefixes(prefixes))
         prompt = (self.config.caption_prompt + " ").lstrip()
-        described = []
+        marker = prompt.strip()
+        wanted = []  # per sequence: its prefixes to caption (not those the user captioned)
         for parts in sequences:
-            lines = {i: f"{prompt}{next(captions)}\n"
-                     for i, p in enumerate(parts) if not isinstance(p, str)}  # fmt: skip
-            for i in list(lines):
-                after = parts[i + 1] if i + 1 < len(parts) else None
-                if prompt and isinstance(after, str) and after.lstrip().startswith(prompt.strip()):
-                    del lines[i]  # the user wrote (or asks for) this image's caption
+            following = [*parts[1:], ""]
+            wanted.append([
+                i for i, (part, after) in enumerate(zip(parts, following, strict=True))
+                if not isinstance(part, str)
+                and not (marker and isinstance(after, str) and after.lstrip().startswith(marker))
+            ])  # fmt: skip
+        captions = iter(self._caption_prefixes(
+            [parts[i] for parts, indices in zip(sequences, wanted, strict=True) for i in indices]
+        ))  # fmt: skip
+        described = []
+        for parts, indices in zip(sequences, wanted, strict=True):
+            lines = {i: f"{prompt}{next(captions)}\n" for i in indices}
             if fit:
                 room = self.max_positions - 1 - len(self._embed_parts(parts))
                 for i in sorted(lines, reverse=True):
