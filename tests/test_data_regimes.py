@@ -68,6 +68,27 @@ def test_the_clip_stage_shows_a_share_of_colourless_views_and_their_twins(data, 
     assert image.max() >= sw.GREYS[0] - 16  # the shapes are drawn, not left black
 
 
+def test_the_clip_stage_pairs_images_with_partial_captions_that_stay_true(clip_pool):
+    # each item's last text leaves attributes out of every object (the same ones for all of
+    # them) and names only what the object is, in the canonical order
+    patterns = set()
+    for texts in clip_pool.texts:
+        objects = [p.split()[1:] for p in texts[0].split(" left of ")]  # size, [colour], shape
+        parts = [p.split() for p in texts[-1].split(" left of ")]
+        assert len(parts) == len(objects)
+        kept = set()
+        for (article, *words), (size, *colour, shape) in zip(parts, objects, strict=True):
+            assert article == ("an" if words[0][0] in "aeiou" else "a")
+            named = [w for w in (size, *colour) if w in words] + [shape]
+            assert words == named[:-1] + [shape if shape in words else "shape"]
+            assert words != [size, *colour, shape]  # something is left out
+            kept.add((size in words, bool(colour) and colour[0] in words, shape in words))
+        assert len(kept) == 1
+        patterns |= kept
+    keeps = {tuple(a in keep for a in ("size", "color", "shape")) for keep in sw.PARTIAL_KEEPS}
+    assert patterns == keeps
+
+
 def test_prefix_stage_asks_only_seen_forms_and_never_names_a_held_out_combination(prefix_pool):
     questions = [re.match(r"Question: (.+\?) Answer: (\w+)$", t) for ts in prefix_pool.texts
                  for t in ts if t.startswith("Question:")]  # fmt: skip
@@ -142,6 +163,11 @@ def test_colourless_views_draw_in_grey_and_speak_without_colour():
                       sw.Obj("star", "white", "large", 0.7, 0.5)))  # fmt: skip
     assert sw.describe(scene, colour=False) == "a small circle left of a large star"
     assert not names_in(sw.paraphrase(scene, random.Random(0), colour=False))
+    colourless = sw.partial_description(scene, random.Random(0), colour=False)
+    assert colourless == "a circle left of a star"
+    partials = {sw.partial_description(scene, random.Random(seed)) for seed in range(40)}
+    assert "an orange circle left of a white star" in partials
+    assert "a small orange shape left of a large white shape" in partials
     pixels = sw.render(scene, 64, grey=120).getcolors(64 * 64)
     assert all(r == g == b for _, (r, g, b) in pixels)
     assert max((n, c) for n, c in pixels if c[0] > 40)[1] == (120, 120, 120)

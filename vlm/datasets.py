@@ -141,7 +141,10 @@ class ShapeWorld:
     def clip_data(self, n: int, seed: int) -> ImagePool:
         """Image-caption pairs for contrastive training, in twins: each scene is followed by a
         hard negative of it, and the trainer keeps twins in the same batch. A share of the
-        pairs are colourless views, captioned without colour words."""
+        pairs are colourless views, captioned without colour words. Each pair's texts (one
+        picked each time) are the canonical caption (3 of 5), a paraphrase and a partial
+        caption that leaves attributes out (sw.partial_description): without it, a text that
+        named less than colour and size ("the star") was off what the encoder learned."""
         rng = random.Random(f"clip-{seed}")
         scenes, greys = [], []
         while len(scenes) < n:
@@ -150,7 +153,8 @@ class ShapeWorld:
             scenes += [scene, _twin(scene, rng, colour=grey is None)]
             greys += [grey, grey]
         texts = [
-            [sw.describe(s, grey is None)] * 3 + [sw.paraphrase(s, rng, grey is None)]
+            [sw.describe(s, grey is None)] * 3
+            + [sw.paraphrase(s, rng, grey is None), sw.partial_description(s, rng, grey is None)]
             for s, grey in zip(scenes, greys, strict=True)
         ]
         return self._pool(scenes[:n], texts[:n], rng, greys[:n])

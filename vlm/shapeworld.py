@@ -220,6 +220,28 @@ def describe(scene: Scene, colour: bool = True) -> str:
     return " left of ".join(_phrases(scene, colour))
 
 
+# What a partial caption keeps of every object (alt-text rarely names everything): the rest is
+# left out, so the encoder learns each attribute's words apart from the others ("a star" is
+# every star, whatever its colour and size). A colourless view keeps only its shapes.
+PARTIAL_KEEPS: tuple[tuple[str, ...], ...] = (
+    ("color", "shape"), ("size", "shape"), ("shape",), ("size", "color"), ("color",),
+)  # fmt: skip
+
+
+def _partial_phrase(o: Obj, keep: tuple[str, ...]) -> str:
+    words = [getattr(o, attribute) for attribute in ("size", "color") if attribute in keep]
+    text = " ".join([*words, o.shape if "shape" in keep else "shape"])
+    return f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
+
+
+def partial_description(scene: Scene, rng: random.Random, colour: bool = True) -> str:
+    """The canonical caption with attributes left out, the same for every object, by a random
+    one of PARTIAL_KEEPS ("an orange star left of a white cross", "a red shape"); always true
+    of the scene. `colour=False`: shapes only ("a star left of a circle")."""
+    keep = rng.choice(PARTIAL_KEEPS) if colour else ("shape",)
+    return " left of ".join(_partial_phrase(o, keep) for o in scene.objects)
+
+
 def paraphrase(scene: Scene, rng: random.Random, colour: bool = True) -> str:
     """A randomly chosen alternative phrasing of the scene, always true of it."""
     phrases = _phrases(scene, colour)
