@@ -14,30 +14,32 @@ from vlm.evaluate import evaluate_shapeworld, one_change_captions
 from vlm.presets import SHAPEWORLD_DIR
 
 # Well under what the shipped bundle measures on 250 scenes per slice (docs/shapeworld.md:
-# caption exact 97%, held-out combinations 58%, VQA 91% / held-out 82% / held-out phrasings
-# 88%, zero-shot 99% / held-out 92%, R@5 100%, few-shot 0-shot 67% and 2-shot 67% (from text
-# 100%; each image described first: 85% and 100%, never-seen formats 56%), explain's peak on
-# the named object 88%), since 100 scenes (10 per few-shot cell) are noisy.
+# caption exact 98%, held-out combinations 66%, VQA 92% / held-out 82% / held-out phrasings
+# 88%, zero-shot 100% / held-out 96%, R@5 100%, few-shot 0-shot 79% and 2-shot 67% (from text
+# 100%; each image described first: 100% and 100%, never-seen formats 52%; from bare prefixes
+# never-seen formats only 24%), explain's peak on the named object 97% (shapes named alone
+# 93%)), since 100 scenes (10 per few-shot cell) are noisy.
 FLOORS = {
     "caption_exact": 0.90,
-    "held_out_caption_exact": 0.42,
-    "zeroshot_train": 0.93,
+    "held_out_caption_exact": 0.48,
+    "zeroshot_train": 0.95,
     "zeroshot_held_out": 0.82,
-    "vqa_overall": 0.80,
-    "held_out_vqa_overall": 0.70,
+    "vqa_overall": 0.82,
+    "held_out_vqa_overall": 0.75,
     "phrasing_vqa_overall": 0.75,
     "retrieval_r5": 0.92,
-    "few_shot_seen_0shot": 0.50,
+    "few_shot_seen_0shot": 0.60,
     "few_shot_seen_2shot": 0.45,
-    "few_shot_held_out_2shot": 0.25,
+    "few_shot_held_out_2shot": 0.05,
     "few_shot_text_seen_2shot": 0.85,
-    "few_shot_described_seen_0shot": 0.70,
+    "few_shot_described_seen_0shot": 0.85,
     "few_shot_described_seen_2shot": 0.85,
-    "few_shot_described_held_out_2shot": 0.30,
-    "explain_peak_all": 0.72,
-    # the encoder prefers a scene's caption to every one-object change of it (shape 68%,
-    # size 100%, colour 91% on scenes of two or three objects)
-    "binding_shape": 0.52,
+    "few_shot_described_held_out_2shot": 0.25,
+    "explain_peak_all": 0.85,
+    "explain_peak_shape": 0.70,
+    # the encoder prefers a scene's caption to every one-object change of it (shape 73%,
+    # size 99%, colour 98% on scenes of two or three objects)
+    "binding_shape": 0.60,
     "binding_size": 0.88,
     "binding_color": 0.80,
 }
