@@ -115,18 +115,26 @@ def test_the_lm_reads_every_combination_every_form_and_k_shot_lists(lm_texts):
     assert set().union(*map(_forms_of, asked)) == {
         f for forms in sw.QUESTION_FORMS.values() for f in forms
     }
-    keys = {k for ks in sw.FEW_SHOT_KEYS.values() for k in ks} | set(sw.GENERIC_KEYS)
+    named = {k for ks in sw.FEW_SHOT_KEYS.values() for k in ks} | set(sw.GENERIC_KEYS)
     key_lines = [line for line in lines if not line.startswith(("Caption:", "Question:"))]
     assert 0.15 < len(key_lines) / len(lines) < 0.6
-    pattern = "|".join(re.escape(s) for s in sw.SEPARATORS)
-    assert all(
-        re.match(rf"({'|'.join(map(re.escape, keys))})({pattern})\w", ln) for ln in key_lines
-    )
+    keys = "|".join(map(re.escape, sorted(named | set(sw.MADE_UP_KEYS), key=len, reverse=True)))
+    separators = sw.SEPARATORS + sw.MADE_UP_SEPARATORS
+    pattern = "|".join(map(re.escape, sorted(separators, key=len, reverse=True)))
+    formats = [re.match(rf"({keys})({pattern})\w", line) for line in key_lines]
+    assert all(formats)
+    # about half the lists use a made-up key, half a made-up separator: formats vary
+    made_up = [m[1] in sw.MADE_UP_KEYS for m in formats]
+    assert 0.3 < sum(made_up) / len(made_up) < 0.7
+    assert len({m[2] for m in formats}) > 20 and len({m[1] for m in formats}) > 200
 
 
 def test_held_out_few_shot_formats_appear_in_no_training_text(lm_texts, prefix_pool, clip_pool):
     texts = list(lm_texts) + [t for ts in prefix_pool.texts + clip_pool.texts for t in ts]
     held = [*sw.HELD_OUT_KEYS, *(s.strip() for s in sw.HELD_OUT_SEPARATORS)]
+    # the made-up formats do not spell a held-out one, even inside a longer word
+    assert not any(h.lower() in key.lower() for h in sw.HELD_OUT_KEYS for key in sw.MADE_UP_KEYS)
+    assert not any("=>" in separator for separator in sw.MADE_UP_SEPARATORS)
     for text in texts:
         words = set(re.findall(r"[\w=>]+", text))
         assert not words & set(held), text
@@ -137,8 +145,9 @@ def test_few_shot_documents_hide_the_query_value_in_about_half():
     hidden = 0
     for _ in range(400):
         lines = sw.few_shot_document(rng, CAPTION_PROMPT).split("\n")
-        values = [line.split(sep, 1)[1] for line in lines[1::2]
-                  for sep in [next(s for s in sw.SEPARATORS if s in line)]]  # fmt: skip
+        separators = sorted(sw.SEPARATORS + sw.MADE_UP_SEPARATORS, key=len, reverse=True)
+        values = [re.split("|".join(map(re.escape, separators)), line, maxsplit=1)[1]
+                  for line in lines[1::2]]  # fmt: skip
         assert len(lines) % 2 == 0 and all(line.startswith("Caption: ") for line in lines[::2])
         hidden += values[-1] not in values[:-1]
     assert 0.4 < hidden / 400 < 0.9

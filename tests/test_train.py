@@ -175,3 +175,38 @@ def test_answer_mask_marks_only_the_answers_in_packed_text(run):
     blocks = pack_texts(tokenizer, documents, 8)
     marked = tokenizer.decode(blocks[answer_mask(tokenizer, blocks, "Answer:")])
     assert marked and set(marked) <= set(" yesredone")
+
+
+def test_answer_mask_reads_many_cues_as_each_cue_alone(run):
+    from transformers import AutoTokenizer
+
+    from vlm.text_batches import answer_mask, pack_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(run[0] / "lm")
+    documents = [
+        "Caption: a small red circle\nBako ~ red\nCaption: a large star\nTag -> star\nzu: one",
+        "Question: how many shapes are there? Answer: one\nTag: two",
+    ]
+    length = sum(len(tokenizer(d)["input_ids"]) + 1 for d in documents)  # one block, EOS each
+    blocks = pack_texts(tokenizer, documents, length)
+    cues = ["Bako ~", "Tag ->", "Tag:", "zu:", "Nowhere ="]
+    together = answer_mask(tokenizer, blocks, "Answer:", cues)
+    alone = [answer_mask(tokenizer, blocks, "", [c]) for c in cues]
+    answers = answer_mask(tokenizer, blocks, "Answer:")
+    assert torch.equal(together, torch.stack(alone).any(0) | answers)
+    assert tokenizer.decode(blocks[together]).split() == ["red", "star", "one", "one", "two"]
+    # a cue that ends inside a longer one ("Tag -" in "Tag ->") does not make the rest an answer
+    marked = tokenizer.decode(blocks[answer_mask(tokenizer, blocks, "", ["Tag -", "Tag ->"])])
+    assert marked.split() == ["star"]
+
+
+@pytest.mark.parametrize("base, length", [(5, 3), (7, 20), (400, 9), (50257, 5), (3, 30)])
+def test_windows_are_found_exactly_whatever_their_length(base, length):
+    from vlm.text_batches import _rows_in
+
+    generator = torch.Generator().manual_seed(base)
+    windows = torch.randint(0, base, (50, 200), generator=generator).unfold(1, length, 1)
+    picked = windows[torch.randint(0, 50, (20,)), torch.randint(0, windows.shape[1], (20,))]
+    rows = torch.cat([picked, torch.randint(0, base, (30, length), generator=generator)])
+    naive = (windows[:, :, None, :] == rows).all(-1).any(-1)
+    assert naive.sum() >= 20 and torch.equal(_rows_in(windows, rows, base), naive)

@@ -184,8 +184,10 @@ class ShapeWorld:
     def answer_cues(self) -> list[str]:
         """What comes before a k-shot list's values ("Colour:", "Tag ->"): the LM weighs the
         value after them as an answer (only the context predicts it)."""
-        keys = [k for keys in sw.FEW_SHOT_KEYS.values() for k in keys] + list(sw.GENERIC_KEYS)
-        return [f"{key}{separator.rstrip()}" for key in keys for separator in sw.SEPARATORS]
+        keys = [k for keys in sw.FEW_SHOT_KEYS.values() for k in keys]
+        keys += [*sw.GENERIC_KEYS, *sw.MADE_UP_KEYS]
+        separators = sw.SEPARATORS + sw.MADE_UP_SEPARATORS
+        return [f"{key}{separator.rstrip()}" for key in keys for separator in separators]
 
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical

@@ -453,6 +453,36 @@ HELD_OUT_KEYS = ("Hue", "Form", "Scale", "Property", "Reply")
 HELD_OUT_SEPARATORS = (" => ",)
 
 
+def _made_up_formats(n_keys: int = 300) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Made-up keys (pseudo-words: "Bako", "tirune") and separators (" ~ ", ":: ", " | "),
+    drawn once from a fixed seed. Half of the k-shot lists in the LM's text use them, so a key
+    or separator the LM never read is the usual case, not a surprise: with only the named ones
+    the LM learned them by heart, and a list after "Hue" or " => " got 49% and 0% (as text).
+    None contains a held-out key or separator, nor a word the scenes are described with."""
+    rng = random.Random("made-up-few-shot-formats")
+    banned = [k.lower() for k in HELD_OUT_KEYS]
+    words = {*COLORS, *SHAPES, *SIZES, *NUMBER_WORDS, "caption", "question", "answer"}
+    keys: set[str] = set()
+    while len(keys) < n_keys:
+        syllables = (rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")
+                     for _ in range(rng.randint(1, 3)))  # fmt: skip
+        word = "".join(syllables) + rng.choice(["", "", "n", "r", "s"])
+        if any(b in word for b in banned) or word in words:
+            continue
+        keys.add(word.capitalize() if rng.random() < 0.6 else word)
+    marks = [":", "=", "-", "~", "|", ">", "*", "#", "/", ";", "."]
+    separators: set[str] = set()
+    while len(separators) < 24:
+        mark = "".join(rng.choice(marks) for _ in range(rng.randint(1, 2)))
+        separator = rng.choice(["", " "]) + mark + " "
+        if "=>" not in separator and separator not in SEPARATORS + HELD_OUT_SEPARATORS:
+            separators.add(separator)
+    return tuple(sorted(keys)), tuple(sorted(separators))
+
+
+MADE_UP_KEYS, MADE_UP_SEPARATORS = _made_up_formats()
+
+
 def attribute(scene: Scene, name: str) -> str:
     """A scene's value of a few-shot attribute; all but `count` describe its one object."""
     if name == "count":
@@ -466,11 +496,13 @@ def attribute(scene: Scene, name: str) -> str:
 def few_shot_document(rng: random.Random, caption_prompt: str, split: str = "any") -> str:
     """A k-shot list for the LM's text: 1-4 examples and a query, each a scene written as a
     caption line (after `caption_prompt`: where a visual prefix will stand) and then its
-    "<key><separator><value>" line, in a seen format. In about half of the lists the query's
+    "<key><separator><value>" line, in a seen format (half of them made up: MADE_UP_KEYS,
+    MADE_UP_SEPARATORS). In about half of the lists the query's
     value is missing from the examples, so copying does not pay."""
     kind = rng.choice(FEW_SHOT_ATTRIBUTES)
-    key = rng.choice(FEW_SHOT_KEYS[kind] + GENERIC_KEYS)
-    separator = rng.choice(SEPARATORS)
+    named = rng.random() < 0.5  # else a made-up key; the separator is drawn apart from it
+    key = rng.choice(FEW_SHOT_KEYS[kind] + GENERIC_KEYS if named else MADE_UP_KEYS)
+    separator = rng.choice(SEPARATORS if rng.random() < 0.5 else MADE_UP_SEPARATORS)
     k = rng.randint(1, 4)
     objects = None if kind == "count" else 1
     scenes = [sample_scene(rng, objects, split=split) for _ in range(k + 1)]
