@@ -168,3 +168,14 @@ def test_file_dataset_limit_and_concatenation(tmp_path):
     )
     assert len(list(FileDataset([a, b], limit=3, val_fraction=0).examples())) == 3
     assert len(dataset.clip_data(0, 0)) == 4
+
+
+@pytest.mark.parametrize("fmt", ["csv", "folder", "coco"])
+def test_the_validation_split_does_not_move_with_the_data(tmp_path, fmt):
+    items = scenes(40)
+    splits = []
+    for place in ("here", "elsewhere/deeper"):
+        data = write_dataset(tmp_path / place, fmt, items)
+        dataset = FileDataset([data], val_fraction=0.25)
+        splits.append(sorted(Path(e.image).name for e in dataset.val_examples()))
+    assert splits[0] == splits[1] and 0 < len(splits[0]) < 40

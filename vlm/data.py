@@ -18,8 +18,9 @@ row is reported by where it is. Rows whose image is missing or unreadable are sk
 counted (`BadRows`), the same way in training and evaluation, or stop the run (`strict`).
 
 `FileDataset` holds out a validation part: `val_data` files, or else a `val_fraction` of the
-images (chosen by a hash of each image's path, so every caption of an image falls on the
-same side and the split is the same in every run); Karpathy data keeps its own `val` split.
+images (chosen by a hash of each image's name as the data writes it, so every caption of an
+image falls on the same side and the split is the same in every run and every folder);
+Karpathy data keeps its own `val` split.
 """
 
 from __future__ import annotations
@@ -378,12 +379,15 @@ class FileDataset:
             raise DataError(f"the validation fraction must be in [0, 1), not {val_fraction}")
 
     def held_out(self, example: Example) -> bool:
-        """Whether the example is in the `val_fraction` part: a hash of its image's path (or
-        bytes), so all captions of an image fall on one side, the same in every run."""
+        """Whether the example is in the `val_fraction` part: a hash of its image's key (the
+        path as the data file writes it, the COCO id, the sample key), so all captions of an
+        image fall on one side, the same in every run and wherever the data is moved (a hash
+        of the full path split the same data differently in two folders)."""
         if not self.val_fraction:
             return False
-        image = example.image if isinstance(example.image, bytes) else example.image.encode()
-        digest = int.from_bytes(hashlib.sha256(image).digest()[:8], "big")
+        name = example.key or example.image
+        name = name if isinstance(name, bytes) else name.encode()
+        digest = int.from_bytes(hashlib.sha256(name).digest()[:8], "big")
         return digest / 2**64 < self.val_fraction
 
     def examples(self) -> Iterator[Example]:
