@@ -213,8 +213,8 @@ def explain_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
 def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
     """Rows ([image, text] × 3, query image, prompt) and labels for the Few-shot tab: 2-shot
     lists whose query's value is in neither example, in a seen format and in formats that
-    appear nowhere in training (HELD_OUT_KEYS). The colour list needs the tab's "Describe
-    each image first" (docs/shapeworld.md, few-shot)."""
+    appear nowhere in training (HELD_OUT_KEYS, HELD_OUT_SEPARATORS). The colour lists need the
+    tab's "Describe each image first" (docs/shapeworld.md, few-shot)."""
     scenes = _by_name(folder)
     if not scenes:
         return [], []
@@ -227,6 +227,8 @@ def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str
          "2-shot size, key never seen in training"),
         ("shape", "Form", ": ", ("sw-03", "sw-04"), "sw-02",
          "2-shot shape, key never seen in training"),
+        ("color", "Hue", " => ", ("sw-01", "sw-04"), "sw-02",
+         "2-shot colour, key and separator never seen in training"),
     ]  # fmt: skip
     rows, labels = [], []
     for attribute, key, separator, shots, query, label in tasks:
