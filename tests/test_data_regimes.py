@@ -143,11 +143,11 @@ def test_held_out_few_shot_formats_appear_in_no_training_text(lm_texts, prefix_p
 def test_few_shot_documents_hide_the_query_value_in_about_half():
     rng = random.Random(3)
     hidden = 0
+    separators = sorted(sw.SEPARATORS + sw.MADE_UP_SEPARATORS, key=len, reverse=True)
+    separator = re.compile("|".join(map(re.escape, separators)))
     for _ in range(400):
         lines = sw.few_shot_document(rng, CAPTION_PROMPT).split("\n")
-        separators = sorted(sw.SEPARATORS + sw.MADE_UP_SEPARATORS, key=len, reverse=True)
-        values = [re.split("|".join(map(re.escape, separators)), line, maxsplit=1)[1]
-                  for line in lines[1::2]]  # fmt: skip
+        values = [separator.split(line, maxsplit=1)[1] for line in lines[1::2]]
         assert len(lines) % 2 == 0 and all(line.startswith("Caption: ") for line in lines[::2])
         hidden += values[-1] not in values[:-1]
     assert 0.4 < hidden / 400 < 0.9

@@ -496,9 +496,9 @@ def attribute(scene: Scene, name: str) -> str:
 def few_shot_document(rng: random.Random, caption_prompt: str, split: str = "any") -> str:
     """A k-shot list for the LM's text: 1-4 examples and a query, each a scene written as a
     caption line (after `caption_prompt`: where a visual prefix will stand) and then its
-    "<key><separator><value>" line, in a seen format (half of them made up: MADE_UP_KEYS,
-    MADE_UP_SEPARATORS). In about half of the lists the query's
-    value is missing from the examples, so copying does not pay."""
+    "<key><separator><value>" line, in a seen format (half of the keys and, drawn apart,
+    half of the separators made up: MADE_UP_KEYS, MADE_UP_SEPARATORS). In about half of the
+    lists the query's value is missing from the examples, so copying does not pay."""
     kind = rng.choice(FEW_SHOT_ATTRIBUTES)
     named = rng.random() < 0.5  # else a made-up key; the separator is drawn apart from it
     key = rng.choice(FEW_SHOT_KEYS[kind] + GENERIC_KEYS if named else MADE_UP_KEYS)
