@@ -1,0 +1,142 @@
+"""Experiment: LM-stage trainings with recipe changes that the code's defaults do not have.
+
+Runs `python -m vlm ...` with some of these changes patched in (names after `--variants`,
+comma-separated; the rest of the command line goes to the CLI unchanged):
+
+- `desc-first`: a scene's document opens with its caption and its paraphrase (in random
+  order), then its questions; in the defaults a question may come before any description;
+- `drill`: every colour, shape and size question of the scene, plus one or two others (the
+  defaults: one to four questions of any kind);
+- `text-scenes`: the scene documents describe 1-5 objects without a layout (text only; images
+  hold 1-3), so that guessing a scene's colour pays less;
+- `doc-mask`: packed documents do not see each other (a block-diagonal attention mask);
+- `llama`: a Llama-architecture LM (rotary positions, RMSNorm, SwiGLU) of the same width,
+  depth and heads in place of GPT-2;
+- `width=N`, `heads=N`, `layers=N`: the small LM's size.
+
+    PYTHONPATH=. python docs/experiments/lm_variants.py --variants desc-first,doc-mask \\
+        train shapeworld --stages lm --out runs/dm0 --seed 0 --lm-answer-weight 30
+
+Each run is then read by `text_answers.py` and `lookups.py`. Results: docs/shapeworld.md,
+"Which lookups the LM learns".
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from vlm import datasets, train
+from vlm import shapeworld as sw
+from vlm.cli import main as cli
+
+
+def _text_scene(rng: random.Random) -> sw.Scene:
+    """1-5 objects of any combination, left to right in random order, no layout."""
+    every = [(c, s) for c in sw.COLORS for s in sw.SHAPES]
+    objects = []
+    for _ in range(rng.randint(1, 5)):
+        color, shape = rng.choice(every)
+        objects.append(sw.Obj(shape, color, rng.choice(sw.SIZES), rng.random(), rng.random()))
+    return sw.Scene(tuple(objects))
+
+
+def _asked(rng: random.Random, pairs, qa: list[str], drill: bool) -> list[str]:
+    if not drill:
+        return rng.sample(qa, min(len(qa), rng.randint(1, 4)))
+    kinds = [sw.question_type(q) for q, _ in pairs]
+    look = [t for t, k in zip(qa, kinds, strict=True) if k in ("color", "shape", "size")]
+    rest = [t for t in qa if t not in look]
+    asked = look + rng.sample(rest, min(len(rest), rng.randint(1, 2)))
+    rng.shuffle(asked)
+    return asked
+
+
+def _texts(variants: set[str]):
+    def texts(self, n: int, seed: int) -> list[str]:  # ShapeWorld.texts with the variants
+        rng = random.Random(f"lm-{seed}")
+        documents = []
+        for _ in range(n):
+            if rng.random() < self.few_shot_share:
+                documents.append(sw.few_shot_document(rng, datasets.CAPTION_PROMPT, "any"))
+                continue
+            text_only = "text-scenes" in variants
+            scene = _text_scene(rng) if text_only else sw.sample_scene(rng, split="any")
+            pairs = sw.questions(scene, rng, forms="all", held_out_no=True)
+            qa = [datasets.qa_text(q, a) for q, a in pairs]
+            lines = [f"{datasets.CAPTION_PROMPT} {sw.describe(scene)}",
+                     f"{datasets.CAPTION_PROMPT} {sw.paraphrase(scene, rng)}"]  # fmt: skip
+            if "desc-first" in variants:
+                rng.shuffle(lines)
+                lines += _asked(rng, pairs, qa, "drill" in variants)
+            else:
+                lines += _asked(rng, pairs, qa, "drill" in variants)
+                rng.shuffle(lines)
+            documents.append("\n".join(lines))
+        return documents
+
+    return texts
+
+
+def _document_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    ends = (tokens[:, :-1] == eos).long().cumsum(1)
+    document = torch.cat([torch.zeros_like(tokens[:, :1]), ends], 1)
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+
+
+def _masked_run_stage(run_stage):
+    def patched(name, module, loss_fn, *args, **kwargs):
+        if name == "lm":
+
+            def loss_fn(module, batch):  # train_lm's loss, documents apart
+                tokens, weight = batch
+                mask = _document_mask(tokens, module.config.eos_token_id)
+                logits = module(input_ids=tokens, attention_mask=mask).logits[:, :-1]
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                       reduction="none")  # fmt: skip
+                return (loss * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
+
+        return run_stage(name, module, loss_fn, *args, **kwargs)
+
+    return patched
+
+
+def _llama(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int, **_):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=256,
+        num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+        max_position_embeddings=n_positions, tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    lm = LlamaForCausalLM(config)
+    torch.nn.init.normal_(lm.get_input_embeddings().weight, std=0.1)  # as build_lm
+    lm.config.n_positions = n_positions  # train_lm's block size
+    return lm
+
+
+def main(argv: list[str]) -> int:
+    variants: set[str] = set()
+    if argv[:1] == ["--variants"]:
+        variants, argv = set(argv[1].split(",")), argv[2:]
+    size = train.SIZES["small"]["lm"]
+    for variant in variants:
+        key, _, value = variant.partition("=")
+        if value:
+            size[{"width": "n_embd", "heads": "n_head", "layers": "n_layer"}[key]] = int(value)
+    if variants & {"desc-first", "drill", "text-scenes"}:
+        datasets.ShapeWorld.texts = _texts(variants)
+    if "doc-mask" in variants:
+        train.run_stage = _masked_run_stage(train.run_stage)
+    if "llama" in variants:
+        train.build_lm = _llama
+    return cli(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
