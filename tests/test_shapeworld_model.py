@@ -171,6 +171,92 @@ def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
     assert experiment.exact_by_count(guesses, scenes) == pytest.approx(expected)
 
 
+class _RuleLM:
+    """A stand-in LM for docs/experiments/lookups.py: reads the text it is given and puts the
+    highest logit on what `rule(caption objects, the text's last line)` names."""
+
+    def __init__(self, tokenizer, rule):
+        self.tokenizer, self.rule = tokenizer, rule
+
+    def __call__(self, input_ids):
+        lines = self.tokenizer.decode(input_ids[0]).split("\n")
+        caption = lines[0].removeprefix("Caption: ")
+        objects = [phrase.split()[1:] for phrase in caption.split(" left of ")]  # size colour shape
+        word = self.rule(objects, lines[-1])
+        logits = torch.zeros(1, input_ids.shape[1], len(self.tokenizer))
+        logits[0, -1, self.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]] = 1.0
+        return type("Output", (), {"logits": logits})
+
+
+def _look_up(objects, line):
+    """The right answer: the object the question (or the cue) names, then what is asked."""
+    words = line.rstrip("?").replace("? Answer:", "").split()
+    if line.startswith("Question: what color"):
+        return next(color for _, color, shape in objects if shape == words[-1])
+    if line.startswith("Question: what shape"):
+        return next(shape for _, color, shape in objects if color == words[-2])
+    if len(words) == 5:  # "Caption: there is a small": its colour
+        return next(color for size, color, _ in objects if size == words[-1])
+    return next(shape for _, color, shape in objects if color == words[-1])
+
+
+def test_lookups_experiment_tells_a_lookup_from_a_guess_by_position():
+    """docs/experiments/lookups.py scores an LM that looks every answer up 1.00 everywhere, and
+    one that names the first object's attributes 1.00 / 0.00 by object: it can tell the two."""
+    experiment = _experiment("lookups")
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    scenes = experiment._distinct_pairs(random.Random(0), 12)
+    right = experiment.lookups(_RuleLM(pipeline.tokenizer, _look_up), pipeline.tokenizer, scenes)
+    assert set(right) == {f"binding {k} @ object {i}" for k in ("color", "shape") for i in (1, 2)
+                          } | {"copying colour", "copying shape"}  # fmt: skip
+    assert all(v == 1.0 for v in right.values()), right
+
+    def first_object(objects, line):
+        asked = _look_up(objects, line)
+        return objects[0][1] if asked in (o[1] for o in objects) else objects[0][2]
+
+    guess = experiment.lookups(
+        _RuleLM(pipeline.tokenizer, first_object), pipeline.tokenizer, scenes
+    )
+    assert guess["binding color @ object 1"] == guess["binding shape @ object 1"] == 1.0
+    assert guess["binding color @ object 2"] == guess["binding shape @ object 2"] == 0.0
+    # and the real bundled LM gets a score in range for each, all from one short run
+    real = experiment.lookups(pipeline.lm.float(), pipeline.tokenizer, scenes[:4])
+    assert real.keys() == right.keys() and all(0.0 <= v <= 1.0 for v in real.values())
+
+
+def test_lm_variants_experiment_starts_from_the_bundles_recipe():
+    """docs/experiments/lm_variants.py: with no text variant it writes the LM's documents of the
+    code's defaults, byte for byte; `desc-first` opens every scene document with its two
+    descriptions; `drill` asks every colour, shape and size question; the document mask lets a
+    packed document read only itself."""
+    from vlm.datasets import ShapeWorld
+
+    experiment = _experiment("lm_variants")
+    data = ShapeWorld()
+    assert experiment._texts({"llama"})(data, 300, 4) == data.texts(300, 4)
+    for document in experiment._texts({"desc-first"})(data, 300, 4):
+        lines = document.split("\n")
+        if lines[0].startswith("Caption:") and "Question:" in document:
+            assert lines[1].startswith("Caption:") and lines[2].startswith("Question:")
+    drilled = experiment._texts({"drill"})(data, 300, 4)
+    asked = [
+        sw.question_type(line.split("Question: ")[1].split(" Answer:")[0])
+        for document in drilled
+        for line in document.split("\n")
+        if "Question:" in line
+    ]
+    plain = [sw.question_type(line.split("Question: ")[1].split(" Answer:")[0])
+             for document in data.texts(300, 4) for line in document.split("\n")
+             if "Question:" in line]  # fmt: skip
+    share = lambda kinds: sum(k in ("color", "shape", "size") for k in kinds) / len(kinds)  # noqa: E731
+    assert share(asked) > share(plain) + 0.1
+    tokens = torch.tensor([[5, 6, 0, 7, 8, 0, 9]])  # EOS 0 ends each document
+    mask = experiment._document_mask(tokens, eos=0)[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False]
+    assert mask[2].tolist() == [True, True, True, False, False, False, False]
+
+
 def test_text_answers_experiment_scores_the_lm_with_and_without_the_caption():
     """docs/experiments/text_answers.py still runs, and the bundled LM reads its context: with
     the caption before the question it answers far more often than from its prior alone."""
