@@ -27,7 +27,6 @@ import random
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from vlm import datasets, train
 from vlm import shapeworld as sw
@@ -84,21 +83,19 @@ def _texts(variants: set[str]):
 def _document_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
     ends = (tokens[:, :-1] == eos).long().cumsum(1)
     document = torch.cat([torch.zeros_like(tokens[:, :1]), ends], 1)
-    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
-    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
+    return ((document[:, :, None] == document[:, None, :]) & causal.tril())[:, None]
 
 
 def _masked_run_stage(run_stage):
     def patched(name, module, loss_fn, *args, **kwargs):
         if name == "lm":
+            plain = loss_fn
 
-            def loss_fn(module, batch):  # train_lm's loss, documents apart
-                tokens, weight = batch
-                mask = _document_mask(tokens, module.config.eos_token_id)
-                logits = module(input_ids=tokens, attention_mask=mask).logits[:, :-1]
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
-                                       reduction="none")  # fmt: skip
-                return (loss * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
+            def loss_fn(module, batch):  # train_lm's own loss, its LM reading documents apart
+                mask = _document_mask(batch[0], module.config.eos_token_id)
+                masked = lambda **inputs: module(attention_mask=mask, **inputs)  # noqa: E731
+                return plain(masked, batch)
 
         return run_stage(name, module, loss_fn, *args, **kwargs)
 
