@@ -168,6 +168,23 @@ def test_tokens_mapper_trains_with_any_lm(own_csv, parts, tmp_path):
                  device="cpu").caption(sorted(own_csv.parent.glob("photos/*.jpg"))[0])  # fmt: skip
 
 
+def test_prompt_reading_mapper_trains_through_the_frozen_lm(own_csv, parts, tmp_path):
+    """--reads-prompt: the mapper reads the LM's hidden states of each item's prompt in the
+    prefix stage (the trainer's check: no gradient reaches the LM), and the saved pipeline
+    conditions its prefixes on them."""
+    out = tmp_path / "run"
+    cli(["train", "--data", str(own_csv), "--out", str(out), "--encoder",
+         f"local-dir:{parts / 'encoder'}", "--lm", str(parts / "lm"), "--reads-prompt",
+         "--mapper-layers", "1", "--prefix-length", "4", "--prefix-steps", "2",
+         "--no-eval"])  # fmt: skip
+    pipeline = Pipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipeline.mapper.config["prompt_dim"] == pipeline.lm.config.hidden_size
+    image = sorted(own_csv.parent.glob("photos/*.jpg"))[0]
+    asked = pipeline.prefix([image], ["Question: what color is it? Answer:"])
+    assert (asked - pipeline.prefix([image])).abs().max() > 0
+    assert isinstance(pipeline.answer(image, "what color is it?")[0], str)
+
+
 def _sizes(pipeline) -> dict:
     config = pipeline.mapper.config
     names = ("clip_dim", "lm_dim", "prefix_length", "num_heads")

@@ -127,12 +127,14 @@ def cmd_train(args) -> None:
     mapper = {k: v for k, v in [("kind", args.mapper), ("prefix_length", args.prefix_length),
               ("num_layers", args.mapper_layers), ("input", args.mapper_input),
               ("num_tokens", args.num_tokens)] if v}  # fmt: skip
+    if args.reads_prompt is not None:
+        mapper["reads_prompt"] = args.reads_prompt
     if mapper:
         base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
         options["mapper"] = {**base, **mapper}
         if mapper.get("kind") == "mlp":
             options["mapper"] = {k: v for k, v in options["mapper"].items()
-                                 if k in ("kind", "prefix_length")}  # fmt: skip
+                                 if k in ("kind", "prefix_length", "reads_prompt")}  # fmt: skip
     train(TrainConfig(**options))
 
 
@@ -321,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     parts.add_argument("--num-tokens", type=int,
                        help="--mapper-input tokens: 1 + grid² image tokens (default: the "
                        "encoder's full patch grid)")  # fmt: skip
+    parts.add_argument("--reads-prompt", action=argparse.BooleanOptionalAction,
+                       help="transformer mapper: also read the task prompt (the frozen LM's "
+                       "hidden states of 'Caption:' or the question), InstructBLIP-style "
+                       "(default: off; docs/shapeworld.md measures it)")  # fmt: skip
     parts.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute the LM's activations (less memory for big LMs)")  # fmt: skip
     parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")

@@ -97,9 +97,12 @@ def build_pipeline(
     encoder: Encoder, lm, tokenizer, mapper: dict | None = None, device=None, **config
 ) -> Pipeline:
     """A pipeline around existing encoder and LM with a new mapper between them; `mapper`
-    holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM."""
+    holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM;
+    `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt."""
     options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
     lm_dim = lm.get_input_embeddings().embedding_dim  # not always hidden_size (OPT-350m)
+    if options.pop("reads_prompt", False):  # the mapper reads the LM's last hidden states
+        options["prompt_dim"] = lm.config.hidden_size
     mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm_dim, **options)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

@@ -11,6 +11,11 @@ published checkpoints load as they are (their keys minus the `clip_project.` pre
 Beyond ClipCap, the transformer mapper can read the image as *tokens* (`input="tokens"`: the
 encoder's pooled embedding followed by its patch tokens, average-pooled to a coarser grid), so
 that what is where in the image reaches the LM without first being squeezed into one vector.
+
+It can also read the *task prompt* (`prompt_dim` > 0), as InstructBLIP's instruction-aware
+Q-Former does (Dai et al. 2023): the frozen LM's own hidden states of the text that will follow
+the prefix ("Caption:", "Question: what color is the star? Answer:") join the image tokens, so
+the prefix can carry what that task needs. The LM reads them; it is not changed.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ class _Attention(nn.Module):
         self.to_keys_values = nn.Linear(dim, 2 * dim, bias=False)
         self.project = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [B, N] (True: a real token) keeps padding out of every token's keys."""
         b, n, c = x.shape
         h = self.num_heads
         q = self.to_queries(x).view(b, n, h, c // h).transpose(1, 2)
         k, v = self.to_keys_values(x).view(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        keys = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
         return self.project(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -60,8 +67,8 @@ class _Layer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -70,9 +77,9 @@ class _Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(_Layer(dim, num_heads, mlp_ratio) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return x
 
 
@@ -96,6 +103,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         normalize_input: bool = False,
         input: str = "embedding",
         num_tokens: int = 0,
+        prompt_dim: int = 0,
     ):
         super().__init__()
         if kind not in MAPPER_KINDS:
@@ -104,7 +112,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             kind=kind, clip_dim=clip_dim, lm_dim=lm_dim, prefix_length=prefix_length,
             hidden_dim=hidden_dim, clip_length=clip_length, num_layers=num_layers,
             num_heads=num_heads, mlp_ratio=mlp_ratio, normalize_input=normalize_input,
-            input=input, num_tokens=num_tokens,
+            input=input, num_tokens=num_tokens, prompt_dim=prompt_dim,
         )  # fmt: skip
         if input not in ("embedding", "tokens") or (input == "tokens" and kind != "transformer"):
             raise ValueError("input='tokens' needs kind='transformer'; else input='embedding'")
@@ -113,8 +121,11 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
                 f"input='tokens' needs num_tokens ≥ 1 (a pipeline's encoder gives its pooled "
                 f"embedding and a grid × grid of patch tokens: 1 + grid²), not {num_tokens}"
             )
+        if prompt_dim and kind != "transformer":
+            raise ValueError("prompt_dim > 0 (reading the task prompt) needs kind='transformer'")
         self.input = input
         self.kind = kind
+        self.prompt_dim = prompt_dim
         self.prefix_length = prefix_length
         self.lm_dim = lm_dim
         self.clip_length = clip_length
@@ -131,10 +142,27 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             else:
                 self.linear = nn.Linear(clip_dim, clip_length * lm_dim)
             self.prefix_const = nn.Parameter(torch.randn(prefix_length, lm_dim))
+            if prompt_dim:  # the LM's hidden states of the task prompt, in the mapper's width
+                self.prompt_linear = nn.Linear(prompt_dim, lm_dim)
             self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """[B, clip_dim] embeddings (or [B, N, clip_dim] tokens) -> [B, k, lm_dim] prefix."""
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the prefix depends on the task prompt (`prompt_dim` > 0)."""
+        return self.prompt_dim > 0
+
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, clip_dim] embeddings (or [B, N, clip_dim] tokens) -> [B, k, lm_dim] prefix.
+
+        A mapper that `reads_prompt` also takes the LM's hidden states of each task prompt,
+        `prompt` [B, T, prompt_dim], right-padded, with `prompt_mask` [B, T] (True: a token)."""
+        if self.reads_prompt and prompt is None:
+            raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
         if self.normalize_input:
             embedding = F.normalize(embedding, dim=-1)
         if self.kind == "mlp":
@@ -144,4 +172,12 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         else:
             tokens = self.linear(embedding).view(-1, self.clip_length, self.lm_dim)
         constant = self.prefix_const.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        return self.transformer(torch.cat([tokens, constant], dim=1))[:, tokens.shape[1] :]
+        if not self.reads_prompt:
+            return self.transformer(torch.cat([tokens, constant], dim=1))[:, tokens.shape[1] :]
+        prompt = self.prompt_linear(prompt.to(tokens.dtype))
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+        real = torch.ones(tokens.shape[0], tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        mask = torch.cat([real, prompt_mask.bool(), real[:, :1].expand(-1, constant.shape[1])], 1)
+        x = self.transformer(torch.cat([tokens, prompt, constant], dim=1), mask)
+        return x[:, -constant.shape[1] :]

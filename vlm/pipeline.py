@@ -168,11 +168,37 @@ class Pipeline:
             raise UnsupportedTaskError(task, self.config.name, models_for(task))
 
     @torch.inference_mode()
-    def prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Visual prefix embeddings [B, k, d_lm] for the images."""
+    def prefix(
+        self, images: Sequence[ImageInput], prompts: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Visual prefix embeddings [B, k, d_lm] for the images.
+
+        `prompts`: the text that follows each prefix ("Caption:", "Question: … Answer:"),
+        which a mapper that `reads_prompt` takes in (default: the caption prompt); other
+        mappers ignore it."""
         features = self.image_features(images)
         with self._decode_autocast():
-            return self.mapper(features).float()
+            if not getattr(self.mapper, "reads_prompt", False):
+                return self.mapper(features).float()
+            prompts = prompts or [self.config.caption_prompt] * len(features)
+            if len(prompts) != len(features):
+                raise ValueError(f"{len(features)} images but {len(prompts)} prompts")
+            return self.mapper(features, *self.prompt_states(prompts)).float()
+
+    @torch.no_grad()
+    def prompt_states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen LM's last hidden states of each prompt on its own [B, T, d] (float,
+        right-padded) and which are tokens [B, T]: what a mapper that `reads_prompt` takes in.
+        Without autograd, not inference mode, so the prefix stage can train on them."""
+        ids = [self._token_ids(p.strip()) or [self.tokenizer.eos_token_id] for p in prompts]
+        length = max(len(i) for i in ids)
+        tokens = torch.zeros(len(ids), length, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool, device=self.device)
+        for row, i in enumerate(ids):
+            tokens[row, : len(i)] = torch.tensor(i, device=self.device)
+            mask[row, : len(i)] = True
+        out = self.lm(input_ids=tokens, attention_mask=mask.long(), output_hidden_states=True)
+        return out.hidden_states[-1].float(), mask
 
     # ------------------------------------------------------------------ text through the LM
 
@@ -364,11 +390,9 @@ class Pipeline:
             questions = [questions] * len(images)
         if len(questions) != len(images):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        prefixes = self.prefix(images)
-        return [
-            self._embed_parts([p, question_prompt(q.strip(), self.config.question_template)])
-            for p, q in zip(prefixes, questions, strict=True)
-        ]
+        prompts = [question_prompt(q.strip(), self.config.question_template) for q in questions]
+        prefixes = self.prefix(images, prompts)
+        return [self._embed_parts([p, q]) for p, q in zip(prefixes, prompts, strict=True)]
 
     def answer(
         self,

@@ -460,12 +460,20 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         context_share = getattr(dataset, "prefix_context", 0.0)
     prefix_length = pipeline.mapper.prefix_length
 
+    def mapper_inputs(features: torch.Tensor, prompts: list[str]) -> tuple:
+        """What the mapper reads: the features, and the task prompts' LM states if it reads
+        them (the frozen LM's, computed without autograd)."""
+        features = features.float().to(accelerator.device)
+        if not pipeline.mapper.reads_prompt:
+            return (features,)
+        return features, *pipeline.prompt_states(prompts)
+
     def items(indices: list[int], rng, context: bool = False):
-        """(features, tokens, labels) of items; a context item's text ends its line."""
+        """(mapper inputs, tokens, labels) of items; a context item's text ends its line."""
         pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in indices]
         prompts, targets = [p for p, _ in pairs], [t + "\n" * context for _, t in pairs]
         tokens = texts_tensor(tokenizer, targets, accelerator.device, prompts, eos=not context)
-        return lookup(indices).float().to(accelerator.device), *tokens
+        return mapper_inputs(lookup(indices), prompts), *tokens
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
@@ -484,11 +492,11 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         return (module["lm"], module["mapper"]) if config.finetune_lm else (pipeline.lm, module)
 
     def loss_fn(module, batch):
-        (embedding, tokens, labels), context = batch
+        (inputs, tokens, labels), context = batch
         lm, mapper = parts(module)
         if context is not None:
-            context = (mapper(context[0]), *context[1:])
-        return prefix_loss(lm, mapper(embedding), tokens, labels, context)
+            context = (mapper(*context[0]), *context[1:])
+        return prefix_loss(lm, mapper(*inputs), tokens, labels, context)
 
     def check():  # the method's promise: nothing but the mapper learns (the LM too: ablation)
         assert all(p.grad is None for p in frozen), "a gradient reached a frozen part"
@@ -505,10 +513,10 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             losses = []
             for start in range(0, len(val_pairs), batch_size):
                 chunk = val_pairs[start : start + batch_size]
-                features = val_lookup([i for i, _ in chunk]).float().to(accelerator.device)
                 prompts, targets = [p for _, (p, _) in chunk], [t for _, (_, t) in chunk]
+                inputs = mapper_inputs(val_lookup([i for i, _ in chunk]), prompts)
                 tokens, labels = texts_tensor(tokenizer, targets, accelerator.device, prompts)
-                loss = prefix_loss(lm, mapper(features), tokens, labels)
+                loss = prefix_loss(lm, mapper(*inputs), tokens, labels)
                 losses.append(loss.item())
             return float(sum(losses) / len(losses))
 

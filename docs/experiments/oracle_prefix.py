@@ -50,7 +50,9 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
     """A mapper trained through the frozen LM on oracle tokens, with the texts and prompts of the
     trainer's prefix stage (`prefix_texts`, `split_prompt`)."""
     torch.manual_seed(seed)
-    options = dict(pipeline.mapper.config, clip_dim=FEATURES, num_tokens=3, normalize_input=False)
+    options = dict(
+        pipeline.mapper.config, clip_dim=FEATURES, num_tokens=3, normalize_input=False, prompt_dim=0
+    )  # the task-blind prefix: what the scene alone gives
     mapper = PrefixMapper(**options)
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=1e-3, weight_decay=0.05)
     warmup = max(1, min(100, steps // 10))

@@ -80,9 +80,7 @@ def main() -> None:
     pipeline = Pipeline.from_pretrained(args.model, device="cpu")
     rng = random.Random("word-probabilities")
     scenes = [sw.sample_scene(rng, rng.choice([2, 3])) for _ in range(args.n)]
-    with torch.inference_mode():
-        pixels = pipeline.encoder.pixels([sw.render(s) for s in scenes])
-        prefixes = pipeline.mapper(pipeline.features_from_pixels(pixels).float())
+    prefixes = pipeline.prefix([sw.render(s) for s in scenes])  # the caption's prefixes
     for setting in ("prefix", "same caption before", "no context"):
         table = collections.defaultdict(list)
         for i, scene in enumerate(scenes):
