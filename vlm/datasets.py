@@ -123,7 +123,7 @@ class ShapeWorld:
     # Of the CLIP stage's scenes: colourless views (sw.GREYS) captioned without colour words,
     # so the encoder learns shapes apart from colours. Without them it read the shape of a
     # held-out combination as the seen shape of the same colour (held_out_probe.py in docs).
-    colourless_share: float = 0.25
+    colourless_share: float = 0.4
     # Of the prefix stage's batches: two (image, text) items a row, so the frozen LM reads a
     # prefix after other text, as in a k-shot list (TrainConfig.prefix_context).
     prefix_context: float = 0.5

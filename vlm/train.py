@@ -75,9 +75,9 @@ class TrainConfig:
     stages: tuple[str, ...] = STAGES
     seed: int = 0
     batch_size: int = 256
-    clip_steps: int = 1500
+    clip_steps: int = 2000
     clip_lr: float = 2e-3
-    clip_examples: int = 60_000
+    clip_examples: int = 80_000
     clip_caption_weight: float = 4.0  # CoCa's captioning loss beside the contrastive one (0: off)
     lm_steps: int = 4500
     lm_lr: float = 2e-3
