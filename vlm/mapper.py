@@ -175,9 +175,9 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         if not self.reads_prompt:
             return self.transformer(torch.cat([tokens, constant], dim=1))[:, tokens.shape[1] :]
         prompt = self.prompt_linear(prompt.to(tokens.dtype))
-        if prompt_mask is None:
-            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
-        real = torch.ones(tokens.shape[0], tokens.shape[1], dtype=torch.bool, device=tokens.device)
-        mask = torch.cat([real, prompt_mask.bool(), real[:, :1].expand(-1, constant.shape[1])], 1)
+        mask = None  # every prompt token is real unless a padding mask says otherwise
+        if prompt_mask is not None:  # image tokens and constants are always real
+            edges = (tokens.shape[1], constant.shape[1])
+            mask = F.pad(prompt_mask.bool(), edges, value=True)
         x = self.transformer(torch.cat([tokens, prompt, constant], dim=1), mask)
         return x[:, -constant.shape[1] :]
