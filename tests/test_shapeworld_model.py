@@ -229,7 +229,8 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
     """docs/experiments/lm_variants.py: with no text variant it writes the LM's documents of the
     code's defaults, byte for byte; `desc-first` opens every scene document with its two
     descriptions; `drill` asks every colour, shape and size question; the document mask lets a
-    packed document read only itself."""
+    packed document read only itself, and `mask-first` for half the steps; `sin-pos` and
+    `pos-std` start the position embeddings as sinusoids or at a given std."""
     from vlm.datasets import ShapeWorld
 
     experiment = _experiment("lm_variants")
@@ -239,6 +240,16 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
         lines = document.split("\n")
         if lines[0].startswith("Caption:") and "Question:" in document:
             assert lines[1].startswith("Caption:") and lines[2].startswith("Question:")
+    scene = sw.Scene(
+        (sw.Obj("star", "red", "small", 0.2, 0.5), sw.Obj("circle", "blue", "large", 0.7, 0.5))
+    )
+    assert (
+        experiment._shape_first(scene) == "the star is red and small, the circle is blue and large"
+    )
+    extra = experiment._texts({"desc-first", "shape-first"})(data, 300, 4)
+    assert sum("the star is" in d or "the circle is" in d for d in extra) > 50
+    plain = [d.split("\n") for d in data.texts(300, 4)]  # the defaults: questions anywhere
+    assert sum(lines[0].startswith("Question:") for lines in plain) > 30
     drilled = experiment._texts({"drill"})(data, 300, 4)
     asked = [
         sw.question_type(line.split("Question: ")[1].split(" Answer:")[0])
@@ -255,6 +266,55 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
     mask = experiment._document_mask(tokens, eos=0)[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False, False]
     assert mask[2].tolist() == [True, True, True, False, False, False, False]
+    # `mask-first`: the mask in the first half of the stage's training steps only
+    seen = []
+
+    def stage(name, module, loss_fn, batches, steps):
+        for _ in range(steps):
+            loss_fn(module, (tokens,))
+        with torch.no_grad():  # validation calls do not count as steps
+            loss_fn(module, (tokens,))
+
+    module = lambda **inputs: seen.append("attention_mask" in inputs)  # noqa: E731
+    module.config = type("Config", (), {"eos_token_id": 0})
+    plain = lambda lm, batch: lm(input_ids=batch[0])  # noqa: E731
+    experiment._masked_run_stage(stage, masked_share=0.5)("lm", module, plain, None, 4)
+    assert seen == [True, True, False, False, False]
+    # `pos-std=X`: position embeddings at random, std X, in place of the default sinusoids
+    from vlm.factory import build_lm
+
+    tokenizer = type("Tokenizer", (), {"eos_token_id": 0, "__len__": lambda self: 50})()
+    size = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    wide = experiment._positions(build_lm, 0.3)(tokenizer, **size).transformer.wpe.weight
+    assert abs(float(wide.std()) - 0.3) < 0.05
+    waves = experiment._positions(build_lm, None)(tokenizer, **size).transformer.wpe.weight
+    assert torch.equal(
+        waves, build_lm(tokenizer, sinusoid_positions=True, **size).transformer.wpe.weight
+    )
+
+
+def test_the_lm_can_start_with_sinusoid_positions_that_one_map_shifts():
+    """factory.build_lm(sinusoid_positions=True): the position embeddings start as sines and
+    cosines of the token embeddings' std, in which one linear map takes every position to the
+    one before it (what a previous-token head needs); GPT-2's random init, the default, has no
+    such map."""
+    from vlm.factory import build_lm, sinusoids
+
+    tokenizer = type("Tokenizer", (), {"eos_token_id": 0, "__len__": lambda self: 50})()
+    size = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    lm = build_lm(tokenizer, embedding_std=0.1, sinusoid_positions=True, **size)
+    wpe = lm.transformer.wpe.weight.detach()
+    assert torch.equal(wpe, sinusoids(64, 32) * 0.1)
+    assert torch.isclose(wpe.std(), torch.tensor(0.1))
+    assert torch.allclose(wpe[:, 0] / wpe[0, 1], torch.arange(64).float().sin(), atol=1e-5)
+
+    def shift_error(table: torch.Tensor) -> float:  # least-squares map from p to p - 1
+        shift = torch.linalg.lstsq(table[1:], table[:-1]).solution
+        return float((table[1:] @ shift - table[:-1]).norm() / table[:-1].norm())
+
+    assert shift_error(wpe) < 1e-3
+    plain = build_lm(tokenizer, **size).transformer.wpe.weight.detach()
+    assert shift_error(plain) > 0.3
 
 
 def test_text_answers_experiment_scores_the_lm_with_and_without_the_caption():

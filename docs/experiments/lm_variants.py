@@ -5,20 +5,32 @@ comma-separated; the rest of the command line goes to the CLI unchanged):
 
 - `desc-first`: a scene's document opens with its caption and its paraphrase (in random
   order), then its questions; in the defaults a question may come before any description;
+- `shape-first`: a third description in each scene document, in the LM's text only, that
+  names each object's shape before its colour and size ("the star is red and small, the
+  circle is blue"), so the colour of a named shape is a word after it, as the shape after a
+  named colour is in the caption;
 - `drill`: every colour, shape and size question of the scene, plus one or two others (the
   defaults: one to four questions of any kind);
 - `text-scenes`: the scene documents describe 1-5 objects without a layout (text only; images
   hold 1-3), so that guessing a scene's colour pays less;
 - `doc-mask`: packed documents do not see each other (a block-diagonal attention mask);
+- `mask-first`: the same mask for the first half of the LM's training steps only, then the
+  documents packed together as in the defaults (copying forms apart, reading across after);
 - `llama`: a Llama-architecture LM (rotary positions, RMSNorm, SwiGLU) of the same width,
   depth and heads in place of GPT-2;
-- `width=N`, `heads=N`, `layers=N`: the small LM's size.
+- `width=N`, `heads=N`, `layers=N`: the small LM's size;
+- `sin-pos`: the position embeddings start as sinusoids of the token embeddings' std
+  (`factory.build_lm(sinusoid_positions=True)`), in which "the previous position" is one
+  linear map for every position;
+- `pos-std=X`: they start at random with std X (GPT-2's init: 0.02, a fifth of the token
+  embeddings' 0.1).
 
     PYTHONPATH=. python docs/experiments/lm_variants.py --variants desc-first,doc-mask \\
         train shapeworld --stages lm --out runs/dm0 --seed 0 --lm-answer-weight 30
 
 Each run is then read by `text_answers.py` and `lookups.py`. Results: docs/shapeworld.md,
-"Which lookups the LM learns".
+"Which lookups the LM learns", "Why the lookups do not form" and "Positions that start as
+sinusoids" (with `sin-pos` the shape lookup formed in 3 trainings of 3).
 """
 
 from __future__ import annotations
@@ -54,6 +66,12 @@ def _asked(rng: random.Random, pairs, qa: list[str], drill: bool) -> list[str]:
     return asked
 
 
+def _shape_first(scene: sw.Scene) -> str:
+    """ "the star is red and small, the circle is blue and large": each object's shape before
+    its colour and size, so that the colour of a named shape is a word *after* it."""
+    return ", ".join(f"the {o.shape} is {o.color} and {o.size}" for o in scene.objects)
+
+
 def _texts(variants: set[str]):
     def texts(self, n: int, seed: int) -> list[str]:  # ShapeWorld.texts with the variants
         rng = random.Random(f"lm-{seed}")
@@ -68,6 +86,8 @@ def _texts(variants: set[str]):
             qa = [datasets.qa_text(q, a) for q, a in pairs]
             lines = [f"{datasets.CAPTION_PROMPT} {sw.describe(scene)}",
                      f"{datasets.CAPTION_PROMPT} {sw.paraphrase(scene, rng)}"]  # fmt: skip
+            if "shape-first" in variants:
+                lines.append(f"{datasets.CAPTION_PROMPT} {_shape_first(scene)}")
             if "desc-first" in variants:
                 rng.shuffle(lines)
                 lines += _asked(rng, pairs, qa, "drill" in variants)
@@ -87,17 +107,21 @@ def _document_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
     return ((document[:, :, None] == document[:, None, :]) & causal.tril())[:, None]
 
 
-def _masked_run_stage(run_stage):
-    def patched(name, module, loss_fn, *args, **kwargs):
+def _masked_run_stage(run_stage, masked_share: float = 1.0):
+    def patched(name, module, loss_fn, batches, steps, *args, **kwargs):
         if name == "lm":
             plain = loss_fn
+            calls = [0]
 
             def loss_fn(module, batch):  # train_lm's own loss, its LM reading documents apart
+                calls[0] += torch.is_grad_enabled()  # training steps, not validation
+                if calls[0] > masked_share * steps:
+                    return plain(module, batch)
                 mask = _document_mask(batch[0], module.config.eos_token_id)
                 masked = lambda **inputs: module(attention_mask=mask, **inputs)  # noqa: E731
                 return plain(masked, batch)
 
-        return run_stage(name, module, loss_fn, *args, **kwargs)
+        return run_stage(name, module, loss_fn, batches, steps, *args, **kwargs)
 
     return patched
 
@@ -117,6 +141,18 @@ def _llama(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int, 
     return lm
 
 
+def _positions(build_lm, std: float | None):
+    """build_lm with sinusoid positions (`std` None) or random ones of std `std`."""
+
+    def build(*args, **kwargs):
+        lm = build_lm(*args, sinusoid_positions=std is None, **kwargs)
+        if std is not None:
+            torch.nn.init.normal_(lm.transformer.wpe.weight, std=std)
+        return lm
+
+    return build
+
+
 def main(argv: list[str]) -> int:
     variants: set[str] = set()
     if argv[:1] == ["--variants"]:
@@ -124,12 +160,19 @@ def main(argv: list[str]) -> int:
     size = train.SIZES["small"]["lm"]
     for variant in variants:
         key, _, value = variant.partition("=")
-        if value:
+        if key in ("width", "heads", "layers"):
             size[{"width": "n_embd", "heads": "n_head", "layers": "n_layer"}[key]] = int(value)
-    if variants & {"desc-first", "drill", "text-scenes"}:
+    if variants & {"desc-first", "drill", "text-scenes", "shape-first"}:
         datasets.ShapeWorld.texts = _texts(variants)
     if "doc-mask" in variants:
         train.run_stage = _masked_run_stage(train.run_stage)
+    if "mask-first" in variants:
+        train.run_stage = _masked_run_stage(train.run_stage, masked_share=0.5)
+    if "sin-pos" in variants:
+        train.build_lm = _positions(train.build_lm, None)
+    for variant in variants:
+        if variant.startswith("pos-std="):
+            train.build_lm = _positions(train.build_lm, float(variant.partition("=")[2]))
     if "llama" in variants:
         train.build_lm = _llama
     return cli(argv)
