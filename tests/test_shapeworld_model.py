@@ -285,7 +285,7 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
 
     tokenizer = type("Tokenizer", (), {"eos_token_id": 0, "__len__": lambda self: 50})()
     size = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
-    wide = experiment._positions(build_lm, 0.3)(tokenizer, **size).transformer.wpe.weight
+    wide = experiment._positions(build_lm, 0.3)(tokenizer, **size).transformer.wpe.weight.detach()
     assert abs(float(wide.std()) - 0.3) < 0.05
     waves = experiment._positions(build_lm, None)(tokenizer, **size).transformer.wpe.weight
     assert torch.equal(
