@@ -11,6 +11,7 @@ import torch
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.evaluate import evaluate_shapeworld, one_change_captions
+from vlm.factory import build_lm, sinusoids
 from vlm.presets import SHAPEWORLD_DIR
 
 # Well under what the shipped bundle measures on 1,000 scenes per slice (docs/shapeworld.md:
@@ -82,6 +83,15 @@ def test_one_change_captions_change_exactly_one_attribute():
         for caption in captions:
             changed = [a != b for a, b in zip(caption.split(), true.split(), strict=True)]
             assert sum(changed) == 1, (caption, true)
+
+
+class _FiftyTokens:
+    """What build_lm reads of a tokenizer (its size and EOS id): LMs built without one."""
+
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 50
 
 
 def _experiment(name: str):
@@ -281,9 +291,7 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
     experiment._masked_run_stage(stage, masked_share=0.5)("lm", module, plain, None, 4)
     assert seen == [True, True, False, False, False]
     # `pos-std=X`: position embeddings at random, std X, in place of the default sinusoids
-    from vlm.factory import build_lm
-
-    tokenizer = type("Tokenizer", (), {"eos_token_id": 0, "__len__": lambda self: 50})()
+    tokenizer = _FiftyTokens()
     size = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
     wide = experiment._positions(build_lm, 0.3)(tokenizer, **size).transformer.wpe.weight.detach()
     assert abs(float(wide.std()) - 0.3) < 0.05
@@ -298,9 +306,7 @@ def test_the_lm_can_start_with_sinusoid_positions_that_one_map_shifts():
     cosines of the token embeddings' std, in which one linear map takes every position to the
     one before it (what a previous-token head needs); GPT-2's random init, the default, has no
     such map."""
-    from vlm.factory import build_lm, sinusoids
-
-    tokenizer = type("Tokenizer", (), {"eos_token_id": 0, "__len__": lambda self: 50})()
+    tokenizer = _FiftyTokens()
     size = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64)
     lm = build_lm(tokenizer, embedding_std=0.1, sinusoid_positions=True, **size)
     wpe = lm.transformer.wpe.weight.detach()
