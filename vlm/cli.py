@@ -196,6 +196,9 @@ TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from
     "prefix_epochs": "prefix stage: epochs over the (image, text) pairs; replaces --prefix-steps",
     "prefix_context": "prefix stage: share of batches with two (image, text) items a row, the "
     "second read after the first as in a k-shot list (default: the dataset's; files: 0)",
+    "prefix_text_teacher": "prefix stage: weight of the text teacher, the frozen LM reading the "
+    "image's caption as text, whose next-token distributions over each question it answers "
+    "after the prefix are matched (KL) (0: off)",
     "val_fraction": "file data: fraction of the images held out for validation when there is "
     "no --val-data (Karpathy data: its val split; 0: none)",
     "val_every": "steps between validation losses in log.jsonl (0: none)",
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         ("clip_caption_weight", float),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int), ("lm_answer_weight", float),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
-        ("prefix_epochs", float), ("prefix_context", float),
+        ("prefix_epochs", float), ("prefix_context", float), ("prefix_text_teacher", float),
         ("val_fraction", float), ("val_every", int),
         ("early_stopping", int), ("max_new_tokens", int),
     ]:  # fmt: skip

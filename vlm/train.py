@@ -92,6 +92,9 @@ class TrainConfig:
     # Of the prefix stage's batches: rows of two (image, text) items, the LM reading the second
     # prefix after the first item, as in a k-shot list (None: the dataset's choice, else 0)
     prefix_context: float | None = None
+    # Weight of the text teacher: on question items, the frozen LM's next-token distributions
+    # after the prefix are pulled towards its own after the image's caption as text (0: off)
+    prefix_text_teacher: float = 0.0
     checkpoint_every: int = 250
     resume: bool = False
     bundle: Path | None = None  # where the final pipeline goes (default: <out>/pipeline)
@@ -395,6 +398,22 @@ def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Te
     return lm(inputs_embeds=inputs, labels=targets, use_cache=False).loss
 
 
+def text_teacher_loss(lm, student: torch.Tensor, teacher: tuple[torch.Tensor, ...]):
+    """KL(teacher || student), per taught token, of the LM's next-token distributions over
+    each row's text: `student` are the logits it gave after the visual prefix ([B, n, V]), the
+    teacher the same frozen LM reading the image's caption line before the same text.
+    `teacher`: (token ids [B, m], where each row's text starts in them [B], mask [B, n])."""
+    tokens, starts, mask = teacher
+    with torch.no_grad():
+        logits = lm(input_ids=tokens, use_cache=False).logits
+        steps = torch.arange(student.shape[1], device=tokens.device)
+        where = (starts[:, None] - 1 + steps).clamp(max=tokens.shape[1] - 1)
+        target = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1]))
+    kl = F.kl_div(student.float().log_softmax(-1), target.float().log_softmax(-1),
+                  log_target=True, reduction="none").sum(-1)  # fmt: skip
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
     """(texts of each item, lookup(indices) -> features) for the prefix stage: rendered
     datasets are encoded in memory; file datasets stream through a `FeatureCache`, their bad
@@ -469,11 +488,35 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         return features, *pipeline.prompt_states(prompts)
 
     def items(indices: list[int], rng, context: bool = False):
-        """(mapper inputs, tokens, labels) of items; a context item's text ends its line."""
+        """(mapper inputs, tokens, labels) of items; a context item's text ends its line.
+        With the text teacher (not for context items), also the teacher's input."""
         pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in indices]
         prompts, targets = [p for p, _ in pairs], [t + "\n" * context for _, t in pairs]
         tokens = texts_tensor(tokenizer, targets, accelerator.device, prompts, eos=not context)
-        return mapper_inputs(lookup(indices), prompts), *tokens
+        item = (mapper_inputs(lookup(indices), prompts), *tokens)
+        if config.prefix_text_teacher and not context:
+            item += (teacher_rows(indices, prompts, *tokens),)
+        return item
+
+    def teacher_rows(indices: list[int], prompts: list[str], tokens, labels):
+        """The text teacher's input for each item: the image's caption line as text, then the
+        item's own tokens. Only questions are taught: a caption has no caption to read first."""
+        caption_prompt = pipeline.config.caption_prompt
+        rows, starts = [], []
+        mask = torch.zeros(tokens.shape, device=tokens.device)
+        for row, (i, prompt) in enumerate(zip(indices, prompts, strict=True)):
+            length = int((labels[row] != -100).nonzero().max()) + 1
+            captions = [t for t in texts[i] if caption_prompt and t.startswith(caption_prompt)]
+            first = []
+            if captions and prompt != caption_prompt:
+                first = tokenizer(captions[0] + "\n", add_special_tokens=False)["input_ids"]
+            if len(first) + length > pipeline.max_positions:
+                first = []  # the two would not fit in the LM's positions: not taught
+            mask[row, :length] = bool(first)
+            rows.append(torch.tensor(first + tokens[row, :length].tolist()))
+            starts.append(max(len(first), 1))  # a row without a teacher is masked out
+        ids = pad_sequence(rows, batch_first=True, padding_value=tokenizer.eos_token_id)
+        return ids.to(tokens.device), torch.tensor(starts, device=tokens.device), mask
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
@@ -492,11 +535,16 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         return (module["lm"], module["mapper"]) if config.finetune_lm else (pipeline.lm, module)
 
     def loss_fn(module, batch):
-        (inputs, tokens, labels), context = batch
+        (inputs, tokens, labels, *teacher), context = batch
         lm, mapper = parts(module)
         if context is not None:
             context = (mapper(*context[0]), *context[1:])
-        return prefix_loss(lm, mapper(*inputs), tokens, labels, context)
+        if not teacher or context is not None:
+            return prefix_loss(lm, mapper(*inputs), tokens, labels, context)
+        embeds, targets = _prefixed(lm, mapper(*inputs), tokens, labels)
+        out = lm(inputs_embeds=embeds, labels=targets, use_cache=False)
+        student = out.logits[:, prefix_length - 1 : prefix_length - 1 + tokens.shape[1]]
+        return out.loss + config.prefix_text_teacher * text_teacher_loss(lm, student, *teacher)
 
     def check():  # the method's promise: nothing but the mapper learns (the LM too: ablation)
         assert all(p.grad is None for p in frozen), "a gradient reached a frozen part"
