@@ -238,9 +238,10 @@ def test_lookups_experiment_tells_a_lookup_from_a_guess_by_position():
 def test_lm_variants_experiment_starts_from_the_bundles_recipe():
     """docs/experiments/lm_variants.py: with no text variant it writes the LM's documents of the
     code's defaults, byte for byte; `desc-first` opens every scene document with its two
-    descriptions; `drill` asks every colour, shape and size question; the document mask lets a
-    packed document read only itself, and `mask-first` for half the steps; `sin-pos` and
-    `pos-std` start the position embeddings as sinusoids or at a given std."""
+    descriptions (`noun-first` three, one naming each shape before its colour); `drill` asks
+    every colour, shape and size question; the document mask lets a packed document read only
+    itself, and `mask-first` for half the steps; `sin-pos` and `pos-std` start the position
+    embeddings as sinusoids or at a given std."""
     from vlm.datasets import ShapeWorld
 
     experiment = _experiment("lm_variants")
@@ -258,6 +259,16 @@ def test_lm_variants_experiment_starts_from_the_bundles_recipe():
     )
     extra = experiment._texts({"desc-first", "shape-first"})(data, 300, 4)
     assert sum("the star is" in d or "the circle is" in d for d in extra) > 50
+    # `noun-first`: each shape right before its colour, in the caption's order
+    assert experiment._noun_first(scene) == "a star red and small left of a circle blue and large"
+    noun_first = 0
+    for document in experiment._texts({"desc-first", "noun-first"})(data, 300, 4):
+        lines = [line.split() for line in document.split("\n")]
+        found = [i for i, w in enumerate(lines) if w[2:3] and w[2] in sw.SHAPES and w[3:4]
+                 and w[3] in sw.COLORS]  # fmt: skip
+        assert found in ([], [0], [1], [2]), document  # once, among the descriptions first
+        noun_first += bool(found)
+    assert noun_first > 150  # every scene document (7 in 10 are)
     plain = [d.split("\n") for d in data.texts(300, 4)]  # the defaults: questions anywhere
     assert sum(lines[0].startswith("Question:") for lines in plain) > 30
     drilled = experiment._texts({"drill"})(data, 300, 4)

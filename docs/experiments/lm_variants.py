@@ -9,6 +9,10 @@ comma-separated; the rest of the command line goes to the CLI unchanged):
   names each object's shape before its colour and size ("the star is red and small, the
   circle is blue"), so the colour of a named shape is a word after it, as the shape after a
   named colour is in the caption;
+- `noun-first`: a third description in each scene document, in the LM's text only, in the
+  order of a Romance language ("a star red and small left of a cross blue and large"): the
+  word right after a shape is its colour, so predicting it is the colour lookup itself
+  (find the same shape in the caption, read the word before it), on every such line;
 - `drill`: every colour, shape and size question of the scene, plus one or two others (the
   defaults: one to four questions of any kind);
 - `text-scenes`: the scene documents describe 1-5 objects without a layout (text only; images
@@ -72,6 +76,12 @@ def _shape_first(scene: sw.Scene) -> str:
     return ", ".join(f"the {o.shape} is {o.color} and {o.size}" for o in scene.objects)
 
 
+def _noun_first(scene: sw.Scene) -> str:
+    """ "a star red and small left of a cross blue and large": the caption's objects, each
+    shape right before its colour and size."""
+    return " left of ".join(f"a {o.shape} {o.color} and {o.size}" for o in scene.objects)
+
+
 def _texts(variants: set[str]):
     def texts(self, n: int, seed: int) -> list[str]:  # ShapeWorld.texts with the variants
         rng = random.Random(f"lm-{seed}")
@@ -88,6 +98,8 @@ def _texts(variants: set[str]):
                      f"{datasets.CAPTION_PROMPT} {sw.paraphrase(scene, rng)}"]  # fmt: skip
             if "shape-first" in variants:
                 lines.append(f"{datasets.CAPTION_PROMPT} {_shape_first(scene)}")
+            if "noun-first" in variants:
+                lines.append(f"{datasets.CAPTION_PROMPT} {_noun_first(scene)}")
             if "desc-first" in variants:
                 rng.shuffle(lines)
                 lines += _asked(rng, pairs, qa, "drill" in variants)
@@ -162,7 +174,7 @@ def main(argv: list[str]) -> int:
         key, _, value = variant.partition("=")
         if key in ("width", "heads", "layers"):
             size[{"width": "n_embd", "heads": "n_head", "layers": "n_layer"}[key]] = int(value)
-    if variants & {"desc-first", "drill", "text-scenes", "shape-first"}:
+    if variants & {"desc-first", "drill", "text-scenes", "shape-first", "noun-first"}:
         datasets.ShapeWorld.texts = _texts(variants)
     if "doc-mask" in variants:
         train.run_stage = _masked_run_stage(train.run_stage)
