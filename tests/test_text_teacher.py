@@ -4,7 +4,9 @@ image's prefix (KL between the two next-token distributions)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from test_prefix_context import tiny_lm
 from torch.nn.utils.rnn import pad_sequence
 
@@ -12,38 +14,50 @@ import vlm.train
 from vlm.train import TrainConfig, text_teacher_loss, train
 
 
+def teacher_of(captions: list[list[int]], texts: list[list[int]]):
+    """(token ids, starts, mask) of caption + text rows, right-padded."""
+    rows = [torch.tensor(c + t) for c, t in zip(captions, texts, strict=True)]
+    n = max(map(len, texts))
+    mask = (torch.arange(n)[None] < torch.tensor([[len(t)] for t in texts])).float()
+    return pad_sequence(rows, batch_first=True), torch.tensor(list(map(len, captions))), mask
+
+
 def test_a_prefix_that_reads_as_the_caption_has_no_teacher_loss():
-    """Rows of two lengths: the teacher's logits are found after each row's own caption, and
-    the padding of a shorter row is not taught."""
     lm = tiny_lm()
     table = lm.get_input_embeddings()
-    captions = [[5, 6, 7], [8, 9, 10]]  # the student's prefix is as long as each caption
-    texts = [[11, 12, 13, 14], [15, 16]]
-    teacher_ids = pad_sequence([torch.tensor(c + t) for c, t in zip(captions, texts, strict=True)],
-                               batch_first=True)  # fmt: skip
+    captions, texts = [[5, 6, 7], [8, 9, 10]], [[11, 12, 13, 14], [15, 16]]
+    teacher = teacher_of(captions, texts)
     tokens = pad_sequence([torch.tensor(t) for t in texts], batch_first=True, padding_value=39)
-    mask = (torch.arange(4)[None] < torch.tensor([[4], [2]])).float()
-    teacher = (teacher_ids, torch.tensor([3, 3]), mask)
-    with torch.no_grad():
-        as_caption = table(torch.tensor(captions))
-        inputs = torch.cat([as_caption, table(tokens)], 1)
-        student = lm(inputs_embeds=inputs).logits[:, 2:6]
-        assert text_teacher_loss(lm, student, teacher) < 1e-5
+    with torch.no_grad():  # the prefix is each row's caption, so the two read the same
+        logits = lm(inputs_embeds=table(torch.cat([torch.tensor(captions), tokens], 1))).logits
+        assert text_teacher_loss(lm, logits, 3, teacher) < 1e-5
         noise = torch.cat([torch.randn(2, 3, 16), table(tokens)], 1)
-        assert text_teacher_loss(lm, lm(inputs_embeds=noise).logits[:, 2:6], teacher) > 1e-3
-        # a row whose caption is longer than the prefix is read at its own offset
-        longer = torch.tensor([[4, 5, 6, 7, *texts[0]]])
-        shifted = (longer, torch.tensor([4]), mask[:1])
-        student = lm(inputs_embeds=table(longer)).logits[:, 3:7]
-        assert text_teacher_loss(lm, student, shifted) < 1e-5
+        assert text_teacher_loss(lm, lm(inputs_embeds=noise).logits, 3, teacher) > 1e-3
+
+
+def test_each_row_is_read_after_its_own_caption_and_padding_is_not_taught():
+    """Captions of two lengths in one batch, against the loss worked out row by row."""
+    lm = tiny_lm()
+    captions, texts = [[5, 6], [4, 8, 9, 10, 3]], [[11, 12, 13, 14], [15, 16]]
+    teacher = teacher_of(captions, texts)
+    student = torch.randn(2, 3 + 4, 40)  # a 3-vector prefix, then 4 text positions
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for row, (caption, text) in enumerate(zip(captions, texts, strict=True)):
+            read = lm(input_ids=torch.tensor([caption + text])).logits[0]
+            target = read[len(caption) - 1 : len(caption) - 1 + len(text)].log_softmax(-1)
+            mine = student[row, 2 : 2 + len(text)].log_softmax(-1)
+            expected += F.kl_div(mine, target, log_target=True, reduction="sum")
+            count += len(text)
+        torch.testing.assert_close(text_teacher_loss(lm, student, 3, teacher), expected / count)
 
 
 def test_shapeworld_prefix_stage_teaches_questions_from_the_caption(tmp_path, monkeypatch):
     seen = []
 
-    def recording(lm, student, teacher):
-        seen.append((lm, teacher))
-        return text_teacher_loss(lm, student, teacher)
+    def recording(lm, logits, prefix_length, teacher):
+        seen.append(teacher)
+        return text_teacher_loss(lm, logits, prefix_length, teacher)
 
     monkeypatch.setattr(vlm.train, "text_teacher_loss", recording)
     config = TrainConfig(
@@ -56,7 +70,7 @@ def test_shapeworld_prefix_stage_teaches_questions_from_the_caption(tmp_path, mo
     assert len(seen) == 6
     tokenizer = pipeline.tokenizer
     taught = 0
-    for _, (ids, starts, mask) in seen:
+    for ids, starts, mask in seen:
         for row, start, row_mask in zip(ids.tolist(), starts.tolist(), mask, strict=True):
             text = tokenizer.decode(row[start : start + int(row_mask.sum())])
             if row_mask.any():  # a question, read after the image's caption line
@@ -67,3 +81,6 @@ def test_shapeworld_prefix_stage_teaches_questions_from_the_caption(tmp_path, mo
             else:  # a caption item: nothing to read before it
                 assert start == 1
     assert 0 < taught < 6 * 8
+    # the teacher is the frozen LM reading captions: with --finetune-lm it is refused
+    with pytest.raises(ValueError, match="frozen LM"):
+        train(TrainConfig(**{**config.__dict__, "stages": ("prefix",), "finetune_lm": True}))

@@ -398,17 +398,21 @@ def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Te
     return lm(inputs_embeds=inputs, labels=targets, use_cache=False).loss
 
 
-def text_teacher_loss(lm, student: torch.Tensor, teacher: tuple[torch.Tensor, ...]):
+def text_teacher_loss(
+    lm, logits: torch.Tensor, prefix_length: int, teacher: tuple[torch.Tensor, ...]
+):
     """KL(teacher || student), per taught token, of the LM's next-token distributions over
-    each row's text: `student` are the logits it gave after the visual prefix ([B, n, V]), the
-    teacher the same frozen LM reading the image's caption line before the same text.
+    each row's text: the student is the LM after the visual prefix (`logits` of the prefix and
+    the text, [B, prefix_length + n, V]), the teacher the same frozen LM reading the image's
+    caption line before the same text.
     `teacher`: (token ids [B, m], where each row's text starts in them [B], mask [B, n])."""
     tokens, starts, mask = teacher
+    student = logits[:, prefix_length - 1 : prefix_length - 1 + mask.shape[1]]
     with torch.no_grad():
-        logits = lm(input_ids=tokens, use_cache=False).logits
-        steps = torch.arange(student.shape[1], device=tokens.device)
+        read = lm(input_ids=tokens, use_cache=False).logits
+        steps = torch.arange(mask.shape[1], device=tokens.device)
         where = (starts[:, None] - 1 + steps).clamp(max=tokens.shape[1] - 1)
-        target = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1]))
+        target = read.gather(1, where[..., None].expand(-1, -1, read.shape[-1]))
     kl = F.kl_div(student.float().log_softmax(-1), target.float().log_softmax(-1),
                   log_target=True, reduction="none").sum(-1)  # fmt: skip
     return (kl * mask).sum() / mask.sum().clamp(min=1)
@@ -478,6 +482,11 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     if context_share is None:
         context_share = getattr(dataset, "prefix_context", 0.0)
     prefix_length = pipeline.mapper.prefix_length
+    if config.prefix_text_teacher and (config.finetune_lm or not pipeline.config.caption_prompt):
+        raise ValueError(
+            "--prefix-text-teacher needs a frozen LM (not --finetune-lm) and captions marked by "
+            "a caption prompt, as ShapeWorld's are ('Caption: ...'), to read before a question"
+        )
 
     def mapper_inputs(features: torch.Tensor, prompts: list[str]) -> tuple:
         """What the mapper reads: the features, and the task prompts' LM states if it reads
@@ -487,14 +496,14 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             return (features,)
         return features, *pipeline.prompt_states(prompts)
 
-    def items(indices: list[int], rng, context: bool = False):
+    def items(indices: list[int], rng, context: bool = False, taught: bool = True):
         """(mapper inputs, tokens, labels) of items; a context item's text ends its line.
-        With the text teacher (not for context items), also the teacher's input."""
+        With the text teacher (`taught`, rows of one only), also the teacher's input."""
         pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in indices]
         prompts, targets = [p for p, _ in pairs], [t + "\n" * context for _, t in pairs]
         tokens = texts_tensor(tokenizer, targets, accelerator.device, prompts, eos=not context)
         item = (mapper_inputs(lookup(indices), prompts), *tokens)
-        if config.prefix_text_teacher and not context:
+        if config.prefix_text_teacher and taught and not context:
             item += (teacher_rows(indices, prompts, *tokens),)
         return item
 
@@ -503,20 +512,23 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         item's own tokens. Only questions are taught: a caption has no caption to read first."""
         caption_prompt = pipeline.config.caption_prompt
         rows, starts = [], []
-        mask = torch.zeros(tokens.shape, device=tokens.device)
-        for row, (i, prompt) in enumerate(zip(indices, prompts, strict=True)):
-            length = int((labels[row] != -100).nonzero().max()) + 1
-            captions = [t for t in texts[i] if caption_prompt and t.startswith(caption_prompt)]
+        mask = torch.zeros(tokens.shape)
+        on_cpu = tokens.cpu()  # one copy from the device, not one per row
+        lengths = torch.where(labels.cpu() != -100, torch.arange(1, labels.shape[1] + 1), 0)
+        for row, (i, prompt, length) in enumerate(zip(indices, prompts, lengths.amax(1).tolist(),
+                                                      strict=True)):  # fmt: skip
+            captions = [t for t in texts[i] if t.startswith(caption_prompt)]
             first = []
-            if captions and prompt != caption_prompt:
+            if captions and prompt and prompt != caption_prompt:  # a question
                 first = tokenizer(captions[0] + "\n", add_special_tokens=False)["input_ids"]
             if len(first) + length > pipeline.max_positions:
                 first = []  # the two would not fit in the LM's positions: not taught
             mask[row, :length] = bool(first)
-            rows.append(torch.tensor(first + tokens[row, :length].tolist()))
+            rows.append(torch.tensor(first + on_cpu[row, :length].tolist()))
             starts.append(max(len(first), 1))  # a row without a teacher is masked out
         ids = pad_sequence(rows, batch_first=True, padding_value=tokenizer.eos_token_id)
-        return ids.to(tokens.device), torch.tensor(starts, device=tokens.device), mask
+        device = tokens.device
+        return ids.to(device), torch.tensor(starts, device=device), mask.to(device)
 
     def batches(start: int):
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
@@ -524,7 +536,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         for batch in _epochs(len(texts), batch_size, seed, accelerator):
             half = len(batch) // 2 if rng.random() < context_share else 0
             if half:  # rows of two items: the first half is read before the second
-                main, context = items(batch[half : 2 * half], rng), items(batch[:half], rng, True)
+                main = items(batch[half : 2 * half], rng, taught=False)
+                context = items(batch[:half], rng, context=True)
                 length = 2 * prefix_length + main[1].shape[1] + context[1].shape[1]
                 if length <= pipeline.max_positions:
                     yield main, context
@@ -543,8 +556,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             return prefix_loss(lm, mapper(*inputs), tokens, labels, context)
         embeds, targets = _prefixed(lm, mapper(*inputs), tokens, labels)
         out = lm(inputs_embeds=embeds, labels=targets, use_cache=False)
-        student = out.logits[:, prefix_length - 1 : prefix_length - 1 + tokens.shape[1]]
-        return out.loss + config.prefix_text_teacher * text_teacher_loss(lm, student, *teacher)
+        taught = text_teacher_loss(lm, out.logits, prefix_length, *teacher)
+        return out.loss + config.prefix_text_teacher * taught
 
     def check():  # the method's promise: nothing but the mapper learns (the LM too: ablation)
         assert all(p.grad is None for p in frozen), "a gradient reached a frozen part"
