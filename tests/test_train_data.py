@@ -473,3 +473,15 @@ def test_all_three_stages_train_from_scratch_on_files(coco, tmp_path):
     for trained_part, bundled in ((clip, pipeline.encoder.model), (lm, pipeline.lm)):
         for key, value in trained_part.items():
             assert torch.equal(bundled.state_dict()[key], value.half().float()), key
+
+
+def test_the_text_teacher_is_refused_on_files_before_any_work(coco, saved_pipeline, tmp_path,
+                                                              capsys):  # fmt: skip
+    """--prefix-text-teacher reads a caption marked by a caption prompt before each question;
+    file data has none, so the command ends in one line before any image is encoded."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        cli(train_args(coco, out, saved_pipeline, "--prefix-text-teacher", "1"))
+    assert exit.value.code == 2
+    assert "caption prompt" in capsys.readouterr().err
+    assert not (out / "features").exists() and not (out / "log.jsonl").exists()

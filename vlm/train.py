@@ -482,11 +482,6 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     if context_share is None:
         context_share = getattr(dataset, "prefix_context", 0.0)
     prefix_length = pipeline.mapper.prefix_length
-    if config.prefix_text_teacher and (config.finetune_lm or not pipeline.config.caption_prompt):
-        raise ValueError(
-            "--prefix-text-teacher needs a frozen LM (not --finetune-lm) and captions marked by "
-            "a caption prompt, as ShapeWorld's are ('Caption: ...'), to read before a question"
-        )
 
     def mapper_inputs(features: torch.Tensor, prompts: list[str]) -> tuple:
         """What the mapper reads: the features, and the task prompts' LM states if it reads
@@ -704,6 +699,12 @@ def train(config: TrainConfig):
     if config.data and config.feature_cache is None and not config.features_in_memory:
         config = dataclasses.replace(config, feature_cache=config.out / "features")
     dataset = _dataset(config)
+    caption_prompt = dataset.pipeline_config().get("caption_prompt")
+    if config.prefix_text_teacher and (config.finetune_lm or not caption_prompt):
+        raise ValueError(  # before any stage runs
+            "--prefix-text-teacher needs a frozen LM (not --finetune-lm) and captions marked by "
+            "a caption prompt, as ShapeWorld's are ('Caption: ...'), to read before a question"
+        )
     encoder_dir, lm_dir = config.out / "encoder", config.out / "lm"
     stages = [s for s in config.stages if not (s == "clip" and config.encoder)]
     stages = [s for s in stages if not (s == "lm" and config.lm)]
