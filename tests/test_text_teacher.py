@@ -84,3 +84,16 @@ def test_shapeworld_prefix_stage_teaches_questions_from_the_caption(tmp_path, mo
     # the teacher is the frozen LM reading captions: with --finetune-lm it is refused
     with pytest.raises(ValueError, match="frozen LM"):
         train(TrainConfig(**{**config.__dict__, "stages": ("prefix",), "finetune_lm": True}))
+
+
+def test_rows_without_a_teacher_change_nothing():
+    """A caption row (mask all zero) neither adds to the loss nor is read by the teacher."""
+    lm = tiny_lm()
+    ids, starts, mask = teacher_of([[5, 6], [4, 8, 9]], [[11, 12, 13], [15, 16, 17]])
+    student = torch.randn(2, 3 + 3, 40)
+    with torch.no_grad():
+        alone = text_teacher_loss(lm, student[:1], 3, (ids[:1, :5], starts[:1], mask[:1]))
+        mask[1] = 0
+        torch.testing.assert_close(text_teacher_loss(lm, student, 3, (ids, starts, mask)), alone)
+        mask[0] = 0
+        assert text_teacher_loss(lm, student, 3, (ids, starts, mask)) == 0

@@ -377,6 +377,13 @@ def _prefixed(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tens
     return inputs, torch.cat([ignore, labels], dim=1)
 
 
+def scored_ends(labels: torch.Tensor) -> list[int]:
+    """Where each row's scored text ends (one past its last label that is not -100; 0 if none):
+    what comes after is padding."""
+    positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
+    return torch.where(labels != -100, positions, 0).amax(1).tolist()
+
+
 def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                 context: tuple[torch.Tensor, ...] | None = None):  # fmt: skip
     """The LM's next-token loss on the text after the visual prefix (none on the prefix).
@@ -387,9 +394,8 @@ def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Te
     inputs, targets = _prefixed(lm, prefix, tokens, labels)
     if context is not None:
         before, before_targets = _prefixed(lm, *context)
-        positions = torch.arange(before_targets.shape[1], device=before_targets.device)
-        ends = torch.where(before_targets != -100, positions, -1).max(1).values + 1
-        cut = [(before[i, :end], before_targets[i, :end]) for i, end in enumerate(ends.tolist())]
+        ends = scored_ends(before_targets)
+        cut = [(before[i, :end], before_targets[i, :end]) for i, end in enumerate(ends)]
         rows = zip(cut, inputs, targets, strict=True)
         inputs, targets = zip(*[(torch.cat([b, x]), torch.cat([t, y])) for (b, t), x, y in rows],
                               strict=True)  # fmt: skip
@@ -407,7 +413,11 @@ def text_teacher_loss(
     caption line before the same text.
     `teacher`: (token ids [B, m], where each row's text starts in them [B], mask [B, n])."""
     tokens, starts, mask = teacher
-    student = logits[:, prefix_length - 1 : prefix_length - 1 + mask.shape[1]]
+    taught = mask.any(1)  # the teacher reads only the rows it teaches (not captions)
+    if not taught.any():
+        return logits.new_zeros(())
+    tokens, starts, mask = tokens[taught], starts[taught], mask[taught]
+    student = logits[taught, prefix_length - 1 : prefix_length - 1 + mask.shape[1]]
     with torch.no_grad():
         read = lm(input_ids=tokens, use_cache=False).logits
         steps = torch.arange(mask.shape[1], device=tokens.device)
@@ -509,9 +519,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         rows, starts = [], []
         mask = torch.zeros(tokens.shape)
         on_cpu = tokens.cpu()  # one copy from the device, not one per row
-        lengths = torch.where(labels.cpu() != -100, torch.arange(1, labels.shape[1] + 1), 0)
-        for row, (i, prompt, length) in enumerate(zip(indices, prompts, lengths.amax(1).tolist(),
-                                                      strict=True)):  # fmt: skip
+        lengths = scored_ends(labels.cpu())
+        for row, (i, prompt, length) in enumerate(zip(indices, prompts, lengths, strict=True)):
             captions = [t for t in texts[i] if t.startswith(caption_prompt)]
             first = []
             if captions and prompt and prompt != caption_prompt:  # a question
@@ -699,8 +708,9 @@ def train(config: TrainConfig):
     if config.data and config.feature_cache is None and not config.features_in_memory:
         config = dataclasses.replace(config, feature_cache=config.out / "features")
     dataset = _dataset(config)
-    caption_prompt = dataset.pipeline_config().get("caption_prompt")
-    if config.prefix_text_teacher and (config.finetune_lm or not caption_prompt):
+    if config.prefix_text_teacher and (
+        config.finetune_lm or not dataset.pipeline_config().get("caption_prompt")
+    ):
         raise ValueError(  # before any stage runs
             "--prefix-text-teacher needs a frozen LM (not --finetune-lm) and captions marked by "
             "a caption prompt, as ShapeWorld's are ('Caption: ...'), to read before a question"
