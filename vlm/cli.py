@@ -190,6 +190,9 @@ TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from
     "lm_lr": "lm stage: peak learning rate",
     "lm_examples": "lm stage: text documents (shapeworld)",
     "lm_answer_weight": "lm stage: loss weight of answer tokens against the rest",
+    "lm_candidates": "lm stage: LMs trained from their own initialisations; the one with the "
+    "lowest loss on held-out text after --lm-select-steps goes on (1: no selection)",
+    "lm_select_steps": "lm stage: steps each candidate trains before the choice",
     "prefix_steps": "prefix stage: steps",
     "prefix_lr": "prefix stage: peak learning rate",
     "prefix_examples": "prefix stage: rendered scenes (shapeworld)",
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
         ("clip_caption_weight", float),
         ("lm_steps", int), ("lm_lr", float), ("lm_examples", int), ("lm_answer_weight", float),
+        ("lm_candidates", int), ("lm_select_steps", int),
         ("prefix_steps", int), ("prefix_lr", float), ("prefix_examples", int),
         ("prefix_epochs", float), ("prefix_context", float), ("prefix_text_teacher", float),
         ("val_fraction", float), ("val_every", int),

@@ -181,6 +181,11 @@ class ShapeWorld:
             documents.append("\n".join(lines))
         return documents
 
+    def val_texts(self) -> list[str]:
+        """Held-out documents for the LM stage's validation loss (and its choice among
+        candidates): drawn as `texts` draws, from seed -1, which runs do not train on."""
+        return self.texts(1000, seed=-1)
+
     def answer_cues(self) -> list[str]:
         """What comes before a k-shot list's values ("Colour:", "Tag ->"): the LM weighs the
         value after them as an answer (only the context predicts it)."""

@@ -84,6 +84,10 @@ class TrainConfig:
     lm_examples: int = 70_000  # 30% are k-shot lists (ShapeWorld.few_shot_share)
     lm_batch_size: int = 32  # blocks of the LM's n_positions tokens (small: 128)
     lm_answer_weight: float = 10.0  # loss weight of answer tokens (after "Answer:") vs the rest
+    # LM trainings started from their own initialisations on the same text; the one with the
+    # lowest loss on held-out text after lm_select_steps goes on to lm_steps (1: no selection)
+    lm_candidates: int = 1
+    lm_select_steps: int = 2000
     prefix_steps: int = 6000
     prefix_batch_size: int = 64  # smaller batches, more steps: lower loss for the same samples
     prefix_lr: float = 1e-3
@@ -147,14 +151,21 @@ def run_stage(
     check: Callable[[], None] | None = None,
     batch_size: int = 0,
     validate: Callable[[torch.nn.Module], float] | None = None,
+    until: int | None = None,
+    resume: bool | None = None,
 ) -> torch.nn.Module:
     """Train `module` for `steps` steps of `loss_fn` on `batches(start_step)`, with AdamW, a
     cosine schedule, checkpoints and resume. `check` runs after each backward pass;
     `batch_size` (all processes together) is for the log's samples and samples/s.
     `validate(module)` gives the held-out loss, logged every `config.val_every` steps; with
     `config.early_stopping` the stage stops when it has not improved that many times in a row
-    and keeps the weights of its best validation."""
+    and keeps the weights of its best validation. `until`: stop after that many of the `steps`
+    (a checkpoint there, the schedule still the whole stage's); `resume` overrides
+    `config.resume`."""
     checkpoint = config.out / "checkpoints" / name
+    accelerator.free_memory()  # a checkpoint holds this stage's module alone, not earlier ones
+    end = steps if until is None else min(until, steps)
+    resume = config.resume if resume is None else resume
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -167,7 +178,7 @@ def run_stage(
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     start = 0
     log = config.out / "log.jsonl"
-    if config.resume and (checkpoint / "step.json").is_file():
+    if resume and (checkpoint / "step.json").is_file():
         accelerator.load_state(str(checkpoint))
         start = json.loads((checkpoint / "step.json").read_text())["step"]
         accelerator.print(f"[{name}] resuming at step {start}")
@@ -175,7 +186,7 @@ def run_stage(
             _forget_steps(log, name, start)  # the killed run logged them after its checkpoint
     module.train()
     stream = batches(start)
-    bar = tqdm(range(start, steps), desc=name, disable=not accelerator.is_main_process,
+    bar = tqdm(range(start, end), desc=name, disable=not accelerator.is_main_process,
                mininterval=2, initial=start, total=steps)  # fmt: skip
     tic = time.time()
     best, best_state, worse, value = math.inf, None, 0, math.nan
@@ -221,7 +232,7 @@ def run_stage(
             else:
                 worse += 1
                 stop = bool(config.early_stopping) and worse >= config.early_stopping
-        if stop or (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+        if stop or (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, end):
             accelerator.save_state(str(checkpoint))
             if accelerator.is_main_process:
                 (checkpoint / "step.json").write_text(json.dumps({"step": step + 1}))
@@ -364,9 +375,38 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
                 accelerator.device))).item() for i in chunks]  # fmt: skip
             return float(sum(losses) / len(losses))
 
-    lm = run_stage("lm", lm, loss_fn, batches, config.lm_steps, config.lm_lr, config, accelerator,
-                   batch_size=config.lm_batch_size, validate=validate)  # fmt: skip
-    return lm, tokenizer
+    def stage(name: str, module, **kwargs):
+        return run_stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr, config,
+                         accelerator, batch_size=config.lm_batch_size, validate=validate,
+                         **kwargs)  # fmt: skip
+
+    if config.lm_candidates <= 1:
+        return stage("lm", lm), tokenizer
+    if validate is None:
+        raise ValueError("--lm-candidates needs held-out text to choose by (the dataset's "
+                         "val_texts)")  # fmt: skip
+
+    def candidate(k: int):  # the first is the LM a run without selection starts from
+        torch.manual_seed(config.seed * 1000 + k)
+        return build_lm(tokenizer, **SIZES[config.size]["lm"])
+
+    losses = []
+    for k in range(config.lm_candidates):
+        module = stage(f"lm-{k}", lm if k == 0 else candidate(k), until=config.lm_select_steps)
+        losses.append(validate(module))
+    best = min(range(len(losses)), key=losses.__getitem__)
+    accelerator.print(
+        f"[lm] held-out text loss of each candidate after "
+        f"{config.lm_select_steps} steps: "
+        + ", ".join(f"{v:.4f}" for v in losses)
+        + f"; going on with {best}"
+    )
+    if accelerator.is_main_process:
+        with (config.out / "log.jsonl").open("a") as handle:
+            handle.write(
+                json.dumps(dict(stage="lm-selection", candidates=losses, chosen=best)) + "\n"
+            )
+    return stage(f"lm-{best}", candidate(best), resume=True), tokenizer
 
 
 def _prefixed(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
