@@ -37,14 +37,21 @@ def prefix_pool(data):
 
 
 @pytest.fixture(scope="module")
+def grey_prefix_pool():
+    return ShapeWorld(prefix_colourless_share=0.5).prefix_data(600, seed=0)
+
+
+@pytest.fixture(scope="module")
 def clip_pool(data):
     return data.clip_data(600, seed=0)
 
 
-def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(clip_pool, prefix_pool):
+def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(
+    clip_pool, prefix_pool, grey_prefix_pool
+):
     # each item's first text is the canonical caption of the rendered scene (its every object);
     # a colourless view's names no colour, and its image holds nothing but greys
-    for pool in (clip_pool, prefix_pool):
+    for pool in (clip_pool, prefix_pool, grey_prefix_pool):
         captions = [texts[0].removeprefix(CAPTION_PROMPT).strip() for texts in pool.texts]
         assert len(captions) == len(pool) >= 600
         coloured = [i for i, c in enumerate(captions) if names_in(c)]
@@ -100,6 +107,23 @@ def test_prefix_stage_asks_only_seen_forms_and_never_names_a_held_out_combinatio
     used = {form for q in asked for form in _forms_of(q)}
     seen = {f for forms in sw.QUESTION_FORMS.values() for f in forms} - sw.HELD_OUT_FORMS
     assert used == seen
+
+
+def test_prefix_stage_colourless_views_are_captioned_only_and_leave_the_rest_as_it_was(
+    prefix_pool, grey_prefix_pool
+):
+    # the option draws after everything else: the coloured items are the default's, byte for
+    # byte; the colourless ones (about the share) have one text, their colourless caption
+    grey = [i for i, texts in enumerate(grey_prefix_pool.texts) if not names_in(texts[0])]
+    assert 0.4 < len(grey) / len(grey_prefix_pool) < 0.6
+    for i, texts in enumerate(grey_prefix_pool.texts):
+        if i in grey:
+            assert len(texts) == 1 and texts[0].startswith(CAPTION_PROMPT)
+            assert re.fullmatch(rf"{CAPTION_PROMPT} a (small|large) \w+( left of a .+)?", texts[0])
+            assert texts[0] != prefix_pool.texts[i][0]  # the same scene, its colours left out
+        else:
+            assert texts == prefix_pool.texts[i]
+            assert (grey_prefix_pool.images[i] == prefix_pool.images[i]).all()
 
 
 def _forms_of(question: str) -> set[str]:

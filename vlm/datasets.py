@@ -127,6 +127,9 @@ class ShapeWorld:
     # Of the prefix stage's batches: two (image, text) items a row, so the frozen LM reads a
     # prefix after other text, as in a k-shot list (TrainConfig.prefix_context).
     prefix_context: float = 0.5
+    # Of the prefix stage's images: colourless views (sw.GREYS), captioned without colour words
+    # and asked nothing, so the mapper reads shape apart from colour too (0: none).
+    prefix_colourless_share: float = 0.0
 
     def _pool(
         self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None]
@@ -196,11 +199,19 @@ class ShapeWorld:
 
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
-        caption half of the time, else one of the scene's Q/A pairs (seen forms only)."""
+        caption half of the time, else one of the scene's Q/A pairs (seen forms only). A share
+        (`prefix_colourless_share`) are colourless views with their colourless caption."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
         texts = [prefix_texts(scene, rng) for scene in scenes]
-        return self._pool(scenes, texts, rng, [None] * n)
+        greys: list[int | None] = [None] * n
+        if self.prefix_colourless_share:  # its own draws: the coloured items stay as they were
+            greying = random.Random(f"prefix-grey-{seed}")
+            for i, scene in enumerate(scenes):
+                if greying.random() < self.prefix_colourless_share:
+                    greys[i] = greying.randint(*sw.GREYS)
+                    texts[i] = [f"{CAPTION_PROMPT} {sw.describe(scene, colour=False)}"]
+        return self._pool(scenes, texts, rng, greys)
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

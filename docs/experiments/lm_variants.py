@@ -27,7 +27,9 @@ comma-separated; the rest of the command line goes to the CLI unchanged):
   (`factory.build_lm(sinusoid_positions=True)`), in which "the previous position" is one
   linear map for every position;
 - `pos-std=X`: they start at random with std X (GPT-2's init: 0.02, a fifth of the token
-  embeddings' 0.1).
+  embeddings' 0.1);
+- `prefix-grey=X`: the prefix stage (not the LM's) gets a share X of colourless views with
+  their colourless captions (`ShapeWorld.prefix_colourless_share`).
 
     PYTHONPATH=. python docs/experiments/lm_variants.py --variants desc-first,doc-mask \\
         train shapeworld --stages lm --out runs/dm0 --seed 0 --lm-answer-weight 30
@@ -165,6 +167,14 @@ def _positions(build_lm, std: float | None):
     return build
 
 
+def _greyed(prefix_data, share: float):
+    def patched(self, n: int, seed: int):
+        self.prefix_colourless_share = share
+        return prefix_data(self, n, seed)
+
+    return patched
+
+
 def main(argv: list[str]) -> int:
     variants: set[str] = set()
     if argv[:1] == ["--variants"]:
@@ -187,6 +197,11 @@ def main(argv: list[str]) -> int:
             train.build_lm = _positions(train.build_lm, float(variant.partition("=")[2]))
     if "llama" in variants:
         train.build_lm = _llama
+    for variant in variants:
+        if variant.startswith("prefix-grey="):
+            datasets.ShapeWorld.prefix_data = _greyed(
+                datasets.ShapeWorld.prefix_data, float(variant.partition("=")[2])
+            )
     return cli(argv)
 
 
