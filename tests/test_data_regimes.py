@@ -126,6 +126,27 @@ def test_prefix_stage_colourless_views_are_captioned_only_and_leave_the_rest_as_
             assert (grey_prefix_pool.images[i] == prefix_pool.images[i]).all()
 
 
+def test_prefix_stage_key_lines_follow_the_caption_in_seen_formats_with_true_values():
+    pool = ShapeWorld(prefix_key_lines=0.5).prefix_data(400, seed=0)
+    keyed = [texts for texts in pool.texts if "\n" in texts[0]]
+    assert 0.4 < len(keyed) / len(pool) < 0.6
+    named = {k: kind for kind, keys in sw.FEW_SHOT_KEYS.items() for k in keys}
+    for texts in keyed:
+        caption, line = zip(*(t.split("\n") for t in texts), strict=True)
+        assert len(set(caption)) == 1 and caption[0].startswith(CAPTION_PROMPT)
+        objects = caption[0].count(" left of ") + 1
+        kinds = []
+        for text in line:
+            key, separator, value = re.fullmatch(r"(.+?)(: | = | -> | - )(.+)", text).groups()
+            assert separator in sw.SEPARATORS and key in named  # never a held-out format
+            kinds.append(named[key])
+            if named[key] == "count":
+                assert value == sw.NUMBER_WORDS[objects]
+            else:  # one object: its value is in the caption
+                assert objects == 1 and value in caption[0]
+        assert sorted(kinds) == sorted(sw.FEW_SHOT_ATTRIBUTES if objects == 1 else ["count"])
+
+
 def _forms_of(question: str) -> set[str]:
     return {form for forms in sw.QUESTION_FORMS.values() for form in forms
             if sw._form_pattern(form).fullmatch(question)}  # fmt: skip

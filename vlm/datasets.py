@@ -82,6 +82,19 @@ def prefix_texts(scene: sw.Scene, rng: random.Random) -> list[str]:
     return [f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa
 
 
+def key_lines(scene: sw.Scene, rng: random.Random) -> list[str]:
+    """The scene's caption, then a line of a k-shot list in a *seen* format: "<key><separator>
+    <value>" for each attribute the scene has one value of (one object: colour, shape, size,
+    name and count; more: count). A named key says which attribute it asks for."""
+    kinds = sw.FEW_SHOT_ATTRIBUTES if len(scene.objects) == 1 else ("count",)
+    caption = f"{CAPTION_PROMPT} {sw.describe(scene)}"
+    return [
+        f"{caption}\n{rng.choice(sw.FEW_SHOT_KEYS[kind])}{rng.choice(sw.SEPARATORS)}"
+        f"{sw.attribute(scene, kind)}"
+        for kind in kinds
+    ]
+
+
 class ImagePool(torch.utils.data.Dataset):
     """Rendered images kept in memory as uint8 tensors, each with its candidate texts.
 
@@ -130,6 +143,10 @@ class ShapeWorld:
     # Of the prefix stage's images: colourless views (sw.GREYS), captioned without colour words
     # and asked nothing, so the mapper reads shape apart from colour too (0: none).
     prefix_colourless_share: float = 0.0
+    # Of the prefix stage's (coloured) images: key lines instead of their texts (`key_lines`),
+    # so the LM after a prefix and its caption reads a k-shot list's format, as a described
+    # k-shot list asks, not a caption's (0: none).
+    prefix_key_lines: float = 0.0
 
     def _pool(
         self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None]
@@ -200,7 +217,8 @@ class ShapeWorld:
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
         caption half of the time, else one of the scene's Q/A pairs (seen forms only). A share
-        (`prefix_colourless_share`) are colourless views with their colourless caption."""
+        (`prefix_colourless_share`) are colourless views with their colourless caption, another
+        (`prefix_key_lines`) has caption and k-shot lines (`key_lines`)."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
         texts = [prefix_texts(scene, rng) for scene in scenes]
@@ -211,6 +229,11 @@ class ShapeWorld:
                 if greying.random() < self.prefix_colourless_share:
                     greys[i] = greying.randint(*sw.GREYS)
                     texts[i] = [f"{CAPTION_PROMPT} {sw.describe(scene, colour=False)}"]
+        if self.prefix_key_lines:  # its own draws too
+            keying = random.Random(f"prefix-keys-{seed}")
+            for i, scene in enumerate(scenes):
+                if keying.random() < self.prefix_key_lines and greys[i] is None:
+                    texts[i] = key_lines(scene, keying)
         return self._pool(scenes, texts, rng, greys)
 
     def pipeline_config(self) -> dict:

@@ -29,7 +29,9 @@ comma-separated; the rest of the command line goes to the CLI unchanged):
 - `pos-std=X`: they start at random with std X (GPT-2's init: 0.02, a fifth of the token
   embeddings' 0.1);
 - `prefix-grey=X`: the prefix stage (not the LM's) gets a share X of colourless views with
-  their colourless captions (`ShapeWorld.prefix_colourless_share`).
+  their colourless captions (`ShapeWorld.prefix_colourless_share`);
+- `prefix-keys=X`: a share X of the prefix stage's images get their caption followed by a
+  k-shot line in a seen format instead of their texts (`ShapeWorld.prefix_key_lines`).
 
     PYTHONPATH=. python docs/experiments/lm_variants.py --variants desc-first,doc-mask \\
         train shapeworld --stages lm --out runs/dm0 --seed 0 --lm-answer-weight 30
@@ -167,9 +169,9 @@ def _positions(build_lm, std: float | None):
     return build
 
 
-def _greyed(prefix_data, share: float):
+def _prefix_option(prefix_data, name: str, share: float):
     def patched(self, n: int, seed: int):
-        self.prefix_colourless_share = share
+        setattr(self, name, share)
         return prefix_data(self, n, seed)
 
     return patched
@@ -197,10 +199,12 @@ def main(argv: list[str]) -> int:
             train.build_lm = _positions(train.build_lm, float(variant.partition("=")[2]))
     if "llama" in variants:
         train.build_lm = _llama
+    options = {"prefix-grey": "prefix_colourless_share", "prefix-keys": "prefix_key_lines"}
     for variant in variants:
-        if variant.startswith("prefix-grey="):
-            datasets.ShapeWorld.prefix_data = _greyed(
-                datasets.ShapeWorld.prefix_data, float(variant.partition("=")[2])
+        key, _, value = variant.partition("=")
+        if key in options:
+            datasets.ShapeWorld.prefix_data = _prefix_option(
+                datasets.ShapeWorld.prefix_data, options[key], float(value)
             )
     return cli(argv)
 
