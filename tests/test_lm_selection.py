@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -61,3 +62,13 @@ def test_the_lm_stage_resumes_after_the_clip_stage_ran_in_the_same_process(tmp_p
     train(config)
     logged = [r["step"] for r in rows(tmp_path) if r["stage"] == "lm" and "loss" in r]
     assert logged.count(0) == 1 and logged[-1] == 11  # picked up at step 8, not from scratch
+
+
+def test_selection_without_held_out_text_is_refused(tmp_path, monkeypatch):
+    from vlm.datasets import ShapeWorld
+
+    monkeypatch.delattr(ShapeWorld, "selection_texts")
+    config = TrainConfig(out=tmp_path, stages=("lm",), lm_steps=4, lm_candidates=2, **TINY)
+    with pytest.raises(ValueError, match="held-out text to choose by"):
+        train(config)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any candidate trained

@@ -201,9 +201,9 @@ class ShapeWorld:
             documents.append("\n".join(lines))
         return documents
 
-    def val_texts(self) -> list[str]:
-        """Held-out documents for the LM stage's validation loss (and its choice among
-        candidates): drawn as `texts` draws, from seed -1, which runs do not train on."""
+    def selection_texts(self) -> list[str]:
+        """Held-out documents for the LM stage's choice among candidates (`lm_candidates`):
+        drawn as `texts` draws, from seed -1, which runs do not train on."""
         return self.texts(1000, seed=-1)
 
     def answer_cues(self) -> list[str]:

@@ -359,21 +359,25 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         return (loss * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
 
-    validate = None
-    val_texts = dataset.val_texts() if hasattr(dataset, "val_texts") else []
-    val_blocks = pack_texts(tokenizer, val_texts, block_size) if val_texts else None
-    if val_blocks is not None and len(val_blocks):
-        val_weights = 1 + (config.lm_answer_weight - 1) * answer_mask(
-            tokenizer, val_blocks, cue, more
-        )
+    def held_out_loss(texts: list[str]) -> Callable[[torch.nn.Module], float] | None:
+        """The held-out texts' loss, weighted as in training (None: no text)."""
+        blocks = pack_texts(tokenizer, texts, block_size) if texts else None
+        if blocks is None or not len(blocks):
+            return None
+        weights = 1 + (config.lm_answer_weight - 1) * answer_mask(tokenizer, blocks, cue, more)
 
         @torch.no_grad()
-        def validate(module):  # the held-out texts' loss, weighted as in training
-            chunks = range(0, len(val_blocks), config.lm_batch_size)
-            losses = [loss_fn(module, (val_blocks[i : i + config.lm_batch_size].to(
-                accelerator.device), val_weights[i : i + config.lm_batch_size].to(
+        def loss(module):
+            chunks = range(0, len(blocks), config.lm_batch_size)
+            losses = [loss_fn(module, (blocks[i : i + config.lm_batch_size].to(
+                accelerator.device), weights[i : i + config.lm_batch_size].to(
                 accelerator.device))).item() for i in chunks]  # fmt: skip
             return float(sum(losses) / len(losses))
+
+        return loss
+
+    # logged every val_every steps: file data's validation part
+    validate = held_out_loss(dataset.val_texts()) if hasattr(dataset, "val_texts") else None
 
     def stage(name: str, module, **kwargs):
         return run_stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr, config,
@@ -382,9 +386,12 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
 
     if config.lm_candidates <= 1:
         return stage("lm", lm), tokenizer
-    if validate is None:
-        raise ValueError("--lm-candidates needs held-out text to choose by (the dataset's "
-                         "val_texts)")  # fmt: skip
+    score = validate  # the choice: that part, else the dataset's own held-out documents
+    if score is None and hasattr(dataset, "selection_texts"):
+        score = held_out_loss(dataset.selection_texts())
+    if score is None:
+        raise ValueError("--lm-candidates needs held-out text to choose by: give validation "
+                         "data (--val-data or --val-fraction)")  # fmt: skip
 
     def candidate(k: int):  # the first is the LM a run without selection starts from
         torch.manual_seed(config.seed * 1000 + k)
@@ -393,7 +400,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     losses = []
     for k in range(config.lm_candidates):
         module = stage(f"lm-{k}", lm if k == 0 else candidate(k), until=config.lm_select_steps)
-        losses.append(validate(module))
+        losses.append(score(module))
     best = min(range(len(losses)), key=losses.__getitem__)
     accelerator.print(
         f"[lm] held-out text loss of each candidate after "
