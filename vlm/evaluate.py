@@ -278,6 +278,7 @@ def few_shot_tasks(n: int, seed: int, shots: tuple[int, ...] = (0, 1, 2, 3)):
 def evaluate_few_shot(
     pipeline, n: int = 100, seed: int = 1234, perturbation: str = "clean", batch_size: int = 64,
     contexts: tuple[str, ...] = ("image", "described", "text"), caption_prompt: str = "Caption:",
+    shots: tuple[int, ...] = (0, 1, 2, 3),
 ) -> dict[str, float]:  # fmt: skip
     """First-word accuracy of k-shot lists (`few_shot_tasks`), Frozen-style: each example an
     image and its "<key><separator><value>" line, then the query image and "<key><separator>".
@@ -285,10 +286,11 @@ def evaluate_few_shot(
     `few_shot_described_*`: the same lists with each image followed by the model's own caption
     (`describe=True`); `few_shot_text_*`: each scene written as its true caption line instead
     of its image — the gaps to it are how well the prefix stands in for words.
-    `contexts`: which of the three to run (the text lists do not change with `perturbation`)."""
+    `contexts`: which of the three to run (the text lists do not change with `perturbation`);
+    `shots`: which k."""
     if "caption" not in getattr(pipeline, "tasks", {"caption"}):  # nothing to describe with
         contexts = tuple(c for c in contexts if c != "described")
-    tasks = list(few_shot_tasks(n, seed))
+    tasks = list(few_shot_tasks(n, seed, shots))
     by_k = defaultdict(list)  # lists of one k at a time: too long for the LM is per k
     for i, task in enumerate(tasks):
         by_k[task[2]].append(i)
