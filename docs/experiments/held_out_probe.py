@@ -8,6 +8,9 @@ held-out shapes and colours about as well as seen ones, the encoder's features a
 and what fails to carry them over is the mapper (trained on seen combinations only); if not,
 the encoder itself entangles them.
 
+`--prefix` probes the visual prefix instead (the mapper's output, what the frozen LM reads): if
+it names held-out shapes while the captions do not, what fails is the LM's reading of it.
+
     PYTHONPATH=. python docs/experiments/held_out_probe.py --model runs/shapeworld/pipeline
 """
 
@@ -23,11 +26,13 @@ from vlm import Pipeline
 from vlm import shapeworld as sw
 
 
-def features(pipeline, scenes, batch_size: int = 256) -> torch.Tensor:
+@torch.no_grad()
+def features(pipeline, scenes, batch_size: int = 256, prefix: bool = False) -> torch.Tensor:
+    read = pipeline.prefix if prefix else pipeline.image_features
     chunks = []
     for start in range(0, len(scenes), batch_size):
         images = [sw.render(s) for s in scenes[start : start + batch_size]]
-        chunks.append(pipeline.image_features(images).float().flatten(1).cpu())
+        chunks.append(read(images).float().flatten(1).cpu())
     return torch.cat(chunks)
 
 
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapeworld")
     parser.add_argument("--n", type=int, default=3000, help="training scenes")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--prefix", action="store_true", help="probe the visual prefix")
     args = parser.parse_args()
     pipeline = Pipeline.from_pretrained(args.model, device="cpu")
     rng = random.Random(args.seed)
@@ -64,7 +70,7 @@ def main() -> None:
         "seen": [sw.sample_scene(rng, 1, split="train") for _ in range(500)],
         "held_out": [sw.sample_scene(rng, 1, split="held_out") for _ in range(500)],
     }
-    x = {name: features(pipeline, scenes) for name, scenes in groups.items()}
+    x = {name: features(pipeline, scenes, prefix=args.prefix) for name, scenes in groups.items()}
     for attribute, values in (("shape", sw.SHAPES), ("color", tuple(sw.COLORS))):
         y = {name: torch.tensor([values.index(getattr(s.objects[0], attribute)) for s in scenes])
              for name, scenes in groups.items()}  # fmt: skip
