@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
+from vlm.evaluate import normalize_caption
 
 
 @torch.no_grad()
@@ -83,6 +85,15 @@ def main() -> None:
         print(
             f"{attribute:6s} probe: seen combinations {seen:.1%}, held-out combinations {held:.1%}"
         )
+    if args.prefix:  # what the LM makes of those prefixes: the same held-out scenes captioned
+        scenes = groups["held_out"]
+        captions = pipeline.caption([sw.render(s) for s in scenes], batch_size=64)
+        missed = Counter(
+            f"{s.objects[0].color} {s.objects[0].shape}"
+            for c, s in zip(captions, scenes, strict=True)
+            if normalize_caption(c) != sw.describe(s)
+        )
+        print(f"held-out captions: {1 - missed.total() / len(scenes):.1%}, misses {dict(missed)}")
 
 
 if __name__ == "__main__":
