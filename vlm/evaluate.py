@@ -93,7 +93,9 @@ def binding_accuracy(encoder, images, scenes, text_cache: dict | None = None) ->
     return scores
 
 
-def _captions(pipeline, images, scenes, prefix: str, batch_size: int) -> dict[str, float]:
+def exact_caption_scores(
+    pipeline, images, scenes, prefix: str, batch_size: int
+) -> dict[str, float]:
     """Exact captions, overall and by object count (`<prefix>caption_exact[_<k>obj]`)."""
     captions = pipeline.caption(images, batch_size=batch_size)
     exact = [normalize_caption(c) == sw.describe(s) for c, s in zip(captions, scenes, strict=True)]
@@ -105,7 +107,7 @@ def _captions(pipeline, images, scenes, prefix: str, batch_size: int) -> dict[st
     return scores
 
 
-def _answers(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, float]:
+def answer_scores(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, float]:
     """Answer accuracy by question type and overall (`<prefix>vqa_<type>`); `qa` holds
     (image index, question, answer)."""
     answers = []
@@ -163,11 +165,13 @@ def evaluate_shapeworld(
     for kind in perturbations:
         images = {name: [perturb(image, kind) for image in group]
                   for name, group in clean.items()}  # fmt: skip
-        scores = _captions(pipeline, images["scenes"], scenes, "", batch_size)
-        scores |= _captions(pipeline, images["held_out"], held_scenes, "held_out_", batch_size)
-        scores |= _answers(pipeline, images["scenes"], qa, "", batch_size)
-        scores |= _answers(pipeline, images["held_out"], held_qa, "held_out_", batch_size)
-        scores |= _answers(pipeline, images["scenes"], phrasing_qa, "phrasing_", batch_size)
+        scores = exact_caption_scores(pipeline, images["scenes"], scenes, "", batch_size)
+        scores |= exact_caption_scores(
+            pipeline, images["held_out"], held_scenes, "held_out_", batch_size
+        )
+        scores |= answer_scores(pipeline, images["scenes"], qa, "", batch_size)
+        scores |= answer_scores(pipeline, images["held_out"], held_qa, "held_out_", batch_size)
+        scores |= answer_scores(pipeline, images["scenes"], phrasing_qa, "phrasing_", batch_size)
         if extras:
             scores |= _extras(pipeline, images, groups, kind, seed, batch_size, text_cache)
             if "few_shot" in getattr(pipeline, "tasks", ()):

@@ -15,7 +15,7 @@ import random
 import sys
 
 from vlm import shapeworld as sw
-from vlm.evaluate import _answers, _captions, evaluate_few_shot
+from vlm.evaluate import answer_scores, evaluate_few_shot, exact_caption_scores
 from vlm.pipeline import Pipeline
 
 
@@ -29,9 +29,9 @@ def main(bundles: list[str]) -> None:
     held_images, seen_images = [sw.render(s) for s in held], [sw.render(s) for s in seen]
     for bundle in bundles:
         pipeline = Pipeline.from_pretrained(bundle)
-        scores = _captions(pipeline, held_images, held, "held_out_", 64)
-        scores |= _answers(pipeline, seen_images, asked, "", 64)
-        scores |= _answers(pipeline, seen_images, phrased, "phrasing_", 64)
+        scores = exact_caption_scores(pipeline, held_images, held, "held_out_", 64)
+        scores |= answer_scores(pipeline, seen_images, asked, "", 64)
+        scores |= answer_scores(pipeline, seen_images, phrased, "phrasing_", 64)
         few = evaluate_few_shot(pipeline, 40, 99, contexts=("described",), shots=(2,))
         scores |= {k: v for k, v in few.items() if "held_out" in k}
         shown = {k: v for k, v in scores.items() if not k.endswith(("2obj", "3obj"))}
