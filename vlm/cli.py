@@ -129,12 +129,15 @@ def cmd_train(args) -> None:
               ("num_tokens", args.num_tokens)] if v}  # fmt: skip
     if args.reads_prompt is not None:
         mapper["reads_prompt"] = args.reads_prompt
+    if args.writes_words is not None:
+        mapper["writes_words"] = args.writes_words
     if mapper:
         base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
         options["mapper"] = {**base, **mapper}
         if mapper.get("kind") == "mlp":
             options["mapper"] = {k: v for k, v in options["mapper"].items()
-                                 if k in ("kind", "prefix_length", "reads_prompt")}  # fmt: skip
+                                 if k in ("kind", "prefix_length", "reads_prompt",
+                                          "writes_words")}  # fmt: skip
     train(TrainConfig(**options))
 
 
@@ -333,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
                        help="transformer mapper: also read the task prompt (the frozen LM's "
                        "hidden states of 'Caption:' or the question), InstructBLIP-style "
                        "(default: off; docs/shapeworld.md measures it)")  # fmt: skip
+    parts.add_argument("--writes-words", action=argparse.BooleanOptionalAction,
+                       help="mapper: each prefix vector is a soft word, a softmax over the LM's "
+                       "vocabulary times its input embeddings (default: off; "
+                       "docs/shapeworld.md measures it)")  # fmt: skip
     parts.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute the LM's activations (less memory for big LMs)")  # fmt: skip
     parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")

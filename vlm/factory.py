@@ -119,11 +119,17 @@ def build_pipeline(
 ) -> Pipeline:
     """A pipeline around existing encoder and LM with a new mapper between them; `mapper`
     holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM;
-    `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt."""
+    `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt;
+    `writes_words=True` makes each prefix vector a soft word of the LM's vocabulary."""
     options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
     lm_dim = lm.get_input_embeddings().embedding_dim  # not always hidden_size (OPT-350m)
     if options.pop("reads_prompt", False):  # the mapper reads the LM's last hidden states
         options["prompt_dim"] = lm.config.hidden_size
+    words = lm.get_input_embeddings().weight
+    if options.pop("writes_words", False):
+        options["vocab_size"] = words.shape[0]
     mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm_dim, **options)
+    if mapper.writes_words:
+        mapper.set_word_embeddings(words)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

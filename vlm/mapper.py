@@ -16,6 +16,10 @@ It can also read the *task prompt* (`prompt_dim` > 0), as InstructBLIP's instruc
 Q-Former does (Dai et al. 2023): the frozen LM's own hidden states of the text that will follow
 the prefix ("Caption:", "Question: what color is the star? Answer:") join the image tokens, so
 the prefix can carry what that task needs. The LM reads them; it is not changed.
+
+And it can write *words* (`vocab_size` > 0): each prefix vector becomes a softmax over the LM's
+vocabulary times a frozen copy of its input embeddings (`word_embeddings`), a soft word the LM
+reads as it reads text.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         input: str = "embedding",
         num_tokens: int = 0,
         prompt_dim: int = 0,
+        vocab_size: int = 0,
     ):
         super().__init__()
         if kind not in MAPPER_KINDS:
@@ -112,7 +117,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             kind=kind, clip_dim=clip_dim, lm_dim=lm_dim, prefix_length=prefix_length,
             hidden_dim=hidden_dim, clip_length=clip_length, num_layers=num_layers,
             num_heads=num_heads, mlp_ratio=mlp_ratio, normalize_input=normalize_input,
-            input=input, num_tokens=num_tokens, prompt_dim=prompt_dim,
+            input=input, num_tokens=num_tokens, prompt_dim=prompt_dim, vocab_size=vocab_size,
         )  # fmt: skip
         if input not in ("embedding", "tokens") or (input == "tokens" and kind != "transformer"):
             raise ValueError("input='tokens' needs kind='transformer'; else input='embedding'")
@@ -145,11 +150,23 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             if prompt_dim:  # the LM's hidden states of the task prompt, in the mapper's width
                 self.prompt_linear = nn.Linear(prompt_dim, lm_dim)
             self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
+        if vocab_size:  # soft words: a distribution over the vocabulary, times its embeddings
+            self.to_words = nn.Linear(lm_dim, vocab_size)
+            self.register_buffer("word_embeddings", torch.zeros(vocab_size, lm_dim))
 
     @property
     def reads_prompt(self) -> bool:
         """Whether the prefix depends on the task prompt (`prompt_dim` > 0)."""
         return self.prompt_dim > 0
+
+    @property
+    def writes_words(self) -> bool:
+        """Whether each prefix vector is a soft word of the LM's vocabulary (`vocab_size` > 0)."""
+        return hasattr(self, "to_words")
+
+    def set_word_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Copy the LM's input embeddings [vocab_size, lm_dim], which the soft words mix."""
+        self.word_embeddings.copy_(embeddings.detach())
 
     def forward(
         self,
@@ -163,6 +180,13 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         `prompt` [B, T, prompt_dim], right-padded, with `prompt_mask` [B, T] (True: a token)."""
         if self.reads_prompt and prompt is None:
             raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
+        prefix = self._prefix(embedding, prompt, prompt_mask)
+        if not self.writes_words:
+            return prefix
+        words = self.to_words(prefix).softmax(dim=-1)
+        return words @ self.word_embeddings.to(words.dtype)
+
+    def _prefix(self, embedding, prompt, prompt_mask) -> torch.Tensor:
         if self.normalize_input:
             embedding = F.normalize(embedding, dim=-1)
         if self.kind == "mlp":
