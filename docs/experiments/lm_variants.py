@@ -31,14 +31,18 @@ comma-separated; the rest of the command line goes to the CLI unchanged):
 - `prefix-grey=X`: the prefix stage (not the LM's) gets a share X of colourless views with
   their colourless captions (`ShapeWorld.prefix_colourless_share`);
 - `prefix-keys=X`: a share X of the prefix stage's images get their caption followed by a
-  k-shot line in a seen format instead of their texts (`ShapeWorld.prefix_key_lines`).
+  k-shot line in a seen format instead of their texts (`ShapeWorld.prefix_key_lines`);
+- `prefix-shuffle`: while the mapper trains, the order of each example's prefix vectors is
+  shuffled, so that no meaning rides on which vector comes before which (an LM that copies the
+  word after a matching one cannot read a pair of neighbouring vectors); not at inference.
 
     PYTHONPATH=. python docs/experiments/lm_variants.py --variants desc-first,doc-mask \\
         train shapeworld --stages lm --out runs/dm0 --seed 0 --lm-answer-weight 30
 
 Each run is then read by `text_answers.py` and `lookups.py`. Results: docs/shapeworld.md,
 "Which lookups the LM learns", "Why the lookups do not form" and "Positions that start as
-sinusoids" (with `sin-pos` the shape lookup formed in 3 trainings of 3).
+sinusoids" (with `sin-pos` the shape lookup formed in 3 trainings of 3), and "Four layers, soft
+words, shuffled prefixes and what held-out captions track".
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import torch
 from vlm import datasets, train
 from vlm import shapeworld as sw
 from vlm.cli import main as cli
+from vlm.mapper import PrefixMapper
 
 
 def _text_scene(rng: random.Random) -> sw.Scene:
@@ -177,6 +182,19 @@ def _prefix_option(prefix_data, name: str, share: float):
     return patched
 
 
+def _shuffled(forward):
+    """PrefixMapper.forward that, in training, permutes each example's prefix vectors."""
+
+    def patched(self, *args, **kwargs):
+        prefix = forward(self, *args, **kwargs)
+        if not self.training:
+            return prefix
+        order = torch.rand(prefix.shape[:2], device=prefix.device).argsort(dim=1)
+        return prefix.gather(1, order[..., None].expand_as(prefix))
+
+    return patched
+
+
 def main(argv: list[str]) -> int:
     variants: set[str] = set()
     if argv[:1] == ["--variants"]:
@@ -199,6 +217,8 @@ def main(argv: list[str]) -> int:
             train.build_lm = _positions(train.build_lm, float(variant.partition("=")[2]))
     if "llama" in variants:
         train.build_lm = _llama
+    if "prefix-shuffle" in variants:
+        PrefixMapper.forward = _shuffled(PrefixMapper.forward)
     options = {"prefix-grey": "prefix_colourless_share", "prefix-keys": "prefix_key_lines"}
     for variant in variants:
         key, _, value = variant.partition("=")
