@@ -26,8 +26,7 @@ def test_each_prefix_vector_is_a_mixture_of_the_words():
     words = torch.randn(8, 8)
     mapper.set_word_embeddings(words)
     x = torch.randn(4, 16)
-    torch.testing.assert_close(mapper(x), mapper.to_words(mapper._prefix(x, None, None))
-                               .softmax(-1) @ words)  # fmt: skip
+    torch.testing.assert_close(mapper(x), mapper.word_weights(x) @ words)
 
 
 def test_a_mapper_without_words_has_no_word_parameters():

@@ -131,6 +131,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         self.input = input
         self.kind = kind
         self.prompt_dim = prompt_dim
+        self.vocab_size = vocab_size
         self.prefix_length = prefix_length
         self.lm_dim = lm_dim
         self.clip_length = clip_length
@@ -162,7 +163,7 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
     @property
     def writes_words(self) -> bool:
         """Whether each prefix vector is a soft word of the LM's vocabulary (`vocab_size` > 0)."""
-        return hasattr(self, "to_words")
+        return self.vocab_size > 0
 
     def set_word_embeddings(self, embeddings: torch.Tensor) -> None:
         """Copy the LM's input embeddings [vocab_size, lm_dim], which the soft words mix."""
@@ -180,11 +181,20 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         `prompt` [B, T, prompt_dim], right-padded, with `prompt_mask` [B, T] (True: a token)."""
         if self.reads_prompt and prompt is None:
             raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
-        prefix = self._prefix(embedding, prompt, prompt_mask)
         if not self.writes_words:
-            return prefix
-        words = self.to_words(prefix).softmax(dim=-1)
+            return self._prefix(embedding, prompt, prompt_mask)
+        words = self.word_weights(embedding, prompt, prompt_mask)
         return words @ self.word_embeddings.to(words.dtype)
+
+    def word_weights(
+        self,
+        embedding: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A mapper that `writes_words`: each prefix vector's distribution over the LM's
+        vocabulary [B, k, vocab_size], what the prefix says in words."""
+        return self.to_words(self._prefix(embedding, prompt, prompt_mask)).softmax(dim=-1)
 
     def _prefix(self, embedding, prompt, prompt_mask) -> torch.Tensor:
         if self.normalize_input:
