@@ -122,14 +122,14 @@ def build_pipeline(
     `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt;
     `writes_words=True` makes each prefix vector a soft word of the LM's vocabulary."""
     options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
-    lm_dim = lm.get_input_embeddings().embedding_dim  # not always hidden_size (OPT-350m)
+    words = lm.get_input_embeddings()
+    lm_dim = words.embedding_dim  # not always hidden_size (OPT-350m)
     if options.pop("reads_prompt", False):  # the mapper reads the LM's last hidden states
         options["prompt_dim"] = lm.config.hidden_size
-    words = lm.get_input_embeddings().weight
     if options.pop("writes_words", False):
-        options["vocab_size"] = words.shape[0]
+        options["vocab_size"] = words.num_embeddings
     mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm_dim, **options)
     if mapper.writes_words:
-        mapper.set_word_embeddings(words)
+        mapper.set_word_embeddings(words.weight)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

@@ -179,8 +179,6 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
 
         A mapper that `reads_prompt` also takes the LM's hidden states of each task prompt,
         `prompt` [B, T, prompt_dim], right-padded, with `prompt_mask` [B, T] (True: a token)."""
-        if self.reads_prompt and prompt is None:
-            raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
         if not self.writes_words:
             return self._prefix(embedding, prompt, prompt_mask)
         words = self.word_weights(embedding, prompt, prompt_mask)
@@ -197,6 +195,8 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         return self.to_words(self._prefix(embedding, prompt, prompt_mask)).softmax(dim=-1)
 
     def _prefix(self, embedding, prompt, prompt_mask) -> torch.Tensor:
+        if self.reads_prompt and prompt is None:
+            raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
         if self.normalize_input:
             embedding = F.normalize(embedding, dim=-1)
         if self.kind == "mlp":
