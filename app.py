@@ -338,8 +338,10 @@ the language model's word-embedding space: a <b>visual prefix</b>. The <b>frozen
 model reads the prefix as if it were the first words of a text and continues it — a caption
 after <code>Caption:</code>, an answer after <code>Question: … Answer:</code>
 (<a href="https://arxiv.org/abs/2111.09734">ClipCap</a>,
-<a href="https://arxiv.org/abs/2106.13884">Frozen</a>). Zero-shot labels, search and the
-heatmap use the CLIP encoder alone: image and text embeddings compared by cosine
+<a href="https://arxiv.org/abs/2106.13884">Frozen</a>). The bundled model's mapper also reads
+the task (the question), as <a href="https://arxiv.org/abs/2305.06500">InstructBLIP</a>'s does,
+so a question about one object gets a prefix that shows that object. Zero-shot labels, search
+and the heatmap use the CLIP encoder alone: image and text embeddings compared by cosine
 similarity.</p>
 """
 

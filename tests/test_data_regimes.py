@@ -109,6 +109,37 @@ def test_prefix_stage_asks_only_seen_forms_and_never_names_a_held_out_combinatio
     assert used == seen
 
 
+def test_referents_are_the_objects_a_question_names_in_any_form():
+    star = sw.Obj("star", "red", "small", 0.2, 0.5)
+    circle = sw.Obj("circle", "blue", "large", 0.5, 0.5)
+    other = sw.Obj("circle", "red", "small", 0.8, 0.5)
+    scene = sw.Scene((star, circle, other))
+    assert sw.referents(scene, "what colour is the star?") == (star,)
+    assert sw.referents(scene, "what is the color of the star?") == (star,)  # held-out form
+    assert sw.referents(scene, "which shape is blue?") == (circle,)
+    assert sw.referents(scene, "how big is the red circle?") == (other,)
+    assert sw.referents(scene, "what color is the circle?") == (circle, other)  # not unique
+    assert sw.referents(scene, "do you see a green star?") == ()  # not there
+    assert sw.referents(scene, "how many shapes are there?") == ()  # the whole scene
+    assert sw.referents(scene, "what is left of the blue circle?") == ()
+    with pytest.raises(ValueError, match="unknown question"):
+        sw.referents(scene, "why is the star red?")
+
+
+def test_prefix_stage_teacher_lines_caption_the_one_object_a_question_is_about(prefix_pool):
+    lines = prefix_pool.teacher_lines
+    assert len(lines) == len(prefix_pool.texts) and sum(map(len, lines)) > 1000
+    for texts, taught in zip(prefix_pool.texts, lines, strict=True):
+        prompts = {t.rpartition(" Answer:")[0] + " Answer:" for t in texts if "Answer:" in t}
+        assert set(taught) <= prompts  # keyed by the prompt of one of the item's questions
+        for prompt, line in taught.items():
+            assert line.startswith(f"{CAPTION_PROMPT} a ") and " left of " not in line
+            kind = sw.question_type(prompt.removeprefix("Question: ").removesuffix(" Answer:"))
+            assert kind in ("color", "shape", "size", "exists")
+            answer = next(t for t in texts if t.startswith(prompt)).rpartition(" ")[2]
+            assert answer in line.split() or answer == "yes", (prompt, line)
+
+
 def test_prefix_stage_colourless_views_are_captioned_only_and_leave_the_rest_as_it_was(
     prefix_pool, grey_prefix_pool
 ):

@@ -11,6 +11,7 @@ from test_prefix_context import tiny_lm
 from torch.nn.utils.rnn import pad_sequence
 
 import vlm.train
+from vlm import shapeworld as sw
 from vlm.train import TrainConfig, text_teacher_loss, train
 
 
@@ -97,3 +98,51 @@ def test_rows_without_a_teacher_change_nothing():
         torch.testing.assert_close(text_teacher_loss(lm, student, 3, (ids, starts, mask)), alone)
         mask[0] = 0
         assert text_teacher_loss(lm, student, 3, (ids, starts, mask)) == 0
+
+
+def test_a_mapper_that_reads_the_question_is_taught_from_the_object_it_names(tmp_path, monkeypatch):
+    """ShapeWorld's teacher lines: before a question about one object's colour, shape or size
+    (or whether it is there) the teacher reads that object's caption alone, and its answer is
+    in that line; other questions are read after the scene's caption."""
+    seen = []
+
+    def recording(lm, logits, prefix_length, teacher):
+        seen.append(teacher)
+        return text_teacher_loss(lm, logits, prefix_length, teacher)
+
+    monkeypatch.setattr(vlm.train, "text_teacher_loss", recording)
+    mapper = dict(kind="transformer", prefix_length=4, num_layers=1, num_heads=2,
+                  reads_prompt=True)  # fmt: skip
+    config = TrainConfig(
+        out=tmp_path, size="tiny", batch_size=16, clip_steps=2, clip_examples=64,
+        lm_steps=2, lm_examples=300, lm_batch_size=4, prefix_steps=12, prefix_examples=64,
+        prefix_batch_size=8, prefix_context=0.0, mapper=mapper, checkpoint_every=10_000,
+    )  # fmt: skip
+    tokenizer = train(config).tokenizer  # the teacher's weight: the dataset's (1.0)
+    about_one = about_scene = 0
+    for ids, starts, mask in seen:
+        for row, start, row_mask in zip(ids.tolist(), starts.tolist(), mask, strict=True):
+            if not row_mask.any():
+                continue
+            line = tokenizer.decode(row[:start]).strip().removeprefix("Caption: ")
+            text = tokenizer.decode(row[start : start + int(row_mask.sum())])
+            question, answer = text.removeprefix("Question: ").split(" Answer: ")
+            answer = answer.removesuffix(tokenizer.eos_token).strip()
+            kind = sw.question_type(question)
+            if kind in ("color", "shape", "size"):  # always about one object
+                assert " left of " not in line, (line, text)  # that object alone
+                (obj,) = sw.referents(_scene_of(line), question)
+                assert getattr(obj, kind) == answer, (line, text)
+                about_one += 1
+            elif kind in ("count", "relation") and " left of " in line:
+                about_scene += 1  # the scene's caption, all of its objects
+    assert about_one > 0 and about_scene > 0
+
+
+def _scene_of(caption: str) -> sw.Scene:
+    """The objects a canonical caption names (positions made up, left to right)."""
+    objects = []
+    for i, part in enumerate(caption.split(" left of ")):
+        _, size, color, shape = part.split()
+        objects.append(sw.Obj(shape, color, size, 0.1 + 0.3 * i, 0.5))
+    return sw.Scene(tuple(objects))

@@ -203,8 +203,10 @@ TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from
     "prefix_context": "prefix stage: share of batches with two (image, text) items a row, the "
     "second read after the first as in a k-shot list (default: the dataset's; files: 0)",
     "prefix_text_teacher": "prefix stage: weight of the text teacher, the frozen LM reading the "
-    "image's caption as text, whose next-token distributions over each question it answers "
-    "after the prefix are matched (KL) (0: off)",
+    "image's caption as text (shapeworld, with a mapper that reads the question: the caption "
+    "of the one object a question is about), whose next-token distributions over each "
+    "question it answers after the prefix are matched (KL) (0: off; default: the dataset's, "
+    "shapeworld 1.0, with a frozen LM; files: 0)",
     "val_fraction": "file data: fraction of the images held out for validation when there is "
     "no --val-data (Karpathy data: its val split; 0: none)",
     "val_every": "steps between validation losses in log.jsonl (0: none)",
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parts.add_argument("--reads-prompt", action=argparse.BooleanOptionalAction,
                        help="transformer mapper: also read the task prompt (the frozen LM's "
                        "hidden states of 'Caption:' or the question), InstructBLIP-style "
-                       "(default: off; docs/shapeworld.md measures it)")  # fmt: skip
+                       "(default: on for --size small, the bundle's; off otherwise)")  # fmt: skip
     parts.add_argument("--writes-words", action=argparse.BooleanOptionalAction,
                        help="mapper: each prefix vector is a soft word, a softmax over the LM's "
                        "vocabulary times its input embeddings (default: off; "

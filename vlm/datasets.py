@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import shapeworld as sw
-from .prompts import qa_text
+from .prompts import QUESTION_TEMPLATE, qa_text
 
 # The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
 # and "Question: … Answer:" for an answer, so one frozen LM and one mapper do both.
@@ -82,6 +82,24 @@ def prefix_texts(scene: sw.Scene, rng: random.Random) -> list[str]:
     return [f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa
 
 
+def teacher_lines(scene: sw.Scene, texts: list[str]) -> dict[str, str]:
+    """For each question among a scene's texts that is about one object (`sw.referents`), the
+    line the text teacher reads before it: that object's caption alone, keyed by the question's
+    prompt ("Question: … Answer:"). The frozen LM answers about a one-object caption without
+    having to find the object among others, so the mapper is taught to show the LM the object
+    the question names (other questions keep the scene's caption)."""
+    head, _, cue = QUESTION_TEMPLATE.partition("{question}")
+    lines = {}
+    for text in texts:
+        if not text.startswith(head) or cue not in text:
+            continue  # a caption
+        prompt = text[: text.rindex(cue) + len(cue)]
+        objects = sw.referents(scene, prompt[len(head) : -len(cue)])
+        if len(objects) == 1:
+            lines[prompt] = f"{CAPTION_PROMPT} {sw.describe(sw.Scene(objects))}"
+    return lines
+
+
 def key_lines(scene: sw.Scene, rng: random.Random) -> list[str]:
     """The scene's caption, then a line of a k-shot list in a *seen* format: "<key><separator>
     <value>" for each attribute the scene has one value of (one object: colour, shape, size,
@@ -100,9 +118,14 @@ class ImagePool(torch.utils.data.Dataset):
 
     The trainer picks one of an item's texts at random each time it sees the item."""
 
-    def __init__(self, images: torch.Tensor, texts: list[list[str]]):
+    def __init__(
+        self, images: torch.Tensor, texts: list[list[str]],
+        teacher_lines: list[dict[str, str]] | None = None,
+    ):  # fmt: skip
         self.images = images  # [N, H, W, 3] uint8
         self.texts = texts
+        # per item, a question's prompt -> the line the text teacher reads before it
+        self.teacher_lines = teacher_lines
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -147,16 +170,22 @@ class ShapeWorld:
     # so the LM after a prefix and its caption reads a k-shot list's format, as a described
     # k-shot list asks, not a caption's (0: none).
     prefix_key_lines: float = 0.0
+    # Weight of the prefix stage's text teacher (`TrainConfig.prefix_text_teacher`, where the
+    # run does not set it): before a question about one object the teacher reads that object's
+    # caption alone (`teacher_lines`), so the mapper, which reads the question, learns to show
+    # the frozen LM the object asked about ("Questions about one object" in docs/shapeworld.md).
+    prefix_text_teacher: float = 1.0
 
     def _pool(
-        self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None]
-    ) -> ImagePool:
+        self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None],
+        teacher: list[dict[str, str]] | None = None,
+    ) -> ImagePool:  # fmt: skip
         images = torch.stack([
             torch.from_numpy(np.array(_augment(sw.render(s, self.image_size, grey), rng)))
             for s, grey in tqdm(list(zip(scenes, greys, strict=True)), desc="rendering",
                                 leave=False, mininterval=5)
         ])  # fmt: skip
-        return ImagePool(images, texts)
+        return ImagePool(images, texts, teacher)
 
     def clip_data(self, n: int, seed: int) -> ImagePool:
         """Image-caption pairs for contrastive training, in twins: each scene is followed by a
@@ -216,7 +245,8 @@ class ShapeWorld:
 
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
-        caption half of the time, else one of the scene's Q/A pairs (seen forms only). A share
+        caption half of the time, else one of the scene's Q/A pairs (seen forms only), with
+        the text teacher's line for each question about one object (`teacher_lines`). A share
         (`prefix_colourless_share`) are colourless views with their colourless caption, another
         (`prefix_key_lines`) has caption and k-shot lines (`key_lines`)."""
         rng = random.Random(f"prefix-{seed}")
@@ -234,7 +264,8 @@ class ShapeWorld:
             for i, scene in enumerate(scenes):
                 if keying.random() < self.prefix_key_lines and greys[i] is None:
                     texts[i] = key_lines(scene, keying)
-        return self._pool(scenes, texts, rng, greys)
+        teacher = [teacher_lines(s, t) for s, t in zip(scenes, texts, strict=True)]
+        return self._pool(scenes, texts, rng, greys, teacher)
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

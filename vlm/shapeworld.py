@@ -412,6 +412,21 @@ def question_type(question: str) -> str:
     return parse_question(question)[0]
 
 
+def referents(scene: Scene, question: str) -> tuple[Obj, ...]:
+    """The objects of a scene that a question (in any of QUESTION_FORMS) is about: the shape a
+    colour question names, the colour a shape question names, the object a size or existence
+    question names. Count and relation questions are about the scene as a whole: none."""
+    for kind, _form, pattern in _PATTERNS:
+        if match := pattern.fullmatch(question):
+            slots = match.groupdict()
+            field = {"color": "shape", "shape": "color", "size": "name", "exists": "name"}
+            if kind not in field or not slots:
+                return ()
+            key = field[kind]
+            return tuple(o for o in scene.objects if getattr(o, key) == slots[key])
+    raise ValueError(f"unknown question type: {question!r}")
+
+
 def is_held_out_form(question: str) -> bool:
     """Whether a question is asked in one of HELD_OUT_FORMS."""
     return any(form in HELD_OUT_FORMS and pattern.fullmatch(question)

@@ -52,9 +52,10 @@ SIZES = {
                          text_width=96, text_layers=2, context_length=24),
         # 128 positions: a 3-shot list of four 20-vector prefixes and their lines fits
         lm=dict(n_layer=3, n_embd=96, n_head=3, n_positions=128), vocab_size=400,
-        # ClipCap's choice for a frozen LM: the transformer mapper
+        # ClipCap's choice for a frozen LM: the transformer mapper; it reads the task prompt,
+        # so a question about one object can be shown that object (datasets.teacher_lines)
         mapper=dict(kind="transformer", input="tokens", num_tokens=65, prefix_length=20,
-                    num_layers=2, num_heads=4),
+                    num_layers=2, num_heads=4, reads_prompt=True),
     ),
     "tiny": dict(
         clip=clip_config(image_size=32, patch_size=8, width=32, layers=1, embed_dim=32,
@@ -97,8 +98,10 @@ class TrainConfig:
     # prefix after the first item, as in a k-shot list (None: the dataset's choice, else 0)
     prefix_context: float | None = None
     # Weight of the text teacher: on question items, the frozen LM's next-token distributions
-    # after the prefix are pulled towards its own after the image's caption as text (0: off)
-    prefix_text_teacher: float = 0.0
+    # after the prefix are pulled towards its own after the image's caption as text, or after
+    # the line the data gives for that question (`ImagePool.teacher_lines`) where the mapper
+    # reads the question (0: off; None: the dataset's choice with a frozen LM, else 0)
+    prefix_text_teacher: float | None = None
     checkpoint_every: int = 250
     resume: bool = False
     bundle: Path | None = None  # where the final pipeline goes (default: <out>/pipeline)
@@ -476,14 +479,15 @@ def text_teacher_loss(
 
 
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
-    """(texts of each item, lookup(indices) -> features) for the prefix stage: rendered
-    datasets are encoded in memory; file datasets stream through a `FeatureCache`, their bad
+    """(texts of each item, lookup(indices) -> features, the text teacher's lines of each item
+    or None) for the prefix stage: rendered datasets (whose pools may give teacher lines) are
+    encoded in memory; file datasets stream through a `FeatureCache`, their bad
     rows (missing or unreadable images) skipped, counted and listed, or fatal with `strict`.
     `held_out`: the same for the validation examples."""
     if not hasattr(dataset, "examples"):
         data = dataset.prefix_data(config.prefix_examples, config.seed)
         features = features_in_memory(pipeline, data)
-        return data.texts, lambda indices: features[indices]
+        return data.texts, lambda indices: features[indices], data.teacher_lines
     cache = FeatureCache(None if config.features_in_memory else config.feature_cache, pipeline)
     shared = cache.dir is not None  # on disk, each process encodes its share
     rank, world = (accelerator.process_index, accelerator.num_processes) if shared else (0, 1)
@@ -500,14 +504,15 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_ou
         accelerator.print(bad.report(len(records) + len(bad)))
     if not records:
         if held_out:
-            return [], None
+            return [], None, None
         raise DataError("no readable image with a caption or question in the data")
     accelerator.print(
         f"{len(records)} {what}, {cache.encoded} images encoded now, {len(bad)} skipped"
         + (f"; features cached in {cache.dir}" if shared else "")
     )
     keys = [key for key, _ in records]
-    return [texts for _, texts in records], lambda indices: cache.get([keys[i] for i in indices])
+    texts = [texts for _, texts in records]
+    return texts, lambda indices: cache.get([keys[i] for i in indices]), None
 
 
 def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, accelerator):
@@ -528,7 +533,9 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         pipeline.lm.float().requires_grad_(True)
     if config.gradient_checkpointing:
         _checkpoint_layers(pipeline.lm)
-    texts, lookup = prefix_features(dataset, pipeline, config, accelerator)
+    texts, lookup, lines = prefix_features(dataset, pipeline, config, accelerator)
+    # a mapper that does not read the question cannot show each question its own object
+    teacher_lines = lines if pipeline.mapper.reads_prompt else None
     batch_size = min(config.prefix_batch_size, len(texts))
     steps = config.prefix_steps
     if config.prefix_epochs is not None:  # an epoch: every (image, text) pair once, as ClipCap
@@ -560,8 +567,9 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
         return item
 
     def teacher_rows(indices: list[int], prompts: list[str], tokens, labels):
-        """The text teacher's input for each item: the image's caption line as text, then the
-        item's own tokens. Only questions are taught: a caption has no caption to read first."""
+        """The text teacher's input for each item: the line the data gives for its question
+        (`teacher_lines`) or the image's caption line, as text, then the item's own tokens.
+        Only questions are taught: a caption has no caption to read first."""
         caption_prompt = pipeline.config.caption_prompt
         rows, starts = [], []
         mask = torch.zeros(tokens.shape)
@@ -571,7 +579,8 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
             captions = [t for t in texts[i] if t.startswith(caption_prompt)]
             first = []
             if captions and prompt and prompt != caption_prompt:  # a question
-                first = tokenizer(captions[0] + "\n", add_special_tokens=False)["input_ids"]
+                line = teacher_lines[i].get(prompt, captions[0]) if teacher_lines else captions[0]
+                first = tokenizer(line + "\n", add_special_tokens=False)["input_ids"]
             if len(first) + length > pipeline.max_positions:
                 first = []  # the two would not fit in the LM's positions: not taught
             mask[row, :length] = bool(first)
@@ -615,7 +624,7 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
 
     validate = None
     if config.val_every and hasattr(dataset, "val_examples"):
-        val_texts, val_lookup = prefix_features(dataset, pipeline, config, accelerator, True)
+        val_texts, val_lookup, _ = prefix_features(dataset, pipeline, config, accelerator, True)
         val_pairs = [(i, split_prompt(t, pipeline.config)) for i, ts in enumerate(val_texts)
                      for t in ts]  # fmt: skip
 
@@ -755,6 +764,9 @@ def train(config: TrainConfig):
     if config.data and config.feature_cache is None and not config.features_in_memory:
         config = dataclasses.replace(config, feature_cache=config.out / "features")
     dataset = _dataset(config)
+    if config.prefix_text_teacher is None:  # the dataset's recipe, for a frozen LM only
+        default = 0.0 if config.finetune_lm else getattr(dataset, "prefix_text_teacher", 0.0)
+        config = dataclasses.replace(config, prefix_text_teacher=default)
     if config.prefix_text_teacher and (
         config.finetune_lm or not dataset.pipeline_config().get("caption_prompt")
     ):
