@@ -77,9 +77,10 @@ def test_shapeworld_prefix_stage_trains_on_rows_of_two(tmp_path, monkeypatch):
     config = TrainConfig(
         out=tmp_path, size="tiny", batch_size=16, clip_steps=2, clip_examples=64,
         lm_steps=2, lm_examples=300, lm_batch_size=4, prefix_steps=20, prefix_examples=64,
-        prefix_batch_size=2, prefix_context=1.0, checkpoint_every=10_000,
+        prefix_batch_size=2, prefix_context=1.0, prefix_text_teacher=0.0,
+        checkpoint_every=10_000,
     )  # fmt: skip
-    train(config)
+    train(config)  # (no text teacher: rows of one would not go through prefix_loss)
     paired = [c for c in calls if c is not None]
     # every batch is asked for rows of two, but the tiny LM reads only 64 positions: a row of
     # two that would not fit is read as two rows of one (seeded: both happen)

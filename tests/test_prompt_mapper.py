@@ -101,3 +101,21 @@ def test_each_task_gives_the_mapper_its_own_prompt(prompted, images, monkeypatch
     list(prompted.stream_answer(pictures[0], questions[0], max_new_tokens=2))
     prompted.caption(pictures, max_new_tokens=2)
     assert seen == [asked, asked, asked[:1], None]  # None: the caption prompt
+
+
+def test_a_question_too_long_for_the_lm_is_refused_before_any_image_is_encoded(monkeypatch):
+    """The bundled mapper reads the question through the LM, so a question longer than the LM's
+    positions must be a clear error before the prompt or the image is read (it was an
+    IndexError from the position table)."""
+    pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
+    assert pipeline.mapper.reads_prompt
+
+    def never(*args, **kwargs):
+        raise AssertionError("encoded an image for a question that cannot be answered")
+
+    monkeypatch.setattr(pipeline, "image_features", never)
+    image = torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()
+    with pytest.raises(ValueError, match="too long"):
+        pipeline.answer(image, "what color is it? " * 40)
+    with pytest.raises(ValueError, match="too long"):
+        pipeline.prompt_states(["what color is it? " * 40])

@@ -192,6 +192,7 @@ class Pipeline:
         Without autograd, not inference mode, so the prefix stage can train on them."""
         ids = [self._token_ids(p.strip()) or [self.tokenizer.eos_token_id] for p in prompts]
         length = max(len(i) for i in ids)
+        self._room(length, need=0)  # past the LM's positions: a clear error, not an IndexError
         tokens = torch.zeros(len(ids), length, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(ids), length, dtype=torch.bool, device=self.device)
         for row, i in enumerate(ids):
@@ -391,6 +392,8 @@ class Pipeline:
         if len(questions) != len(images):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         prompts = [question_prompt(q.strip(), self.config.question_template) for q in questions]
+        for prompt in prompts:  # before any image is encoded or prompt read
+            self._room(self.mapper.prefix_length + len(self._token_ids(prompt)))
         prefixes = self.prefix(images, prompts)
         return [self._embed_parts([p, q]) for p, q in zip(prefixes, prompts, strict=True)]
 
