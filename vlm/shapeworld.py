@@ -393,18 +393,23 @@ def questions(
     return qa
 
 
+def _slots(question: str) -> tuple[str, dict[str, str]]:
+    """(kind of QUESTION_FORMS, the words its slots hold) of a question in any of its forms."""
+    for kind, _form, pattern in _PATTERNS:
+        if match := pattern.fullmatch(question):
+            return kind, match.groupdict()
+    raise ValueError(f"unknown question type: {question!r}")
+
+
 def parse_question(question: str) -> tuple[str, str]:
     """(kind, the question in its canonical form) of a question in any of QUESTION_FORMS; the
     kind is one of QUESTION_TYPES. A one-object form ("what color is it?") has no canonical
     twin to name its object, so it is returned unchanged."""
-    for kind, _form, pattern in _PATTERNS:
-        if match := pattern.fullmatch(question):
-            slots = match.groupdict()
-            canonical = QUESTION_FORMS[kind][0]
-            needed = re.findall(r"{(\w+)}", canonical)
-            text = canonical.format(**slots) if all(k in slots for k in needed) else question
-            return _RELATION_KINDS.get(kind, kind), text
-    raise ValueError(f"unknown question type: {question!r}")
+    kind, slots = _slots(question)
+    canonical = QUESTION_FORMS[kind][0]
+    needed = re.findall(r"{(\w+)}", canonical)
+    text = canonical.format(**slots) if all(k in slots for k in needed) else question
+    return _RELATION_KINDS.get(kind, kind), text
 
 
 def question_type(question: str) -> str:
@@ -412,19 +417,19 @@ def question_type(question: str) -> str:
     return parse_question(question)[0]
 
 
+# which attribute of its object a question of each kind names it by ("the star": its shape)
+_NAMED_BY = {"color": "shape", "shape": "color", "size": "name", "exists": "name"}
+
+
 def referents(scene: Scene, question: str) -> tuple[Obj, ...]:
     """The objects of a scene that a question (in any of QUESTION_FORMS) is about: the shape a
     colour question names, the colour a shape question names, the object a size or existence
     question names. Count and relation questions are about the scene as a whole: none."""
-    for kind, _form, pattern in _PATTERNS:
-        if match := pattern.fullmatch(question):
-            slots = match.groupdict()
-            field = {"color": "shape", "shape": "color", "size": "name", "exists": "name"}
-            if kind not in field or not slots:
-                return ()
-            key = field[kind]
-            return tuple(o for o in scene.objects if getattr(o, key) == slots[key])
-    raise ValueError(f"unknown question type: {question!r}")
+    kind, slots = _slots(question)
+    key = _NAMED_BY.get(kind)
+    if key is None or key not in slots:  # the scene, or a one-object form ("what color is it?")
+        return ()
+    return tuple(o for o in scene.objects if getattr(o, key) == slots[key])
 
 
 def is_held_out_form(question: str) -> bool:
