@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # bombs). 64 MP covers any camera photo; override with VLM_MAX_IMAGE_PIXELS.
 MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own guard, as a second line of defence
+
+# The most any task needs of an image: the encoders read at most 448 px and Explain's overlay
+# is shown at about 1024. An image whose shorter side is at least twice this is reduced by a
+# whole factor while it is decoded (JPEG at its decoder's scale, others right after), keeping
+# that side at least this long: a 64 MP image costs a few MB afterwards, not 200.
+WORK_SIDE = 1024
+
+REDUCIBLE = {"RGB", "RGBA", "L", "LA", "I", "F"}  # modes Image.reduce takes
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -116,14 +125,46 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     return image
 
 
+class PixelBudget:
+    """How many pixels one request may decode in all ("Caption all", indexing): each image
+    is charged what its decoder will produce (a JPEG at its reduced scale) before decoding,
+    and one over the budget is refused with ImageError, so the request's decoding time is
+    bounded whatever its count of files."""
+
+    def __init__(self, pixels: int):
+        self.left = pixels
+        self._lock = threading.Lock()  # decode threads share one budget
+
+    def charge(self, pixels: int, name: str) -> None:
+        with self._lock:
+            if pixels > self.left:
+                raise ImageError(
+                    f"{name}: not decoded, this request has used its budget of decoded "
+                    "pixels (VLM_MAX_REQUEST_PIXELS); send the rest in another request"
+                )
+            self.left -= pixels
+
+
+def _reduction(size: tuple[int, int], keep: int) -> int:
+    """The whole factor that shrinks `size` most while its shorter side stays >= `keep`; 1
+    below twice that."""
+    return max(1, min(size) // keep)
+
+
 def load_image(
-    source: ImageInput, name: str | None = None, min_side: int | None = None
+    source: ImageInput,
+    name: str | None = None,
+    min_side: int | None = None,
+    budget: PixelBudget | None = None,
 ) -> Image.Image:
     """Open `source` as an RGB PIL image: EXIF rotation applied, first frame of animations,
     alpha flattened onto white, 16-bit scaled. Raises ImageError with a readable message.
 
-    `min_side` lets a JPEG decode at a reduced scale that keeps both sides at least that
-    long (the model resizes to it anyway), which makes decoding big photos much faster."""
+    Decoding never keeps more than the work needs: an image whose shorter side is at least
+    2 × `WORK_SIDE` is reduced by a whole factor as it is decoded. `min_side` lets a JPEG
+    decode at a reduced scale that keeps both sides at least that long (the model resizes to
+    it anyway), which makes decoding big photos much faster. `budget` is charged the pixels
+    the decoder will produce before it runs."""
     if isinstance(source, np.ndarray):
         return _to_rgb(Image.fromarray(_image_array(source, name or "image array")))
     if isinstance(source, Image.Image):
@@ -131,14 +172,22 @@ def load_image(
     else:
         label = name or ("image bytes" if isinstance(source, bytes) else Path(source).name)
         image = _open(source, label)
-        if min_side and image.format == "JPEG":
-            image.draft("RGB", (min_side, min_side))
+        if image.format == "JPEG":
+            side = min_side or WORK_SIDE
+            if _reduction(image.size, side) > 1 or min_side:
+                image.draft("RGB", (side, side))
+        if budget is not None:
+            budget.charge(image.size[0] * image.size[1], label)
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
+        image.load()
+        if (factor := _reduction(image.size, WORK_SIDE)) > 1:
+            # reduced in its own mode where Pillow can (no full-size copy), else made RGB first
+            image = image if image.mode in REDUCIBLE else _to_rgb(image)
+            image = image.reduce(factor)
         if image.getexif().get(ORIENTATION, 1) != 1:  # (exif_transpose copies even when not)
             image = ImageOps.exif_transpose(image)
-        image.load()
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{label}: the image data is damaged or truncated ({error})") from None
@@ -164,17 +213,25 @@ class DecodedImages(torch.utils.data.Dataset):
     """Decode + preprocess images (for DataLoader workers or threads); item i is
     (i, pixels or None, error message), so one bad file never stops a batch."""
 
-    def __init__(self, sources: Sequence[ImageInput], preprocess, side: int | None = None):
+    def __init__(
+        self,
+        sources: Sequence[ImageInput],
+        preprocess,
+        side: int | None = None,
+        budget: PixelBudget | None = None,
+    ):
         self.sources = sources
         self.preprocess = preprocess
         self.side = side  # JPEGs decode straight at about this size (much faster)
+        self.budget = budget  # decoded pixels, charged per image (see PixelBudget)
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.sources[i], min_side=self.side)), ""
+            image = load_image(self.sources[i], min_side=self.side, budget=self.budget)
+            return i, self.preprocess(image), ""
         except (ImageError, OSError) as error:
             return i, None, str(error)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import os
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import ImageError, load_image
+from .images import ImageError, PixelBudget, load_image
 
 UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}  # as Gradio's
 
@@ -174,37 +175,41 @@ class ImageGate:
             )
         return resolved
 
-    def open(self, source, name: str | None = None) -> Image.Image:
+    def open(
+        self, source, name: str | None = None, budget: PixelBudget | None = None
+    ) -> Image.Image:
         """An RGB image from `source`: a path (str or PathLike), a URL or data URL (str), a
         FileData-like dict or object (`path`, `url`, `orig_name`), bytes, a PIL image or an
-        array. Raises ImageError (InputRefused for what is refused) with a message for the
-        user."""
+        array, reduced while it is decoded to what the work needs (see `load_image`), charged
+        to `budget` if given. Raises ImageError (InputRefused for what is refused) with a
+        message for the user."""
+        decode = functools.partial(load_image, budget=budget)
         if isinstance(source, str):
             if source.lower().startswith("data:"):
-                return load_image(data_url_bytes(source, self.max_bytes), name or "data URL")
+                return decode(data_url_bytes(source, self.max_bytes), name or "data URL")
             if is_url(source):
                 raise url_refused(source)
-            return load_image(self.read_path(source), name)
+            return decode(self.read_path(source), name)
         if isinstance(source, os.PathLike):
-            return load_image(self.read_path(source), name)
+            return decode(self.read_path(source), name)
         if isinstance(source, bytes):
             if len(source) > self.max_bytes:
                 raise InputRefused(
                     f"{name or 'image bytes'}: the image is too large "
                     f"({_megabytes(len(source))}; the limit is {_megabytes(self.max_bytes)})"
                 )
-            return load_image(source, name)
+            return decode(source, name)
         path, url = _field(source, "path"), _field(source, "url")
         if path is not None or url is not None:  # FileData / ImageData / a dict of them
             shown = Path(str(_field(source, "orig_name") or "image")).name
             if isinstance(path, str) and path:
                 if is_url(path) or path.lower().startswith("data:"):
                     raise url_refused(path)
-                return load_image(self.read_path(path), name or shown)
+                return decode(self.read_path(path), name or shown)
             if isinstance(url, str) and url.lower().startswith("data:"):
-                return load_image(data_url_bytes(url, self.max_bytes, shown), name or shown)
+                return decode(data_url_bytes(url, self.max_bytes, shown), name or shown)
             raise url_refused(str(url or path))
-        return load_image(source, name)  # a PIL image or an array, already in memory
+        return decode(source, name)  # a PIL image or an array, already in memory
 
 
 def number(value, what: str, low: float, high: float, unit: str = "") -> float:

@@ -27,7 +27,14 @@ from PIL import Image
 
 from .device import available_cores
 from .encoder import Encoder
-from .images import DecodedImages, ImageInput, collate_decoded, list_images, load_image
+from .images import (
+    DecodedImages,
+    ImageInput,
+    PixelBudget,
+    collate_decoded,
+    list_images,
+    load_image,
+)
 from .uploads import safe_name
 
 MANIFEST = "manifest.json"
@@ -153,15 +160,26 @@ class SearchIndex:
     def __len__(self) -> int:
         return len(self.items)
 
+    def copy(self) -> SearchIndex:
+        """An independent copy (its own FAISS index, items and hashes): what is added to it
+        afterwards stays out of this one."""
+        clone = type(self)(self.encoder, self.factory, self.search_params, self.num_workers)
+        clone.index = faiss.clone_index(self.index)
+        clone.items, clone.hashes = list(self.items), list(self.hashes)
+        clone._apply_search_params()
+        return clone
+
     def add(
         self,
         images_or_paths: Iterable[ImageInput] | str | os.PathLike,
         batch_size: int = 32,
         names: Sequence[str] | None = None,
         progress=None,
+        budget: PixelBudget | None = None,
     ) -> int:
-        """Embed and add images (PIL images, paths, folders). Unreadable files and duplicates
-        are skipped and listed in `self.skipped`. Returns how many were added."""
+        """Embed and add images (PIL images, paths, folders). Unreadable files, duplicates and
+        files past the `budget` of decoded pixels are skipped and listed in `self.skipped`.
+        Returns how many were added."""
         if isinstance(images_or_paths, (str, os.PathLike)):
             images_or_paths = [images_or_paths]
         sources = list(images_or_paths)
@@ -187,12 +205,13 @@ class SearchIndex:
             unique.append(source)
             unique_labels.append(label)
             unique_hashes.append(digest)
-        images = DecodedImages(unique, self.encoder.preprocess, self.encoder.image_side)
+        images = DecodedImages(unique, self.encoder.preprocess, self.encoder.image_side, budget)
         workers = self.num_workers
         files = all(isinstance(s, (str, os.PathLike)) for s in unique)
-        if workers is None and self.encoder.device.type != "cpu" and files:
+        if workers is None and self.encoder.device.type != "cpu" and files and budget is None:
             # a GPU encoder outruns any decoder: there worker processes, which the GIL does
-            # not hold back, decode faster than threads (H200, 16 cores: 538 vs 357 img/s)
+            # not hold back, decode faster than threads (H200, 16 cores: 538 vs 357 img/s);
+            # a budget is shared by threads only
             workers = min(4, max(1, available_cores() - 1)) if len(unique) > batch_size else None
         if workers is None:
             batches = _threaded_batches(images, batch_size, _decode_threads())
@@ -224,7 +243,11 @@ class SearchIndex:
         return added
 
     def add_copies(
-        self, paths: Iterable[str | os.PathLike], folder: str | os.PathLike, progress=None
+        self,
+        paths: Iterable[str | os.PathLike],
+        folder: str | os.PathLike,
+        progress=None,
+        budget: PixelBudget | None = None,
     ) -> int:
         """Add image files as copies kept in `folder` (uploads, whose originals are
         temporary), under content-addressed names, `<sha256 prefix>-<safe name>`: an upload
@@ -243,7 +266,7 @@ class SearchIndex:
                 if not target.exists():
                     _write_atomic(target, data)
                 copies.append(target)
-            return self.add(copies, progress=progress)
+            return self.add(copies, progress=progress, budget=budget)
         finally:
             self.prune(folder)
 

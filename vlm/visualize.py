@@ -9,8 +9,9 @@ from PIL import Image, ImageDraw
 def _colormap(values: np.ndarray) -> np.ndarray:
     """A perceptually ordered blue→yellow→red ramp for values in [0, 1], as uint8 RGB."""
     stops = np.array([[40, 20, 120], [30, 120, 220], [60, 200, 120], [250, 220, 40], [230, 40, 30]])
-    position = np.clip(values, 0, 1) * (len(stops) - 1)
-    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    stops = stops.astype(np.float32)
+    position = np.clip(values, 0, 1).astype(np.float32) * (len(stops) - 1)
+    low = np.floor(position).astype(np.intp).clip(0, len(stops) - 2)
     frac = (position - low)[..., None]
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
@@ -22,10 +23,19 @@ def peak_centre(grid: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
 
 
 def overlay_heatmap(
-    image: Image.Image, grid: np.ndarray, alpha: float = 0.55, mark_peak: bool = True
+    image: Image.Image,
+    grid: np.ndarray,
+    alpha: float = 0.55,
+    mark_peak: bool = True,
+    max_side: int = 1024,
 ) -> Image.Image:
     """`grid` (any shape, e.g. 7×7 patch scores) stretched over `image`, min-max scaled; with
-    `mark_peak`, a ring around the centre of its highest cell (where the text matches most)."""
+    `mark_peak`, a ring around the centre of its highest cell (where the text matches most).
+    The picture is drawn at most `max_side` pixels long (its colours as uint8, the ramp's
+    working values float32): what a page shows, whatever the image's size."""
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
     span = float(grid.max() - grid.min())
     scaled = (grid - grid.min()) / span if span > 1e-8 else np.zeros_like(grid)
     small = Image.fromarray((scaled * 255).astype(np.uint8), mode="L")
