@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import open_clip
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file
@@ -42,6 +43,49 @@ def load_parts(name_or_path: str | os.PathLike, device=None) -> Parts:
     if is_blip2_config(data):
         return _blip2(folder, device)
     return folder_parts(folder, PipelineConfig.from_dict(data))
+
+
+class ModelRefused(ValueError):
+    """A model folder a server will not load for a request; the message says why."""
+
+
+def check_confined(folder: str | os.PathLike) -> None:
+    """Refuse (ModelRefused) a model folder whose `config.json` would make loading it read
+    or fetch anything outside it: the LM must be a subfolder, a `local-dir:` encoder and a
+    weights file must lie inside (no absolute path, no `..`, no symlink out), and the
+    encoder's weights must be a file there or one of open_clip's published tags for its
+    model (a fixed download, as a preset's). No hub id is taken from such a folder. A BLIP-2
+    folder (transformers' layout) names no paths."""
+    root = Path(folder).resolve()
+    try:
+        data = json.loads((root / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise ModelRefused(f"{root.name}: no readable {CONFIG_NAME} ({error})") from None
+    if not isinstance(data, dict):
+        raise ModelRefused(f"{root.name}: {CONFIG_NAME} is not an object")
+    if is_blip2_config(data):
+        return
+    encoder = data.get("encoder") if isinstance(data.get("encoder"), dict) else {}
+    model = str(encoder.get("model", ""))
+
+    def inside(value, what: str, kind: str) -> None:
+        text = str(value or "")
+        path = Path(text)
+        target = (root / path).resolve()
+        exists = target.is_dir() if kind == "folder" else target.exists()
+        if not text or path.is_absolute() or ".." in path.parts:
+            raise ModelRefused(f"{root.name}: its {what} {text!r} is not a path inside it")
+        if not (target.is_relative_to(root) and exists):
+            raise ModelRefused(f"{root.name}: its {what} {text!r} is not a {kind} inside it")
+
+    inside(data.get("lm", "lm"), "LM", "folder")
+    if model.startswith("local-dir:"):
+        inside(model.removeprefix("local-dir:"), "encoder", "folder")
+    elif model.startswith("hf-hub:") or model not in open_clip.list_models():
+        raise ModelRefused(f"{root.name}: its encoder {model!r} is not open_clip's nor inside it")
+    pretrained = encoder.get("pretrained")
+    if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        inside(pretrained, "encoder weights", "file")
 
 
 def folder_parts(folder: Path, config: PipelineConfig) -> Parts:
