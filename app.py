@@ -9,12 +9,14 @@ built when first asked for: importing this module loads no model.
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import functools
 import gc
+import html
 import inspect
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,8 +24,10 @@ import gradio as gr
 import open_clip
 import pandas as pd
 import torch
+from starlette.middleware import Middleware
 
 from vlm import inputs
+from vlm.admission import FairQueue, RequestLimits, client_of
 from vlm.examples import (
     EXAMPLES_DIR,
     caption_examples,
@@ -37,11 +41,16 @@ from vlm.images import ImageError
 from vlm.inputs import is_url, url_refused
 from vlm.search import IndexLoadError
 from vlm.serve import (
+    MAX_BODY_SIZE,
     MAX_NEW_TOKENS,
+    MAX_PENDING,
     MAX_UPLOAD_FILES,
+    UPLOAD_QUOTA,
+    Indexes,
     Models,
     Service,
     index_folder,
+    write_captions_csv,
 )
 from vlm.uploads import ScratchFolder, UploadError
 
@@ -50,8 +59,10 @@ __all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what 
 log = logging.getLogger("vlm.app")
 
 MAX_FILE_SIZE = inputs.MAX_FILE_SIZE_TEXT  # uploads, paths and data URLs alike
-# a request's output files (the caption CSV) are removed this many seconds after it
+# every file the app writes or takes in (uploads, the caption CSV, the pictures it shows,
+# private galleries) is removed this many seconds after it was written or last used
 TEMP_MAX_AGE = float(os.environ.get("VLM_TEMP_MAX_AGE", 600))
+QUEUE_SIZE = 64  # requests waiting or running in all; the heavy group may take half
 # Gradio keeps a copy of the page's configuration for every session (about 0.3 MB each here)
 # until it has this many; API clients never close theirs, so without a bound memory grows
 # with every new visitor. The app keeps nothing per session, so forgetting the oldest is free.
@@ -81,6 +92,21 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--auth", default=env("VLM_AUTH"), help="user:password")
     parser.add_argument("--index-dir", type=Path, default=INDEX_ROOT)
+    parser.add_argument(
+        "--shared-index",
+        action="store_true",
+        default=env("VLM_SHARED_INDEX") == "1",
+        help="one persistent search gallery that every visitor sees and adds to (a team's "
+        "deployment; or VLM_SHARED_INDEX=1). Default: each visitor's additions are private "
+        "to their session",
+    )
+    parser.add_argument(
+        "--trusted-proxy",
+        action="store_true",
+        default=env("VLM_TRUSTED_PROXY") == "1",
+        help="a proxy in front sets X-Forwarded-For: count each client by that address "
+        "(or VLM_TRUSTED_PROXY=1). Default: by session",
+    )
     parser.add_argument(
         "--allowed-dir", dest="allowed_dirs", type=Path, action="append",
         help="a server folder whose files and model folders requests may name by path "
@@ -118,7 +144,8 @@ def friendly(func):
         except gr.Error:
             raise
         except (ImageError, UploadError, IndexLoadError, ValueError, FileNotFoundError) as error:
-            raise gr.Error(str(error)) from None
+            log.info("%s refused for %s: %s", func.__name__, _client(), error)
+            raise gr.Error(str(error), print_exception=False) from None
         except torch.cuda.OutOfMemoryError:
             log.warning("out of GPU memory in %s; freeing memory", func.__name__)
         except Exception as error:
@@ -134,13 +161,30 @@ def friendly(func):
     return wrapper
 
 
+def _client() -> str:
+    """Who sent the request being handled, for the log (see vlm.admission.client_of)."""
+    request = gr.context.LocalContext.request.get(None)
+    return client_of(getattr(request, "session_hash", None), request) if request else "a client"
+
+
+def _session(request: gr.Request | None) -> str | None:
+    """The visitor's session, which owns their private gallery (None: a direct call)."""
+    return getattr(request, "session_hash", None)
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown as itself inside a line of Markdown: HTML escaped, and backslashed where
+    Markdown would read it (emphasis, code, links and images, tables, strikethrough)."""
+    return html.escape(re.sub(r"([\\`*_\[\]!|~])", r"\\\1", text), quote=True)
+
+
 async def _no_fetch(self, url_or_file_path):
     """For file inputs: Gradio downloads a FileData whose path is a URL into its cache
     before the handler runs (leaving a folder behind when that fails); here nothing a
     request names is fetched. (A method, not a mixin: a template component's first base
     names its page component.)"""
     if isinstance(url_or_file_path, str) and is_url(url_or_file_path):
-        raise gr.Error(str(url_refused(url_or_file_path)))
+        raise gr.Error(str(url_refused(url_or_file_path)), print_exception=False)
     return await gr.blocks.Block.async_move_resource_to_block_cache(self, url_or_file_path)
 
 
@@ -173,10 +217,18 @@ class UploadedImage(gr.Image):
 
 
 class UploadedFiles(gr.File):
-    """A file input whose FileData paths are never fetched as URLs (see _no_fetch)."""
+    """A file input whose FileData paths are never fetched as URLs (see _no_fetch), and whose
+    refusals (a file of a type it does not take) are a bad input, not a bug: one log line."""
 
     is_template = True  # the page shows it as a gr.File
     async_move_resource_to_block_cache = _no_fetch
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error as error:
+            log.info("files refused for %s: %s", _client(), error.message)
+            raise gr.Error(error.message, print_exception=False) from None
 
 
 def image_input(label: str = "Image", **options) -> UploadedImage:
@@ -262,9 +314,7 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
     def caption_files(files, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_tokens=30,
                       model=None):  # fmt: skip
         rows = service.caption_files(files, (mode, beams, top_p, temperature, max_tokens), model)
-        out = scratch.new_file("captions.csv")
-        with out.open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([("file", "caption"), *rows])
+        out = write_captions_csv(rows, scratch.new_file("captions.csv"))
         return pd.DataFrame(rows, columns=["file", "caption"]), str(out)
 
     @friendly
@@ -282,34 +332,42 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
 
     @friendly
     @gpu
-    def search(query_text="", query_image=None, k=8, model=None):
-        return _results(service.search(query_text, query_image, k, model))
+    def search(query_text="", query_image=None, k=8, model=None, request: gr.Request = None):
+        return _results(service.search(query_text, query_image, k, model, _session(request)))
 
     @friendly
-    def index_add(files, model=None, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+    def index_add(files, model=None, progress=gr.Progress(), request: gr.Request = None):  # noqa: B008 (Gradio's idiom)
         def indexing(done: int, of: int) -> None:
             progress(done / max(of, 1), desc="indexing")
 
-        index, added, skipped = service.index_add(files, model, indexing)
+        index, added, skipped = service.index_add(files, model, indexing, _session(request))
         status = f"Added {added} image(s); the index now holds {len(index)}."
         if skipped:
-            status += " Skipped: " + "; ".join(f"{Path(n).name} ({why})" for n, why in skipped[:20])
+            status += " Skipped: " + "; ".join(
+                f"{markdown_text(Path(n).name)} ({markdown_text(why)})" for n, why in skipped[:20]
+            )
         return _gallery(index.items[-60:]), status
 
     @friendly
-    def show_index(model=None):
-        return _gallery(service.latest(model))
+    def show_index(model=None, request: gr.Request = None):
+        return _gallery(service.latest(model, session=_session(request)))
 
     return dict(caption_files=caption_files, classify=classify, explain=explain, search=search,
                 index_add=index_add, show_index=show_index)  # fmt: skip
 
 
-def make_handlers(models: Models, index_root: Path, allowed_dirs=()) -> dict:
+def make_handlers(
+    models: Models, index_root: Path, allowed_dirs=(), shared_index: bool = False
+) -> dict:
     """The functions behind the page's buttons (and its API), over the models.
 
-    Every server path a request names (an image or file given as a string, a model folder)
-    must lie under `allowed_dirs`, Gradio's upload folder or the bundled examples."""
-    service = Service(models, index_root, PathGuard(allowed_dirs))
+    Every server path a request names (an image or file given as a string) must lie under
+    `allowed_dirs`, Gradio's upload folder or the bundled examples; a model folder, under
+    `allowed_dirs` only. `shared_index`: one search gallery for everyone (see vlm.serve.Indexes).
+    The service is `handlers["service"]`."""
+    indexes = Indexes(index_root, shared_index, TEMP_MAX_AGE, MAX_SESSIONS)
+    service = Service(models, index_root, PathGuard(allowed_dirs),
+                      inputs.PathGuard(allowed_dirs), indexes)  # fmt: skip
     scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
     streams = _writers(service)
     return dict(
@@ -321,6 +379,7 @@ def make_handlers(models: Models, index_root: Path, allowed_dirs=()) -> dict:
         **{name: finished(without_words(stream)) for name, stream in streams.items()},
         **_clip_handlers(service, scratch),
         notice=friendly(service.notice),
+        service=service,
     )
 
 
@@ -552,7 +611,9 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
 
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
-    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs)
+    shared = getattr(settings, "shared_index", False)
+    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared)
+    indexes = handlers["service"].indexes
     pipeline = models.get(None)
     sets = label_sets(pipeline)
     default_set = next(iter(pipeline.config.label_sets), "Everyday things")
@@ -560,7 +621,10 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     sw_paths = [str(p) for p, _ in sw_examples]
     photos = [str(p) for p in photo_examples()]
 
-    with gr.Blocks(title="vlm — teach a frozen LM to see") as demo:
+    # uploads and what the app hands Gradio to serve are deleted after TEMP_MAX_AGE
+    sweep = max(1, min(60, int(TEMP_MAX_AGE // 4)))
+    with gr.Blocks(title="vlm — teach a frozen LM to see",
+                   delete_cache=(sweep, max(1, int(TEMP_MAX_AGE)))) as demo:  # fmt: skip
         gr.Markdown("# vlm · teach a frozen language model to see")
         with gr.Row():
             notice = gr.Markdown(models.notice(), elem_id="model-notice")
@@ -594,18 +658,36 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Tab("Explain"):
             explain_tab(handlers, model)
         demo.load(handlers["show_index"], model, indexed, api_name=False)
-    demo.queue(default_concurrency_limit=2, max_size=64)
-    demo.vlm_served_paths = served_paths(settings.index_dir, models.choices())
+    demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
+    fair = FairQueue(MAX_PENDING, HEAVY["concurrency_id"], QUEUE_SIZE // 2,
+                     getattr(settings, "trusted_proxy", False))  # fmt: skip
+    fair.install(demo._queue)
+    demo.vlm_served_paths = served_paths(settings.index_dir, models.choices(), indexes)
+    demo.vlm_limits = Middleware(
+        RequestLimits, max_body=MAX_BODY_SIZE, upload_quota=UPLOAD_QUOTA,
+        upload_usage=lambda: app_bytes(demo, indexes),
+    )  # fmt: skip
     return demo
 
 
-def served_paths(index_root: Path, model_names: list[str]) -> list[str]:
+def app_bytes(demo: gr.Blocks, indexes: Indexes) -> int:
+    """What the app's files take on disk now: the uploads and outputs Gradio keeps for this
+    app (not other apps' in the same folder) and the private galleries' copies."""
+    total = indexes.private_bytes()
+    for files in demo.temp_file_sets:
+        for name in list(files):
+            with contextlib.suppress(OSError):  # deleted meanwhile
+                total += os.stat(name).st_size
+    return total
+
+
+def served_paths(index_root: Path, model_names: list[str], indexes: Indexes) -> list[str]:
     """Gradio's `allowed_paths`, kept minimal: what the page must show from outside its upload
-    cache, that is the bundled examples and the images each model's index keeps. Never the
-    index files themselves, nor the folders allowed with --allowed-dir (requests may *read*
-    from those, but nothing there is served)."""
+    cache, that is the bundled examples, the images each model's shared index keeps and the
+    private galleries' copies. Never the index files themselves, nor the folders allowed with
+    --allowed-dir (requests may *read* from those, but nothing there is served)."""
     images = [index_folder(index_root, name) / "images" for name in model_names]
-    return [str(EXAMPLES_DIR), *map(str, images)]
+    return [str(EXAMPLES_DIR), *map(str, images), str(indexes.private_root())]
 
 
 def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
@@ -619,19 +701,29 @@ def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
         server_name=settings.server_name, server_port=settings.port, share=settings.share,
         auth=auth, max_file_size=MAX_FILE_SIZE, css=CSS, footer_links=["api"],
         allowed_paths=demo.vlm_served_paths, state_session_capacity=MAX_SESSIONS,
+        app_kwargs={"middleware": [demo.vlm_limits]},
     )  # fmt: skip
+
+
+def configure_logging() -> None:
+    """The server's log: one line per refused input or queue refusal (vlm's INFO), warnings
+    and tracebacks of real bugs from everything else."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlm").setLevel(logging.INFO)
 
 
 def __getattr__(name: str):
     """`demo`, built on first use (`gradio app.py`, Spaces), with the flags' defaults and the
     environment's settings: importing this module loads no model."""
     if name == "demo":
+        configure_logging()
         globals()["demo"] = build_demo(parse_settings([]))
         return globals()["demo"]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    configure_logging()
     settings = parse_settings(sys.argv[1:])
     demo = build_demo(settings)
     launch(demo, settings)

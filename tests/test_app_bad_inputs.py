@@ -33,7 +33,7 @@ from vlm.uploads import clean_question
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app-bad-inputs")
-    process, url, _ = start_app(tmp)
+    process, url, _ = start_app(tmp, "--shared-index")  # its index on disk, to probe its files
     yield process, Client(url, verbose=False), tmp
     process.terminate()
     process.wait(timeout=30)
@@ -404,9 +404,12 @@ def test_allowed_dirs_from_flags_and_environment(app_module, monkeypatch):
 
 
 def test_gradio_serves_only_the_examples_and_the_index_images(app_module, tmp_path):
-    paths = app_module.served_paths(tmp_path, ["shapeworld", "../evil"])
+    indexes = app_module.Indexes(tmp_path)
+    paths = app_module.served_paths(tmp_path, ["shapeworld", "../evil"], indexes)
     assert paths == [str(EXAMPLES_DIR), str(tmp_path / "shapeworld" / "images"),
-                     str(tmp_path / "__evil" / "images")]  # fmt: skip
+                     str(tmp_path / "__evil" / "images"),
+                     str(indexes.private_root())]  # fmt: skip
+    assert not list(indexes.private_root().iterdir())  # the private galleries' root, empty
 
 
 def test_through_the_api_a_server_path_is_refused(served):

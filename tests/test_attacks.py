@@ -32,7 +32,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("attacks")
     (root / "tmp").mkdir()
     env = {"TMPDIR": str(root / "tmp"), "VLM_MAX_FILE_SIZE": "1mb", "VLM_TEMP_MAX_AGE": "0"}
-    process, url, _ = start_app(root, env=env)
+    # one shared index: raw calls carry no session, and these probe the files it keeps
+    process, url, _ = start_app(root, "--shared-index", env=env)
     yield process, url.rstrip("/"), root
     process.terminate()
     process.wait(timeout=30)

@@ -8,23 +8,30 @@ command line (`vlm index`) opens its indexes with `open_index`. A refused reques
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import csv
 import functools
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
+import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from .examples import all_example_images
-from .images import ImageError
-from .inputs import ImageGate, PathGuard, number
+from .images import ImageError, PixelBudget
+from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
 from .pipeline import Pipeline
 from .presets import PRESETS, choose_default_model, hub_reachable, models_for_task, runnable_presets
+from .pretrained import check_confined
 from .search import MANIFEST, Hit, SearchIndex
 from .streaming import TextStream
 from .tasks import TASKS, UnsupportedTaskError
@@ -54,6 +61,30 @@ MAX_TEMPLATE_CHARS = int(os.environ.get("VLM_MAX_TEMPLATE_CHARS", 200))
 MAX_CLASSIFY_TEXTS = int(os.environ.get("VLM_MAX_CLASSIFY_TEXTS", 20_000))
 MAX_FEW_SHOT_CHARS = int(os.environ.get("VLM_MAX_FEW_SHOT_CHARS", 1000))
 MAX_CHOICES = 50
+# Pixels one request may decode in all ("Caption all", indexing), a JPEG counted at the
+# scale it is decoded at (see vlm.images.PixelBudget): about eight of the largest images.
+MAX_REQUEST_PIXELS = int(os.environ.get("VLM_MAX_REQUEST_PIXELS", 500_000_000))
+# Requests one client may have waiting or running at once (see vlm.admission.FairQueue).
+MAX_PENDING = int(os.environ.get("VLM_MAX_PENDING", 4))
+# Bytes the app's files (uploads, outputs, private galleries) may take on disk at once.
+UPLOAD_QUOTA = parse_size(os.environ.get("VLM_UPLOAD_QUOTA", "2gb"))
+
+
+def largest_request_bytes() -> int:
+    """The largest body a legitimate request sends: one image inline as a data URL at the
+    file limit (base64: 4 bytes for 3) beside the longest texts the limits allow, each
+    character escaped in JSON at worst as 6 bytes, plus 1 MB for the rest. Several large
+    images go through the upload route, one file at a time."""
+    texts = (
+        MAX_LABELS * (MAX_LABEL_CHARS + 4)
+        + MAX_TEMPLATES * (MAX_TEMPLATE_CHARS + 2)
+        + 5 * MAX_FEW_SHOT_CHARS
+        + MAX_QUESTION_CHARS
+    )
+    return MAX_FILE_SIZE * 4 // 3 + 6 * texts + (1 << 20)
+
+
+MAX_BODY_SIZE = parse_size(os.environ.get("VLM_MAX_BODY_SIZE", str(largest_request_bytes())))
 
 
 class RequestError(ValueError):
@@ -96,16 +127,19 @@ class Models:
         if task not in self.get(name).tasks:
             raise UnsupportedTaskError(task, name, models_for_task(task, self.choices()))
 
-    def pick(self, name: str | None, guard: PathGuard) -> str:
-        """The model a request asked for: one this server offers, or a model folder under an
-        allowed folder; never a hub id or a folder elsewhere (nothing a user types is fetched
-        or read unless allowed)."""
+    def pick(self, name: str | None, model_dirs: PathGuard) -> str:
+        """The model a request asked for: one this server offers, or a model folder under a
+        folder the operator allowed for models (`model_dirs`: --allowed-dir, never the upload
+        or examples folders), whose config names nothing outside it (`check_confined`);
+        never a hub id or a folder elsewhere (nothing a user types is fetched or read unless
+        allowed)."""
         if not name:
             return self.default
         if name in self.choices():
             return name
-        folder = guard.allows(name)
+        folder = model_dirs.allows(name)
         if folder is not None and folder.is_dir():
+            check_confined(folder)
             return str(folder)
         raise RequestError(
             f"Model {name!r} is not offered here: choose one of {', '.join(self.choices())}, "
@@ -160,44 +194,136 @@ def open_index(folder: Path, pipeline: Pipeline, images: Iterable = (), **option
 
 
 class Indexes:
-    """Each model's persistent search index, one folder per model under `root`: the bundled
-    examples the first time, then what users add (copied in, content-addressed)."""
+    """Each model's search index, and what visitors add to it.
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    `shared`: one persistent index per model, one folder per model under `root`, the bundled
+    examples the first time and then what anyone adds (copied in, content-addressed): a team's
+    or a personal deployment, where everyone sees every image.
+
+    Otherwise (the default, for a public demo) every visitor searches the bundled examples
+    plus a private copy of their own: what a session adds is searched and shown in that
+    session alone, its files copied under a temporary folder of the server's. A private
+    gallery is forgotten, files and all, `max_age` seconds after its last use, and at most
+    `max_sessions` are kept (the least recently used goes first)."""
+
+    def __init__(
+        self, root: Path, shared: bool = False, max_age: float = 600, max_sessions: int = 256
+    ):
+        self.root, self.shared = Path(root), shared
+        self.max_age, self.max_sessions = max_age, max_sessions
         self._open: dict[str, SearchIndex] = {}
+        self._private: OrderedDict[tuple[str, str], _Private] = OrderedDict()
+        self._private_root: Path | None = None
         self._lock = threading.Lock()
 
     def folder(self, model: str) -> Path:
         return index_folder(self.root, model)
 
-    def get(self, model: str, pipeline: Pipeline) -> SearchIndex:
+    def private_root(self) -> Path:
+        """Where private galleries keep their files (made on first use, removed at exit)."""
         with self._lock:
-            if model not in self._open:
+            return self._private_root_unlocked()
+
+    def _base(self, model: str, pipeline: Pipeline) -> SearchIndex:
+        """The model's index that every visitor sees (call with the lock held)."""
+        if model not in self._open:
+            if self.shared:
                 folder = self.folder(model)
                 index = open_index(folder, pipeline, all_example_images())
                 if not (folder / MANIFEST).exists():
                     index.save(folder)
-                self._open[model] = index
-            return self._open[model]
+            else:  # the bundled examples only, whatever an earlier shared run saved
+                index = pipeline.build_index(all_example_images())
+            self._open[model] = index
+        return self._open[model]
+
+    def get(self, model: str, pipeline: Pipeline, session: str | None = None) -> SearchIndex:
+        """The index `session` searches: the shared one, or that session's private one (the
+        bundled examples until it adds something)."""
+        with self._lock:
+            base = self._base(model, pipeline)
+            if self.shared:
+                return base
+            self._expire()
+            private = self._private.get((model, session or ""))
+            if private is None:
+                return base
+            self._private.move_to_end((model, session or ""))
+            private.used = time.monotonic()
+            return private.index
+
+    def _make_private(self, model: str, session: str | None) -> _Private:
+        """The session's private gallery, made from the base on its first addition."""
+        key = (model, session or "")
+        with self._lock:
+            if key not in self._private:
+                folder = self._private_root_unlocked() / uuid.uuid4().hex
+                self._private[key] = _Private(self._open[model].copy(), folder)
+                while len(self._private) > self.max_sessions:
+                    _, oldest = self._private.popitem(last=False)
+                    oldest.remove()
+            self._private[key].used = time.monotonic()
+            return self._private[key]
+
+    def _private_root_unlocked(self) -> Path:
+        if self._private_root is None:
+            self._private_root = Path(tempfile.mkdtemp(prefix="vlm-galleries-"))
+            atexit.register(shutil.rmtree, self._private_root, ignore_errors=True)
+        return self._private_root
+
+    def _expire(self) -> None:
+        """Forget the private galleries unused for longer than `max_age` (lock held)."""
+        cutoff = time.monotonic() - self.max_age
+        for key in [k for k, p in self._private.items() if p.used < cutoff]:
+            self._private.pop(key).remove()
+
+    def private_bytes(self) -> int:
+        """What the private galleries' files take on disk."""
+        root = self._private_root
+        if root is None:
+            return 0
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
     def add(
-        self, model: str, pipeline: Pipeline, uploads: list[Path], progress=None
-    ) -> tuple[SearchIndex, int, Skipped]:
+        self, model: str, pipeline: Pipeline, uploads: list[Path], progress=None,
+        session: str | None = None,
+    ) -> tuple[SearchIndex, int, Skipped]:  # fmt: skip
         """Add uploaded images and zips of images: (the index, how many it took, what it
         skipped and why). Our own copies are kept (the uploads and the unpacked zip are
         temporary); what the index does not take is removed. `progress(done, of)`."""
-        index = self.get(model, pipeline)
+        self.get(model, pipeline, session)  # the base exists, expired galleries are gone
+        if self.shared:
+            index, folder = self._open[model], self.folder(model) / "images"
+        else:
+            private = self._make_private(model, session)
+            index, folder = private.index, private.folder
+        budget = PixelBudget(MAX_REQUEST_PIXELS)
         with tempfile.TemporaryDirectory(prefix="vlm-unpack-") as unpacked:
             paths, skipped = collect_uploads(
                 [str(f) for f in uploads], Path(unpacked), max_files=MAX_UPLOAD_FILES
             )
+            if not self.shared and len(index) + len(paths) > MAX_UPLOAD_FILES:
+                raise RequestError(
+                    f"A private gallery holds at most {MAX_UPLOAD_FILES} images; this one has "
+                    f"{len(index)} and {len(paths)} more were sent."
+                )
             if progress:
                 progress(0, len(paths))
-            added = index.add_copies(paths, self.folder(model) / "images", progress=progress)
-            with self._lock:
-                index.save(self.folder(model))
+            added = index.add_copies(paths, folder, progress=progress, budget=budget)
+            if self.shared:
+                with self._lock:
+                    index.save(self.folder(model))
         return index, added, skipped + index.skipped
+
+
+class _Private:
+    """One session's gallery: its index (the base's copy plus its additions), its files."""
+
+    def __init__(self, index: SearchIndex, folder: Path):
+        self.index, self.folder, self.used = index, folder, time.monotonic()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- the requests
@@ -219,6 +345,24 @@ def decoding(mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_length=30) 
     return options
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula
+
+
+def csv_cell(text: str) -> str:
+    """`text` safe in a spreadsheet: a cell that starts as a formula would (`=`, `+`, `-`,
+    `@`, a tab, a CR) gets a leading `'`, which spreadsheets show as text (OWASP's advice)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def write_captions_csv(rows: Iterable[tuple[str, str]], path: Path) -> Path:
+    """The "Caption all" table as CSV at `path`, every cell safe to open in a spreadsheet."""
+    with Path(path).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("file", "caption"))
+        writer.writerows([(csv_cell(name), csv_cell(caption)) for name, caption in rows])
+    return Path(path)
+
+
 def _count(files, most: int, what: str, none: str) -> None:
     if not files:
         raise RequestError(none)
@@ -232,18 +376,26 @@ class Service:
     model's work, and answer. Every server path a request names must lie under the `guard`'s
     folders."""
 
-    def __init__(self, models: Models, index_root: Path, guard: PathGuard):
+    def __init__(
+        self,
+        models: Models,
+        index_root: Path,
+        guard: PathGuard,
+        model_dirs: PathGuard | None = None,
+        indexes: Indexes | None = None,
+    ):
         self.models, self.guard = models, guard
+        self.model_dirs = model_dirs or PathGuard()  # where model folders may come from
         self.gate = ImageGate(guard)  # every image a request names passes it
-        self.indexes = Indexes(index_root)
+        self.indexes = indexes or Indexes(index_root)
 
     def using(self, model: str | None):
         """The model a request asked for, held for this request (see Models.use)."""
-        return self.models.use(self.models.pick(model, self.guard))
+        return self.models.use(self.models.pick(model, self.model_dirs))
 
     def pipeline(self, model: str | None) -> Pipeline:
         """The model a request asked for, not held: for work that is safe to share."""
-        return self.models.get(self.models.pick(model, self.guard))
+        return self.models.get(self.models.pick(model, self.model_dirs))
 
     def image(self, image, what: str = "an image") -> Image.Image:
         if image is None:
@@ -255,7 +407,7 @@ class Service:
         return [self.gate.read_path(getattr(f, "path", None) or f) for f in files]
 
     def notice(self, model: str | None = None) -> str:
-        return self.models.notice(self.models.pick(model, self.guard))
+        return self.models.notice(self.models.pick(model, self.model_dirs))
 
     # ------------------------------------------------------------------ what the LM writes
     # Streams: the LM runs outside the model's turn, so the next request need not wait.
@@ -266,20 +418,28 @@ class Service:
         with self.using(model) as pipeline:
             return pipeline.stream_caption(picture, **options)
 
-    def caption_files(self, files, fields: Sequence = (), model=None) -> list[tuple[str, str]]:
-        """(file name, caption) rows; an image that cannot be read gets "⚠ why" instead."""
+    def caption_files(
+        self, files, fields: Sequence = (), model=None, batch_size: int = 16
+    ) -> list[tuple[str, str]]:
+        """(file name, caption) rows, then "⚠ why" for each image that could not be read. A
+        file named twice is captioned once. Images are decoded a batch at a time, reduced as
+        they are (see vlm.images.load_image), within the request's budget of decoded pixels,
+        and the model's turn is held for one batch at a time, so other requests go between."""
         _count(files, MAX_UPLOAD_FILES, "images", "Please add one or more image files.")
-        options, rows, good = decoding(*fields), [], []
-        for path in self.files(files):
-            try:
-                good.append((path.name, self.gate.open(path)))
-            except ImageError as error:
-                rows.append((path.name, f"⚠ {error}"))
-        captions = []
-        if good:
-            with self.using(model) as pipeline:
-                captions = pipeline.caption([im for _, im in good], **options)
-        return [(name, c) for (name, _), c in zip(good, captions, strict=True)] + rows
+        options, paths = decoding(*fields), list(dict.fromkeys(self.files(files)))
+        budget, rows, warnings = PixelBudget(MAX_REQUEST_PIXELS), [], []
+        for start in range(0, len(paths), batch_size):
+            good = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    good.append((path.name, self.gate.open(path, budget=budget)))
+                except ImageError as error:
+                    warnings.append((path.name, f"⚠ {error}"))
+            if good:
+                with self.using(model) as pipeline:
+                    captions = pipeline.caption([im for _, im in good], **options)
+                rows += [(name, c) for (name, _), c in zip(good, captions, strict=True)]
+        return rows + warnings
 
     def answer(self, image, question: str = "", choices_text: str = "", model=None):
         """A stream of the answer, or with choices (comma-separated) the chosen one and every
@@ -342,12 +502,12 @@ class Service:
         return overlay_heatmap(picture, grid)
 
     def _searchable(self, model: str | None) -> str:
-        name = self.models.pick(model, self.guard)
+        name = self.models.pick(model, self.model_dirs)
         self.models.require(name, "search")
         return name
 
-    def search(self, query_text="", query_image=None, k=8, model=None) -> list[Hit]:
-        """The model's index's best `k` hits for the image, or else the text."""
+    def search(self, query_text="", query_image=None, k=8, model=None, session=None) -> list[Hit]:
+        """The best `k` hits for the image, or else the text, in the index `session` sees."""
         k = number(k, "Results", 1, 100)
         if query_image is not None:
             query = self.image(query_image)
@@ -356,16 +516,20 @@ class Service:
         else:
             raise RequestError("Type a text query or give a query image.")
         with self.using(model) as pipeline:
-            return self.indexes.get(self._searchable(model), pipeline).search(query, k=int(k))
+            index = self.indexes.get(self._searchable(model), pipeline, session)
+            return index.search(query, k=int(k))
 
-    def index_add(self, files, model=None, progress=None) -> tuple[SearchIndex, int, Skipped]:
-        """Add image files and zips of images to the model's index (see `Indexes.add`)."""
+    def index_add(
+        self, files, model=None, progress=None, session=None
+    ) -> tuple[SearchIndex, int, Skipped]:
+        """Add image files and zips of images to the index `session` sees (see `Indexes`)."""
         _count(files, MAX_UPLOAD_FILES, "files", "Drop images or a .zip of images to add.")
         uploads = self.files(files)
         with self.using(model) as pipeline:
-            return self.indexes.add(self._searchable(model), pipeline, uploads, progress)
+            name = self._searchable(model)
+            return self.indexes.add(name, pipeline, uploads, progress, session)
 
-    def latest(self, model=None, count: int = 60) -> list[str]:
-        """The last `count` items added to the model's index."""
+    def latest(self, model=None, count: int = 60, session=None) -> list[str]:
+        """The last `count` items of the index `session` sees."""
         with self.using(model) as pipeline:
-            return self.indexes.get(self._searchable(model), pipeline).items[-count:]
+            return self.indexes.get(self._searchable(model), pipeline, session).items[-count:]

@@ -211,14 +211,21 @@ def collect_uploads(paths: list[str | Path], dest: Path, **limits) -> tuple[list
 
 class ScratchFolder:
     """One folder for a server's short-lived output files (a CSV to download, …), so that
-    requests leave nothing behind: each file gets its own subfolder, every new one sweeps
-    away those older than `max_age` seconds, and the folder is removed when the process
-    exits. It holds at most what `max_age` seconds of requests write."""
+    requests leave nothing behind: each file gets its own subfolder, removed once it is
+    older than `max_age` seconds (by every new file, and by a sweeper thread every quarter of
+    that age while the folder exists), and the folder is removed when the process exits. It
+    holds at most what `max_age` seconds of requests write."""
 
     def __init__(self, prefix: str = "vlm-", max_age: float = 600.0):
         self.prefix, self.max_age = prefix, max_age
         self._root: Path | None = None
         self._lock = threading.Lock()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(max(0.5, self.max_age / 4))
+            with self._lock:
+                self.sweep()
 
     def new_file(self, name: str) -> Path:
         """A path named `name` in a new subfolder (not created: the caller writes it)."""
@@ -226,6 +233,7 @@ class ScratchFolder:
             if self._root is None:
                 self._root = Path(tempfile.mkdtemp(prefix=self.prefix))
                 atexit.register(shutil.rmtree, self._root, ignore_errors=True)
+                threading.Thread(target=self._sweep_forever, daemon=True).start()
             self.sweep()
             folder = self._root / uuid.uuid4().hex
             folder.mkdir()
