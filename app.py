@@ -27,7 +27,7 @@ import torch
 from starlette.middleware import Middleware
 
 from vlm import inputs
-from vlm.admission import FairQueue, RequestLimits, client_of
+from vlm.admission import FairQueue, RequestLimits, bound_session_inputs, client_of
 from vlm.examples import (
     EXAMPLES_DIR,
     caption_examples,
@@ -662,6 +662,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     fair = FairQueue(MAX_PENDING, HEAVY["concurrency_id"], QUEUE_SIZE // 2,
                      getattr(settings, "trusted_proxy", False))  # fmt: skip
     fair.install(demo._queue)
+    bound_session_inputs(gr.state_holder.SessionState)
     demo.vlm_served_paths = served_paths(settings.index_dir, models.choices(), indexes)
     demo.vlm_limits = Middleware(
         RequestLimits, max_body=MAX_BODY_SIZE, upload_quota=UPLOAD_QUOTA,

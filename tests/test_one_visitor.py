@@ -510,3 +510,22 @@ def test_bad_inputs_log_one_line_each_and_no_traceback(private, scene, tmp_path)
     log = next(tmp.glob("app-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]
     assert log.count(" refused for ") == len(calls), log[-3000:]  # one line each
+
+
+def test_gradio_keeps_no_large_input_of_a_session():
+    """Gradio copies each session's last inputs into that session's page config, for up to
+    VLM_MAX_SESSIONS sessions: a 60 MB label list sent once per session stayed in memory."""
+    from gradio.state_holder import SessionState
+
+    from vlm.admission import bound_session_inputs
+
+    bound_session_inputs(SessionState)
+    with gr.Blocks() as blocks:
+        labels = gr.Textbox()
+    state = SessionState(blocks)
+    state._update_value_in_config(labels._id, "red circle\nblue star")
+    assert state.config_values[labels._id]["props"]["value"] == "red circle\nblue star"
+    state._update_value_in_config(labels._id, "thing\n" * 100_000)  # 600 kB: not kept
+    assert state.config_values[labels._id]["props"]["value"] is None
+    state._update_value_in_config(labels._id, {"url": "data:image/png;base64," + "A" * 70_000})
+    assert state.config_values[labels._id]["props"]["value"] is None

@@ -5,6 +5,7 @@
   without one); an upload is refused while the app's files would pass their disk quota.
 - `FairQueue`: each client may have only so many requests waiting or running in the queue,
   and the heavy group only its share of the queue, so one client cannot fill it for everyone.
+- `bound_session_inputs`: what Gradio keeps of each session's last inputs is bounded in size.
 
 Nothing here knows a task or a model; `app.py` sets them up from `vlm.limits`.
 """
@@ -175,3 +176,38 @@ def _events(queue) -> list:
     waiting = [e for q in queue.event_queue_per_concurrency_id.values() for e in q.queue]
     running = [e for job in queue.active_jobs if job for e in job]
     return waiting + running
+
+
+def _larger_than(value, limit: int) -> bool:
+    """Whether the strings and bytes inside `value` (nested lists and dicts) add up to more
+    than `limit` characters; stops counting once they do."""
+    pending, total = [value], 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str | bytes):
+            total += len(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        if total > limit:
+            return True
+    return False
+
+
+def bound_session_inputs(session_state_class, limit: int = 64 << 10) -> None:
+    """Gradio keeps a copy of every session's last input values in that session's page
+    config (for deep links), for as many sessions as `state_session_capacity`: a 60 MB label
+    list or data URL sent once stays in memory, per session, until the session is evicted.
+    Past `limit` characters a value is not kept (the session's page shows the default).
+    Gradio has no option for this: this wraps `SessionState._update_value_in_config` (its one
+    way in), for the whole process; calling it again changes nothing."""
+    original = session_state_class._update_value_in_config
+    if getattr(original, "vlm_bounded", False):
+        return
+
+    def bounded(self, key, value):
+        return original(self, key, None if _larger_than(value, limit) else value)
+
+    bounded.vlm_bounded = True
+    session_state_class._update_value_in_config = bounded
