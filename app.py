@@ -349,11 +349,20 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
         return _gallery(index.items[-60:]), status
 
     @friendly
+    def familiarity(image=None, model=None):
+        return service.familiarity([image], model)
+
+    @friendly
+    def familiarity_of_all(image1=None, image2=None, image3=None, query=None, model=None):
+        return service.familiarity([image1, image2, image3, query], model)
+
+    @friendly
     def show_index(model=None, request: gr.Request = None):
         return _gallery(service.latest(model, session=_session(request)))
 
     return dict(caption_files=caption_files, classify=classify, explain=explain, search=search,
-                index_add=index_add, show_index=show_index)  # fmt: skip
+                index_add=index_add, show_index=show_index, familiarity=familiarity,
+                familiarity_of_all=familiarity_of_all)  # fmt: skip
 
 
 def make_handlers(
@@ -432,6 +441,15 @@ def confidence_output(label: str, elem_id: str) -> gr.HighlightedText:
     return words
 
 
+def familiarity_notice(handlers: dict, button, images: list, model, api_name=False):
+    """A notice above a tab's result, filled when its button is pressed: whether the model
+    knows images like the ones given (vlm.familiarity); empty when it does."""
+    notice = gr.Markdown(elem_classes="vlm-familiarity")
+    handler = handlers["familiarity" if len(images) == 1 else "familiarity_of_all"]
+    button.click(handler, [*images, model], notice, api_name=api_name)
+    return notice
+
+
 def api_only(handler, inputs, outputs, api_name: str) -> None:
     """An API endpoint with no button of its own: the text-only twin of a streamed tab, so
     clients written before word probabilities keep their endpoint and its outputs."""
@@ -472,6 +490,7 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[s
                 max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=30, step=1, label="Max length")
             cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
         with gr.Column():
+            familiarity_notice(handlers, cap_button, [cap_image], model, "familiarity")
             cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
             cap_words = confidence_output("How sure the LM was", "caption-words")
             with gr.Accordion("Several images at once", open=False):
@@ -503,6 +522,7 @@ def zero_shot_tab(handlers, model, examples: list[str], templates: list[str],
                                  "blank: the model's own)")  # fmt: skip
             cls_button = gr.Button("Classify", variant="primary")
         with gr.Column():
+            familiarity_notice(handlers, cls_button, [cls_image], model)
             cls_label = gr.Label(num_top_classes=5, label="Top labels")
             cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
                                    sort="-y")  # fmt: skip
@@ -525,6 +545,7 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
             add_button = gr.Button("Add to index")
             add_status = gr.Markdown()
         with gr.Column(scale=2):
+            familiarity_notice(handlers, search_button, [query_image], model)
             results = gr.Gallery(label="Results", columns=4, height="auto")
             indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
     query = [query_text, query_image, k, model]
@@ -544,6 +565,7 @@ def ask_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
             choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
             qa_button = gr.Button("Answer", variant="primary")
         with gr.Column():
+            familiarity_notice(handlers, qa_button, [qa_image], model)
             qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
             qa_words = confidence_output("How sure the LM was", "answer-words")
             qa_scores = gr.Label(label="Choice scores")
@@ -578,6 +600,7 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
                  "the examples, not the query (docs/shapeworld.md).",
         )  # fmt: skip
     fs_button = gr.Button("Continue", variant="primary")
+    familiarity_notice(handlers, fs_button, [*shots[::2], fs_query], model)
     fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
     fs_words = confidence_output("How sure the LM was", "few-shot-words")
     fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model, fs_describe]
@@ -602,8 +625,10 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
             ex_image = image_input()
             ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
             ex_button = gr.Button("Show where it matches", variant="primary")
-        ex_output = gr.Image(type="pil", label="Where the text matches (each part of the "
-                             "image seen alone; the ring marks the peak)")  # fmt: skip
+        with gr.Column():
+            familiarity_notice(handlers, ex_button, [ex_image], model)
+            ex_output = gr.Image(type="pil", label="Where the text matches (each part of the "
+                                 "image seen alone; the ring marks the peak)")  # fmt: skip
     ex_button.click(handlers["explain"], [ex_image, ex_text, model], ex_output,
                     api_name="explain")  # fmt: skip
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")

@@ -4,13 +4,17 @@ encoder and the LM bit-identical while it trains the prefix."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from vlm import Pipeline
+from vlm import shapeworld as sw
 from vlm.encoder import Encoder
 from vlm.train import TrainConfig, train
 
@@ -40,6 +44,19 @@ def test_every_stage_lowers_its_loss(run):
     for stage, factor in (("clip", 0.6), ("lm", 0.15), ("prefix", 0.93)):
         curve = [loss for _, loss in losses(out, stage)]
         assert min(curve[-3:]) < factor * curve[0], (stage, curve)
+
+
+def test_a_run_writes_a_familiarity_profile_of_its_training_images(run):
+    out, config, pipeline = run
+    from vlm.familiarity import PROFILE_NAME
+
+    saved = Pipeline.from_pretrained(config.bundle or out / "pipeline", device="cpu")
+    assert (Path(config.bundle or out / "pipeline") / PROFILE_NAME).is_file()
+    rng = random.Random("profile-test")
+    scenes = [sw.render(sw.sample_scene(rng)) for _ in range(40)]
+    assert np.mean([f.familiar for f in saved.familiarity(scenes)]) >= 0.9
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert saved.familiarity([noise])[0].familiar is False
 
 
 def test_prefix_stage_leaves_encoder_and_lm_bit_identical(run):

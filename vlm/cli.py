@@ -39,8 +39,22 @@ def _emit(args, rows: list[dict], text: callable) -> None:
             print(text(row))
 
 
+def _warn_unfamiliar(pipeline, files) -> None:
+    """On stderr, each image unlike what the model was trained on (its familiarity profile),
+    or that the model cannot tell (no profile): what stdout says of those is a guess."""
+    name = pipeline.config.name or "this model"
+    for path, known in zip(files, pipeline.familiarity(files), strict=True):
+        if known.familiar is None:
+            print(f"{path}: {name} has no profile of its training images: familiarity "
+                  "unknown", file=sys.stderr)  # fmt: skip
+        elif not known.familiar:
+            print(f"{path}: unlike anything {name} was trained on (familiarity "
+                  f"{known.score:.3f}): what follows is a guess", file=sys.stderr)  # fmt: skip
+
+
 def cmd_caption(args) -> None:
     pipeline, files = _model(args), _files(args.images)
+    _warn_unfamiliar(pipeline, files)
     options = dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p,
@@ -58,6 +72,7 @@ def cmd_caption(args) -> None:
 
 def cmd_classify(args) -> None:
     pipeline, files = _model(args), _files(args.images)
+    _warn_unfamiliar(pipeline, files)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     results = pipeline.classify(files, labels)
     rows = [{"image": str(f), "labels": r} for f, r in zip(files, results, strict=True)]
@@ -71,6 +86,7 @@ def cmd_classify(args) -> None:
 
 def cmd_answer(args) -> None:
     pipeline, files = _model(args), _files(args.images)
+    _warn_unfamiliar(pipeline, files)
     choices = [c for c in args.choices.split(",")] if args.choices else None
     if args.stream and not args.json and not choices:
         from .streaming import print_stream
@@ -108,6 +124,25 @@ def cmd_search(args) -> None:
     hits = index.search(query, k=args.k)
     rows = [dataclasses.asdict(h) for h in hits]
     _emit(args, rows, lambda r: f"{r['score']:.4f}\t{r['item']}")
+
+
+def cmd_profile(args) -> None:
+    from .data import FileDataset
+    from .datasets import DATASETS
+    from .familiarity import profile_from_data
+    from .pipeline import Pipeline
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        _fail(f"{folder}: not a saved model folder (the profile is written into it)")
+    pipeline = Pipeline.from_pretrained(folder)
+    if args.data in DATASETS:
+        dataset = DATASETS[args.data]()
+    else:
+        dataset = FileDataset([args.data], val_fraction=args.val_fraction)
+    profile = profile_from_data(pipeline.encoder, dataset, n=args.n, seed=args.seed)
+    print(f"wrote {profile.save(folder)} ({len(profile.reference)} reference images; "
+          f"flags the {profile.false_alarms:.0%} least typical)")  # fmt: skip
 
 
 def cmd_train(args) -> None:
@@ -273,6 +308,19 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("index", help="index folder")
     sub.add_argument("query", help="text, or the path of an image")
     sub.add_argument("-k", type=int, default=5, help="results")
+
+    sub = commands.add_parser(
+        "profile", formatter_class=formatter,
+        help="write a model folder's familiarity profile (what its training images look like)",
+        description="Write the profile that tells images like a model's training images from "
+        "others into its folder (vlm train writes one; this adds one to a folder without)",
+    )  # fmt: skip
+    sub.set_defaults(func=cmd_profile)
+    sub.add_argument("--model", required=True, help="the saved model folder")
+    sub.add_argument("--data", required=True, help="'shapeworld' or the training data file")
+    sub.add_argument("--n", type=int, default=3000, help="training images to fit")
+    sub.add_argument("--seed", type=int, default=0, help="the training run's seed")
+    sub.add_argument("--val-fraction", type=float, help="files: the held-out part")
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     sub = commands.add_parser(

@@ -36,6 +36,8 @@ class PipelineConfig:
     # each image's prefix is followed by the LM's BOS token, as BLIP-2 feeds OPT
     bos_after_image: bool = False
     family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
+    # what its training images showed, in a few words, for "unlike anything it was trained on"
+    trained_on: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:
@@ -51,3 +53,4 @@ class Parts(NamedTuple):
     tokenizer: Any
     mapper: Any  # vlm.mapper.PrefixMapper or another mapper module
     config: PipelineConfig
+    familiarity: Any = None  # vlm.familiarity.FamiliarityProfile, if the folder has one

@@ -271,6 +271,7 @@ class ShapeWorld:
         """What a pipeline trained on this data should know (prompts, label sets)."""
         return dict(
             name="shapeworld",
+            trained_on="synthetic coloured shapes on black",
             caption_prompt=CAPTION_PROMPT,
             stop=["\n"],
             templates=["a small {}", "a large {}"],

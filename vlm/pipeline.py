@@ -25,6 +25,7 @@ from .config import CONFIG_NAME, MAPPER_WEIGHTS, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
+from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 from .presets import models_for
@@ -49,8 +50,11 @@ class Pipeline:
         mapper: PrefixMapper | torch.nn.Module,
         config: PipelineConfig,
         device: torch.device | str | None = None,
+        *,
+        familiarity: FamiliarityProfile | None = None,
     ):
         self.device = torch.device(device) if device is not None else default_device()
+        self.familiarity_profile = familiarity  # what its training images looked like
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision {config.precision!r}: choose one of {PRECISIONS}")
         self.encoder = encoder
@@ -72,7 +76,8 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, device=None) -> Pipeline:
         """Load a preset name (see `vlm.presets`), a saved folder, a BLIP-2 folder or a hub
         repo id (see `vlm.pretrained`)."""
-        return cls(*load_parts(name_or_path, device), device=device)
+        parts = load_parts(name_or_path, device)
+        return cls(*parts[:5], device=device, familiarity=parts.familiarity)
 
     @classmethod
     def from_clipcap(cls, checkpoint: str | os.PathLike, device=None, **kwargs) -> Pipeline:
@@ -97,6 +102,9 @@ class Pipeline:
                  for k, v in self.mapper.state_dict().items()}  # fmt: skip
         save_file(state, directory / MAPPER_WEIGHTS)
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (directory / PROFILE_NAME).unlink(missing_ok=True)
+        if self.familiarity_profile is not None:
+            self.familiarity_profile.save(directory)
 
     def push_to_hub(
         self,
@@ -127,6 +135,17 @@ class Pipeline:
         if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
             images = [images]
         return [load_image(image) for image in images]
+
+    @torch.inference_mode()
+    def familiarity(self, images: Sequence[ImageInput] | ImageInput) -> list[Familiarity]:
+        """For each image, how much it looks like the images this model was trained on (see
+        `vlm.familiarity`): `score` in [0, 1] and `familiar`, or both None for a model that
+        has no profile of its training images (say "unknown", never guess)."""
+        images = self._images(images)
+        if self.familiarity_profile is None:
+            return [UNKNOWN] * len(images)
+        embeddings = self.encoder.encode_pixels(self.encoder.pixels(images).to(self.device))
+        return self.familiarity_profile.familiarity(embeddings.cpu().numpy())
 
     @torch.inference_mode()
     def image_features(self, images: Sequence[ImageInput]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .blip2 import is_blip2_config, read_blip2
 from .clipcap import read_clipcap
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .encoder import Encoder
+from .familiarity import FamiliarityProfile
 from .mapper import PrefixMapper
 from .presets import PRESETS, Preset, models_for
 
@@ -96,7 +97,7 @@ def folder_parts(folder: Path, config: PipelineConfig) -> Parts:
     tokenizer = AutoTokenizer.from_pretrained(lm_source)
     mapper = PrefixMapper(**config.mapper)
     mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
-    return Parts(encoder, lm, tokenizer, mapper, config)
+    return Parts(encoder, lm, tokenizer, mapper, config, FamiliarityProfile.load(folder))
 
 
 def preset_parts(preset: Preset, device=None) -> Parts:

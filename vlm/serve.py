@@ -363,6 +363,23 @@ def write_captions_csv(rows: Iterable[tuple[str, str]], path: Path) -> Path:
     return Path(path)
 
 
+def familiarity_notice(name: str, config, known: Sequence) -> str:
+    """The notice for images of which `known` (vlm.familiarity.Familiarity) says how familiar
+    they are to model `name` (its `config.trained_on` says what it was trained on)."""
+    world = f" ({config.trained_on})" if config.trained_on else ""
+    strange = [i for i, f in enumerate(known, 1) if f.unfamiliar]
+    if strange:
+        which = "This image looks" if len(known) == 1 else (
+            f"Image{'s' if len(strange) > 1 else ''} {', '.join(map(str, strange))} of "
+            f"{len(known)} look{'s' if len(strange) == 1 else ''}")  # fmt: skip
+        return (f"⚠️ **{which} unlike anything the `{name}` model was trained on{world}: "
+                "what follows is a guess.**")  # fmt: skip
+    if any(f.familiar is None for f in known):
+        return (f"ℹ️ The `{name}` model has no profile of its training images, so it cannot "
+                "tell whether this image is like them: its answers may be guesses.")  # fmt: skip
+    return ""
+
+
 def _count(files, most: int, what: str, none: str) -> None:
     if not files:
         raise RequestError(none)
@@ -408,6 +425,17 @@ class Service:
 
     def notice(self, model: str | None = None) -> str:
         return self.models.notice(self.models.pick(model, self.model_dirs))
+
+    def familiarity(self, images: Sequence, model: str | None = None) -> str:
+        """What the page says above a result about the images a request gives (None: not
+        given): nothing when the model knows images like them; else that what follows is a
+        guess, or that the model cannot tell (it has no profile of its training images)."""
+        pictures = [self.image(image) for image in images if image is not None]
+        if not pictures:
+            return ""
+        with self.using(model) as pipeline:
+            known = pipeline.familiarity(pictures)
+        return familiarity_notice(pipeline.config.name or str(model), pipeline.config, known)
 
     # ------------------------------------------------------------------ what the LM writes
     # Streams: the LM runs outside the model's turn, so the next request need not wait.

@@ -35,6 +35,7 @@ from .datasets import DATASETS
 from .device import default_device, half_dtype, training_precision
 from .encoder import Encoder
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
+from .familiarity import profile_from_data
 from .features import FeatureCache, features_in_memory
 from .pipeline import PipelineConfig
 from .prompts import answer_cue
@@ -798,6 +799,10 @@ def train(config: TrainConfig):
     encoder, lm, tokenizer = _frozen_parts(config, encoder_dir, lm_dir, accelerator.device)
     pipeline = train_prefix(dataset, encoder, lm, tokenizer, config, accelerator)
     if accelerator.is_main_process:
+        # what its training images look like, so it can say when an image is unlike them
+        pipeline.familiarity_profile = profile_from_data(
+            pipeline.encoder, dataset, seed=config.seed
+        )
         bundle = config.bundle or config.out / "pipeline"
         pipeline.save_pretrained(bundle, dtype=getattr(torch, config.bundle_dtype))
         accelerator.print(f"saved {bundle} after {time.time() - tic:.0f} s")
