@@ -30,11 +30,13 @@ from vlm import inputs
 from vlm.admission import FairQueue, RequestLimits, bound_session_inputs, client_of
 from vlm.examples import (
     EXAMPLES_DIR,
-    caption_examples,
+    caption_cases,
+    checked_labels,
     explain_examples,
-    few_shot_examples,
+    few_shot_cases,
     photo_examples,
-    question_examples,
+    photo_labels,
+    question_cases,
     shapeworld_examples,
 )
 from vlm.images import ImageError
@@ -476,8 +478,9 @@ def label_sets(pipeline) -> dict[str, str]:
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
 
 
-def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[str]]) -> None:
-    """The Caption tab; `examples`: rows of one image and their labels."""
+def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple) -> None:
+    """The Caption tab; `examples`: (rows of one image, their labels), and (photos' rows,
+    their labels, whether the model finds them outside its world)."""
     with gr.Row():
         with gr.Column():
             cap_image = image_input(elem_id="caption-image")
@@ -505,8 +508,12 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[s
     api_only(handlers["caption_stream"], [cap_image, *decoding], cap_text, "caption")
     cap_files_button.click(handlers["caption_files"], [cap_files, *decoding],
                            [cap_table, cap_csv], api_name="caption_files", **HEAVY)  # fmt: skip
-    rows, labels = examples
+    (rows, labels), (photos, photo_labels, outside) = examples
     gr.Examples(rows, [cap_image], label="Examples", example_labels=labels)
+    if photos:
+        gr.Examples(photos, [cap_image], example_labels=photo_labels,
+                    label="Outside this model's world: the page says so" if outside
+                    else "Photos")  # fmt: skip
 
 
 def zero_shot_tab(handlers, model, examples: list[str], templates: list[str],
@@ -557,7 +564,7 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
     return indexed
 
 
-def ask_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+def ask_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[str]]) -> None:
     with gr.Row():
         with gr.Column():
             qa_image = image_input()
@@ -573,11 +580,11 @@ def ask_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
     qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
                     api_name="answer_words")  # fmt: skip
     api_only(handlers["answer_stream"], qa_inputs, [qa_answer, qa_scores], "answer")
-    rows, labels = question_examples()
+    rows, labels = examples
     gr.Examples(rows, [qa_image, question, choices], label="Examples", example_labels=labels)
 
 
-def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
+def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[str]]) -> None:
     gr.Markdown("Interleave example images with their text; the frozen LM reads them "
                 "all (Frozen-style) and continues after the query image.")  # fmt: skip
     shots = []
@@ -608,13 +615,7 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, sw_examples: list) -> None:
                     api_name="few_shot_words")  # fmt: skip
     # /few_shot keeps the inputs it had before describing (describing is then on)
     api_only(handlers["few_shot_stream"], fs_inputs[:-1], fs_output, "few_shot")
-    rows, labels = few_shot_examples()
-    row = []
-    for path, truth in sw_examples[:2]:
-        row += [str(path), f"Caption: {truth['caption']}"]
-    if row:
-        rows.append([*row, None, None, str(sw_examples[2][0]), "Caption:"])
-        labels.append("2-shot captions")
+    rows, labels = examples
     gr.Examples(rows, [*shots, fs_query, fs_prompt], label="Examples",
                 example_labels=labels)  # fmt: skip
 
@@ -634,6 +635,26 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
 
 
+def checked_examples(handlers: dict, tasks) -> dict[str, tuple[list, list[str]]]:
+    """Each tab's example rows and labels, every example run once through the page's own
+    handler on the default model: one it gets wrong is labelled a known failure."""
+    runs = {
+        "caption": (caption_cases(), lambda row: handlers["caption"](row[0])),
+        "answer": (question_cases(), lambda row: _first(handlers["answer"](*row))),
+        "few_shot": (few_shot_cases(), lambda row: handlers["few_shot"](*row)),
+    }
+    checked = {}
+    for task, (cases, run) in runs.items():
+        outputs = [run(case.row) if task in tasks else "" for case in cases]
+        labels = checked_labels(cases, outputs, task) if task in tasks else [c.label for c in cases]
+        checked[task] = ([c.row for c in cases], labels)
+    return checked
+
+
+def _first(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     shared = getattr(settings, "shared_index", False)
@@ -642,9 +663,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     pipeline = models.get(None)
     sets = label_sets(pipeline)
     default_set = next(iter(pipeline.config.label_sets), "Everyday things")
-    sw_examples = shapeworld_examples()
-    sw_paths = [str(p) for p, _ in sw_examples]
+    sw_paths = [str(p) for p, _ in shapeworld_examples()]
     photos = [str(p) for p in photo_examples()]
+    examples = checked_examples(handlers, pipeline.tasks)
 
     # uploads and what the app hands Gradio to serve are deleted after TEMP_MAX_AGE
     sweep = max(1, min(60, int(TEMP_MAX_AGE // 4)))
@@ -661,25 +682,18 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
         with gr.Accordion("How it works", open=False):
             gr.HTML(HOW_IT_WORKS)
         with gr.Tab("Caption"):
-            rows, labels = caption_examples()
-            keep = [i for i, label in enumerate(labels) if i < 6 or "never" in label]
-            caption_tab(
-                handlers,
-                model,
-                (
-                    [rows[i] for i in keep] + [[p] for p in photos],
-                    [labels[i] for i in keep] + ["a photo"] * len(photos),
-                ),
-            )
+            outside = photos and not any(f.familiar for f in pipeline.familiarity(photos))
+            photo_rows = ([[p] for p in photos], photo_labels(), outside)
+            caption_tab(handlers, model, (examples["caption"], photo_rows))
         with gr.Tab("Zero-shot"):
             zero_shot_tab(handlers, model, sw_paths[:4] + photos, pipeline.templates(),
                           sets, default_set)  # fmt: skip
         with gr.Tab("Search"):
             indexed = search_tab(handlers, model)
         with gr.Tab("Ask"):
-            ask_tab(handlers, model, sw_examples)
+            ask_tab(handlers, model, examples["answer"])
         with gr.Tab("Few-shot"):
-            few_shot_tab(handlers, model, sw_examples)
+            few_shot_tab(handlers, model, examples["few_shot"])
         with gr.Tab("Explain"):
             explain_tab(handlers, model)
         demo.load(handlers["show_index"], model, indexed, api_name=False)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -32,7 +33,6 @@ PLAN = (
     + [(3, "train")] * 4
     + [(1, "held_out"), (2, "held_out")]
 )
-MAX_SLUG = 60  # most characters of the caption kept in a file name
 
 PHOTO_SIDE = 512  # longer side of the saved photos, in pixels
 PHOTO_QUALITY = 85
@@ -62,14 +62,10 @@ PHOTOS = {
 
 
 def slug(caption: str) -> str:
-    """A file-name friendly caption: whole object phrases up to MAX_SLUG characters, '_' for ' '."""
-    phrases = caption.split(" left of ")
-    kept = phrases[0]
-    for phrase in phrases[1:]:
-        if len(f"{kept} left of {phrase}") > MAX_SLUG:
-            break
-        kept = f"{kept} left of {phrase}"
-    return kept.replace(" ", "_")
+    """A file-name friendly caption naming every object: "small_red_star-large_green_circle"
+    for "a small red star left of a large green circle"."""
+    phrases = [phrase.split(" ", 1)[1] for phrase in caption.split(" left of ")]
+    return "-".join(phrase.replace(" ", "_") for phrase in phrases)
 
 
 def scene_entry(scene: sw.Scene, seed: int, split: str) -> dict:
@@ -159,44 +155,79 @@ def _never_seen(entry: dict) -> list[str]:
             if (o["color"], o["shape"]) in sw.HELD_OUT]  # fmt: skip
 
 
-def caption_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], list[str]]:
-    """Rows ([image]) and labels for the Caption tab: scenes of seen combinations, and those
-    holding a HELD_OUT one, labelled as never seen with any image."""
-    rows, labels = [], []
+class Case(NamedTuple):
+    """One example of a tab: its inputs (a row of gr.Examples), what its label says it shows,
+    and the output the model should give (None: no single right one)."""
+
+    row: list
+    label: str
+    expected: str | None
+
+
+def _objects(entry: dict) -> str:
+    """What a scene shows, in a label: "2 objects: large yellow circle, small green circle"."""
+    n = entry["n_objects"]
+    things = ", ".join(f"{o['size']} {o['color']} {o['shape']}" for o in entry["objects"])
+    return f"{n} object{'s' * (n > 1)}: {things}"
+
+
+def caption_cases(folder: Path = EXAMPLES_DIR) -> list[Case]:
+    """The Caption tab's scenes, each labelled with what it shows, those holding a HELD_OUT
+    combination as never seen with any image; expected: the scene's caption."""
+    cases = []
     for path, entry in shapeworld_examples(folder):
         never = _never_seen(entry)
-        rows.append([str(path)])
-        labels.append(f"never seen with any image: {', '.join(never)}" if never else
-                      f"{entry['n_objects']} object{'s' * (entry['n_objects'] > 1)}")  # fmt: skip
-    return rows, labels
+        label = f"never seen with any image ({', '.join(never)}): " if never else ""
+        cases.append(Case([str(path)], label + _objects(entry), entry["caption"]))
+    return cases
+
+
+def caption_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], list[str]]:
+    """Rows ([image]) and labels of `caption_cases`."""
+    cases = caption_cases(folder)
+    return [c.row for c in cases], [c.label for c in cases]
+
+
+def photo_labels(folder: Path = EXAMPLES_DIR) -> list[str]:
+    """What each of `photo_examples` shows ("photo: Chelsea the cat")."""
+    return [f"photo: {PHOTOS[p.stem][0] if p.stem in PHOTOS else p.stem}"
+            for p in photo_examples(folder)]  # fmt: skip
+
+
+def question_cases(folder: Path = EXAMPLES_DIR) -> list[Case]:
+    """The Ask tab's examples (see `question_examples`), with their answers."""
+    scenes = _by_name(folder)
+    if not scenes:
+        return []
+    cases = []
+
+    def case(key: str, question: str, label: str, answer: str, choices: str = "") -> None:
+        path, entry = scenes[key]
+        cases.append(Case([path, question, choices], f"{label} · {_objects(entry)}", answer))
+
+    for key in ("sw-01", "sw-05", "sw-09"):
+        question, answer = scenes[key][1]["questions"][0]
+        case(key, question, "a phrasing seen in training", answer)
+    entry = scenes["sw-13"][1]
+    first = entry["objects"][0]
+    case("sw-13", f"what shape is the {first['color']} object?",
+         f"never seen with any image: {', '.join(_never_seen(entry))}", first["shape"])  # fmt: skip
+    second = scenes["sw-05"][1]["objects"][1]
+    case("sw-05", f"how big is the {second['color']} {second['shape']}?",
+         "a phrasing never asked of any image", second["size"])  # fmt: skip
+    case("sw-02", "what shape is it?", "a phrasing never asked of any image",
+         scenes["sw-02"][1]["objects"][0]["shape"])  # fmt: skip
+    case("sw-01", "how many shapes are there?", "choices scored by the LM",
+         sw.NUMBER_WORDS[scenes["sw-01"][1]["n_objects"]], "one, two, three")  # fmt: skip
+    return cases
 
 
 def question_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list[str]], list[str]]:
     """Rows ([image, question, choices]) and labels for the Ask tab: seen questions, a
     question about a HELD_OUT combination, and questions in HELD_OUT_FORMS (phrasings the LM
     read in text only, never asked of any image)."""
-    scenes = _by_name(folder)
-    if not scenes:
-        return [], []
-    rows, labels = [], []
-    for key in ("sw-01", "sw-05", "sw-09"):
-        path, entry = scenes[key]
-        rows.append([path, entry["questions"][0][0], ""])
-        labels.append("a phrasing seen in training")
-    path, entry = scenes["sw-13"]
-    rows.append([path, f"what shape is the {entry['objects'][0]['color']} object?", ""])
-    labels.append(f"never seen with any image: {', '.join(_never_seen(entry))}")
-    path, entry = scenes["sw-05"]
-    second = entry["objects"][1]
-    rows.append([path, f"how big is the {second['color']} {second['shape']}?", ""])
-    labels.append("a phrasing never asked of any image")
-    path, _ = scenes["sw-02"]
-    rows.append([path, "what shape is it?", ""])
-    labels.append("a phrasing never asked of any image")
-    path, _ = scenes["sw-01"]
-    rows.append([path, "how many shapes are there?", "one, two, three"])
-    labels.append("choices scored by the LM")
-    return rows, labels
+    cases = question_cases(folder)
+    return [c.row for c in cases], [c.label for c in cases]
 
 
 def explain_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
@@ -210,14 +241,15 @@ def explain_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
     return rows
 
 
-def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
-    """Rows ([image, text] × 3, query image, prompt) and labels for the Few-shot tab: 2-shot
-    lists whose query's value is in neither example, in a seen format and in formats that
-    appear nowhere in training (HELD_OUT_KEYS, HELD_OUT_SEPARATORS). The colour lists need the
-    tab's "Describe each image first" (docs/shapeworld.md, few-shot)."""
+def few_shot_cases(folder: Path = EXAMPLES_DIR) -> list[Case]:
+    """The Few-shot tab's examples: rows ([image, text] × 3, query image, prompt), labels and
+    the query's value. 2-shot lists whose query's value is in neither example, in a seen
+    format and in formats that appear nowhere in training (HELD_OUT_KEYS,
+    HELD_OUT_SEPARATORS), and 2-shot captions. The colour lists need the tab's "Describe each
+    image first" (docs/shapeworld.md, few-shot)."""
     scenes = _by_name(folder)
     if not scenes:
-        return [], []
+        return []
     one = {key: (path, scene_from_entry(entry))
            for key, (path, entry) in scenes.items() if entry["n_objects"] == 1}  # fmt: skip
     tasks = [  # (attribute, key, separator, two example scenes, query scene, label)
@@ -230,15 +262,46 @@ def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str
         ("color", "Hue", " => ", ("sw-01", "sw-04"), "sw-02",
          "2-shot colour, key and separator never seen in training"),
     ]  # fmt: skip
-    rows, labels = [], []
+    cases = []
     for attribute, key, separator, shots, query, label in tasks:
         row: list = []
         for name in shots:
             path, scene = one[name]
             row += [path, f"{key}{separator}{sw.attribute(scene, attribute)}"]
-        rows.append([*row, None, None, one[query][0], f"{key}{separator}".rstrip()])
-        labels.append(label)
-    return rows, labels
+        query_path, query_scene = one[query]
+        cases.append(Case([*row, None, None, query_path, f"{key}{separator}".rstrip()], label,
+                          sw.attribute(query_scene, attribute)))  # fmt: skip
+    (first, a), (second, b), (third, c) = (scenes[k] for k in ("sw-01", "sw-02", "sw-03"))
+    cases.append(Case([first, f"Caption: {a['caption']}", second, f"Caption: {b['caption']}",
+                       None, None, third, "Caption:"],
+                      f"2-shot captions: {_objects(c)}", c["caption"]))  # fmt: skip
+    return cases
+
+
+def few_shot_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[list], list[str]]:
+    """Rows and labels of the attribute lists of `few_shot_cases`."""
+    cases = [c for c in few_shot_cases(folder) if not c.label.startswith("2-shot captions")]
+    return [c.row for c in cases], [c.label for c in cases]
+
+
+def _says(expected: str, output: str, kind: str) -> bool:
+    if kind == "few_shot" and " " not in expected:  # an attribute: the continuation's first word
+        return output.split()[:1] == [expected]
+    return output.strip() == expected
+
+
+def checked_labels(cases: list[Case], outputs: list[str], kind: str = "") -> list[str]:
+    """Each case's label, and for one whose output (what the model gave for its row) is not
+    what it should be, "known failure" with what the model says: a label never promises a
+    result the serving model does not give."""
+    labels = []
+    for case, output in zip(cases, outputs, strict=True):
+        if case.expected is None or _says(case.expected, output, kind):
+            labels.append(case.label)
+        else:
+            shown = output if len(output) <= 60 else output[:59] + "…"
+            labels.append(f"known failure: {case.label} (the model says {shown!r})")
+    return labels
 
 
 def photo_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
