@@ -158,7 +158,6 @@ def test_every_example_is_right_on_the_bundle_or_labelled_a_known_failure():
     output is the example's truth, or its label says it is a known failure (issue 41: three
     shipped examples gave wrong results under labels that promised right ones)."""
     import app
-
     from vlm.examples import caption_cases, few_shot_cases, photo_labels, question_cases
 
     handlers = app.make_handlers(app.Models("shapeworld"), Path(tempfile.mkdtemp()))
