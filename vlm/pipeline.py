@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .blip2 import save_blip2
-from .config import CONFIG_NAME, MAPPER_WEIGHTS, PipelineConfig
+from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
@@ -76,13 +76,17 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, device=None) -> Pipeline:
         """Load a preset name (see `vlm.presets`), a saved folder, a BLIP-2 folder or a hub
         repo id (see `vlm.pretrained`)."""
-        parts = load_parts(name_or_path, device)
-        return cls(*parts[:5], device=device, familiarity=parts.familiarity)
+        return cls._from_parts(load_parts(name_or_path, device), device)
 
     @classmethod
     def from_clipcap(cls, checkpoint: str | os.PathLike, device=None, **kwargs) -> Pipeline:
         """Load a ClipCap checkpoint as published (see `vlm.clipcap.read_clipcap`)."""
-        return cls(*clipcap_parts(checkpoint, **kwargs), device=device)
+        return cls._from_parts(clipcap_parts(checkpoint, **kwargs), device)
+
+    @classmethod
+    def _from_parts(cls, parts: Parts, device) -> Pipeline:
+        *modules, familiarity = parts
+        return cls(*modules, device=device, familiarity=familiarity)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None):
         """Write a folder that `from_pretrained` loads; `dtype` (e.g. fp16) shrinks the files."""
