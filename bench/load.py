@@ -2,6 +2,7 @@
 
     python -m bench.load [--sessions 32] [--requests 10] [--rounds 3] [--abuse 2] [--out load.json]
     python -m bench.load --queue-probe     # a caption queued behind the heaviest classify
+    python -m bench.load --adversarial [--out adversarial.json]   # abusive clients, bounded
 
 Starts `app.py` on loopback in a subprocess (offline, so it serves the bundled `shapeworld`
 model; its search index goes to a temporary folder), warms it up with one request of each
@@ -27,6 +28,17 @@ latency per kind and overall (seen by the client, so queueing in Gradio's queue 
 the server's peak RSS and its RSS after each round. Memory must not grow from round to round:
 growth from the end of the first round to the end of the last beyond `--tolerance-mb` is
 flagged. The exit status is 0 when there are no errors, no mixed-up answers and no such growth.
+
+With `--adversarial` it runs instead the probes of `bench/adversarial.py`, each bounded in
+count and time (about 5 minutes on 2 cores): 4 POSTs of a 200 MB body (each must get 413,
+and RSS settle within 100 MB of idle), "Caption all" of one 8000x8000 PNG named 8 times with
+beam search 8 and Explain on it (peak RSS at most +1 GB each), one client flooding 70 heavy
+classifies at once (at most VLM_MAX_PENDING admitted, the rest refused with the message)
+while another captions 10 times (p95 at most 5 s, no errors), and on a second server with
+VLM_TEMP_MAX_AGE=5, 3 uploads of 49 MiB and a CSV (none left on disk after the age). It
+prints a table (peak RSS over idle, settled RSS, whether a caption afterwards succeeds) and
+each probe's figures; the exit status is 0 when every target is met. `--workdir DIR` keeps
+the servers' folders and logs there (default: a temporary folder, removed).
 """
 
 from __future__ import annotations
@@ -681,10 +693,27 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: how long a caption waits behind the heaviest classify, with the limits "
         "and without them",
     )  # fmt: skip
+    parser.add_argument(
+        "--adversarial", action="store_true",
+        help="instead: the adversarial probes (bench/adversarial.py; see above)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workdir", type=Path,
+        help="with --adversarial: keep the servers' folders and logs here",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
     if min(args.sessions, args.requests, args.rounds) < 1 or args.abuse < 0:
         parser.error("--sessions, --requests and --rounds must be at least 1, --abuse 0")
+    if args.adversarial:
+        from .adversarial import print_adversarial, run_adversarial  # it imports this module
+
+        report = run_adversarial(workdir=args.workdir)
+        print_adversarial(report)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if report["ok"] else 1
     if args.queue_probe:
         report = queue_probe()
         print(json.dumps(report, indent=2))

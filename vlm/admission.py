@@ -13,6 +13,10 @@ Nothing here knows a task or a model; `app.py` sets them up from `vlm.limits`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -92,6 +96,36 @@ class RequestLimits:
                 raise
         if refused and not started:
             await _refuse(send, message)
+        if refused and received > RELEASE_AFTER:  # what the app held of it is freed: give the
+            await asyncio.to_thread(release_freed_memory)  # pages back, or they stay resident
+
+
+# A refused body that was read this far (sent without a length) is given back to the system.
+RELEASE_AFTER = 8 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Free what only reference cycles still hold, then hand the C allocator's free pages
+    back to the system (glibc's `malloc_trim`). A refused body's chunks stay reachable from
+    the parsing error's traceback (a cycle, freed by the cyclic collector whenever it next
+    runs), and once freed their pages stay in the allocator's heap (glibc raises its mmap
+    threshold after the first large free) until trimmed. False where the C library has no
+    such call."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 async def _refuse(send, message: str) -> None:
