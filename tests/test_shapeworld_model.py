@@ -84,6 +84,28 @@ def test_in_world_scenes_are_rarely_called_unfamiliar(results, measure):
     assert max(results[measure].values()) <= CEILINGS[measure], results[measure]
 
 
+# Calibration (issue 41): the ECE of the confidence shown for answers, clean and under JPEG-50.
+# At n=100 questions it is noisy (measured 0.028-0.042 here; 0.012-0.020 at n=1000, seed 1234).
+ECE_CEILING = 0.07
+
+
+@pytest.mark.parametrize("slice_", ["", "held_out_", "phrasing_"])
+def test_the_confidence_shown_for_answers_is_calibrated(results, slice_):
+    for measure in (f"{slice_}vqa_ece", f"{slice_}vqa_choice_ece"):
+        assert max(results[measure].values()) <= ECE_CEILING, (measure, results[measure])
+
+
+def test_the_encoder_check_lowers_wrong_caption_words_and_keeps_right_ones(results):
+    """On held-out combinations the LM writes a wrong word at 0.74 on average here; shown,
+    it is below 0.5 (0.41 here, 0.56 at n=1000), while right words stay where they were."""
+    for kind in ("clean", "jpeg50"):
+        wrong = results["held_out_caption_words_wrong_shown"][kind]
+        assert wrong <= results["held_out_caption_words_wrong_raw"][kind] - 0.15, results
+        for slice_ in ("", "held_out_"):
+            right = results[f"{slice_}caption_words_right_shown"][kind]
+            assert right >= results[f"{slice_}caption_words_right_raw"][kind] - 0.05, results
+
+
 @pytest.mark.parametrize("measure", sorted(FLOORS))
 def test_jpeg_costs_little(results, measure):
     assert results[measure]["jpeg50"] >= results[measure]["clean"] - 0.10, results

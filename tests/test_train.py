@@ -59,6 +59,18 @@ def test_a_run_writes_a_familiarity_profile_of_its_training_images(run):
     assert saved.familiarity([noise])[0].familiar is False
 
 
+def test_a_run_writes_a_calibration_from_held_out_scenes(run):
+    out, config, _ = run
+    folder = Path(config.bundle or out / "pipeline")
+    saved = Pipeline.from_pretrained(folder, device="cpu")
+    calibration = saved.calibration
+    assert calibration is not None and "ShapeWorld" in calibration.fitted_on
+    assert calibration.experts is not None and calibration.answers.slope <= 1.0
+    assert len(calibration.matches) == 101  # search scores read as percentiles of true matches
+    image = sw.render(sw.sample_scene(random.Random("calibration-test")))
+    assert saved.caption([image], return_words=True)[0].calibrated
+
+
 def test_prefix_stage_leaves_encoder_and_lm_bit_identical(run):
     out, _, pipeline = run
     encoder = Encoder.load({"model": f"local-dir:{out / 'encoder'}"})

@@ -447,9 +447,9 @@ def test_push_to_hub_uploads_the_saved_folder(run, monkeypatch, tmp_path):
     pipeline.push_to_hub("someone/tiny-captioner")
     assert calls["create"][0] == "someone/tiny-captioner" and calls["create"][1]["exist_ok"]
     assert calls["repo"] == "someone/tiny-captioner" and calls["kind"] == "model"
-    # the familiarity profile `vlm train` fits travels with the model
-    assert calls["files"] == ["config.json", "encoder", "familiarity.safetensors", "lm",
-                              "mapper.safetensors"]  # fmt: skip
+    # the familiarity profile and the calibration `vlm train` fits travel with the model
+    assert calls["files"] == ["calibration.json", "config.json", "encoder",
+                              "familiarity.safetensors", "lm", "mapper.safetensors"]  # fmt: skip
     again = Pipeline.from_pretrained(uploaded, device="cpu")  # the upload loads as the same model
     picture = sw_image()
     assert again.caption(picture) == pipeline.caption(picture)

@@ -127,6 +127,7 @@ def cmd_search(args) -> None:
 
 
 def cmd_profile(args) -> None:
+    from .calibration import calibration_from_data
     from .data import FileDataset
     from .datasets import DATASETS
     from .familiarity import profile_from_data
@@ -143,6 +144,11 @@ def cmd_profile(args) -> None:
     profile = profile_from_data(pipeline.encoder, dataset, n=args.n, seed=args.seed)
     print(f"wrote {profile.save(folder)} ({len(profile.reference)} reference images; "
           f"flags the {profile.false_alarms:.0%} least typical)")  # fmt: skip
+    calibration = calibration_from_data(pipeline, dataset, n=args.n_calibration, seed=args.seed)
+    if calibration is None:
+        print("no held-out examples: no calibration written (--val-fraction)")
+    else:
+        print(f"wrote {calibration.save(folder)} (fitted on {calibration.fitted_on})")
 
 
 def cmd_train(args) -> None:
@@ -311,14 +317,17 @@ def main(argv: list[str] | None = None) -> None:
 
     sub = commands.add_parser(
         "profile", formatter_class=formatter,
-        help="write a model folder's familiarity profile (what its training images look like)",
-        description="Write the profile that tells images like a model's training images from "
-        "others into its folder (vlm train writes one; this adds one to a folder without)",
+        help="write a model folder's familiarity profile and calibration",
+        description="Write into a model folder the profile that tells images like its training "
+        "images from others, and the calibration that turns its raw probabilities into the "
+        "chance of being right (vlm train writes both; this adds them to a folder without)",
     )  # fmt: skip
     sub.set_defaults(func=cmd_profile)
     sub.add_argument("--model", required=True, help="the saved model folder")
     sub.add_argument("--data", required=True, help="'shapeworld' or the training data file")
     sub.add_argument("--n", type=int, default=3000, help="training images to fit")
+    sub.add_argument("--n-calibration", type=int, default=2000,
+                     help="held-out examples to fit the calibration on")  # fmt: skip
     sub.add_argument("--seed", type=int, default=0, help="the training run's seed")
     sub.add_argument("--val-fraction", type=float, help="files: the held-out part")
 

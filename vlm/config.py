@@ -54,3 +54,4 @@ class Parts(NamedTuple):
     mapper: Any  # vlm.mapper.PrefixMapper or another mapper module
     config: PipelineConfig
     familiarity: Any = None  # vlm.familiarity.FamiliarityProfile, if the folder has one
+    calibration: Any = None  # vlm.calibration.Calibration, if the folder has one

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .calibration import CalibrationExample
 from .images import is_image_path, load_image
 from .prompts import qa_text
 
@@ -418,6 +420,15 @@ class FileDataset:
     def clip_data(self, n: int, seed: int) -> list[tuple[Image.Image, list[str]]]:
         """(image, captions) pairs for the CLIP stage, images decoded when indexed."""
         return _Lazy([e for e in self.examples() if e.captions])
+
+    def calibration_examples(self, n: int, seed: int) -> list[CalibrationExample]:
+        """The held-out examples (at most `n`; `seed` unused: always the same ones) for the
+        model's calibration (`vlm.calibration`): their images, captions and Q/A pairs."""
+        examples = []
+        for example in itertools.islice(self.val_examples(), n):
+            asked = [(example.question, example.answer)] if example.question is not None else []
+            examples.append(CalibrationExample(example.load(), list(example.captions), asked))
+        return examples
 
     def pipeline_config(self) -> dict:
         """ClipCap's convention: the caption follows the prefix directly and ends at EOS."""

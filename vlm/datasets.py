@@ -2,8 +2,9 @@
 
 A dataset gives: image-caption pairs for the contrastive CLIP stage (`clip_data`), text
 documents for the LM stage (`texts`), and images with the texts the frozen LM must read after
-their prefix (`prefix_data`: a caption or "Question: … Answer: …"), plus what a pipeline
-trained on it should know (`pipeline_config`: prompts, label sets).
+their prefix (`prefix_data`: a caption or "Question: … Answer: …"), held-out images for the
+model's calibration (`calibration_examples`), plus what a pipeline trained on it should know
+(`pipeline_config`: prompts, label sets).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import shapeworld as sw
+from .calibration import CalibrationExample
 from .prompts import QUESTION_TEMPLATE, qa_text
 
 # The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
@@ -266,6 +268,21 @@ class ShapeWorld:
                     texts[i] = key_lines(scene, keying)
         teacher = [teacher_lines(s, t) for s, t in zip(scenes, texts, strict=True)]
         return self._pool(scenes, texts, rng, greys, teacher)
+
+    def calibration_examples(self, n: int, seed: int) -> list[CalibrationExample]:
+        """Held-out training-distribution scenes for a model's calibration (`vlm.calibration`):
+        seen combinations only, rendered and noised as the prefix stage's images are, each
+        with its caption and one question in a seen form, from a seed of their own (`seed` +
+        7003: never an evaluation seed)."""
+        rng = random.Random(f"calibration-{seed + 7003}")
+        examples = []
+        for _ in range(n):
+            scene = sw.sample_scene(rng)
+            image = _augment(sw.render(scene, self.image_size), rng)
+            questions = sw.questions(scene, rng, forms="seen")
+            asked = [rng.choice(questions)] if questions else []
+            examples.append(CalibrationExample(image, [sw.describe(scene)], asked))
+        return examples
 
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import shapeworld as sw
+from .calibration import expected_calibration_error, right_words
 from .data import BadRows, group_by_image
 from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
@@ -104,30 +105,87 @@ def binding_accuracy(encoder, images, scenes, text_cache: dict | None = None) ->
 def exact_caption_scores(
     pipeline, images, scenes, prefix: str, batch_size: int
 ) -> dict[str, float]:
-    """Exact captions, overall and by object count (`<prefix>caption_exact[_<k>obj]`)."""
-    captions = pipeline.caption(images, batch_size=batch_size)
+    """Exact captions, overall and by object count (`<prefix>caption_exact[_<k>obj]`), and how
+    sure the model says it is of their words (`word_confidence`)."""
+    written = pipeline.caption(images, batch_size=batch_size, return_words=True)
+    captions = [g.text for g in written]
     exact = [normalize_caption(c) == sw.describe(s) for c, s in zip(captions, scenes, strict=True)]
     scores = {f"{prefix}caption_exact": float(np.mean(exact))}
     for count in (1, 2, 3):
         hits = [e for e, s in zip(exact, scenes, strict=True) if len(s.objects) == count]
         if hits:
             scores[f"{prefix}caption_exact_{count}obj"] = float(np.mean(hits))
-    return scores
+    return scores | word_confidence(written, [[sw.describe(s)] for s in scenes], prefix)
+
+
+def word_confidence(written, references, prefix: str) -> dict[str, float]:
+    """For the words of written captions (`Generated`, with their references): the mean
+    confidence the model shows for the wrong words and for the right ones, the same for the
+    LM's raw probabilities, and the shown confidence's ECE (`<prefix>caption_words_*`)."""
+    shown, raw, right = [], [], []
+    for generated, refs in zip(written, references, strict=True):
+        right += right_words([w for w, _ in generated.words], refs)
+        shown += [p for _, p in generated.words]
+        raw += [p for _, p in generated.raw_words]
+    shown, raw, right = np.array(shown), np.array(raw), np.array(right, dtype=bool)
+    mean = lambda values: float(values.mean()) if len(values) else float("nan")  # noqa: E731
+    return {
+        f"{prefix}caption_words_wrong_shown": mean(shown[~right]),
+        f"{prefix}caption_words_wrong_raw": mean(raw[~right]),
+        f"{prefix}caption_words_right_shown": mean(shown[right]),
+        f"{prefix}caption_words_right_raw": mean(raw[right]),
+        f"{prefix}caption_words_wrong_share": mean(~right),
+        f"{prefix}caption_words_ece": expected_calibration_error(shown, right),
+    }
 
 
 def answer_scores(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, float]:
-    """Answer accuracy by question type and overall (`<prefix>vqa_<type>`); `qa` holds
-    (image index, question, answer)."""
+    """Answer accuracy by question type and overall (`<prefix>vqa_<type>`), and the ECE of
+    the confidence shown for the answers (`<prefix>vqa_ece`; of the LM's raw probability:
+    `_raw`); `qa` holds (image index, question, answer)."""
     answers = []
     for start in range(0, len(qa), batch_size):
         chunk = qa[start : start + batch_size]
-        answers += pipeline.answer([images[i] for i, _, _ in chunk], [q for _, q, _ in chunk])
-    per_type = defaultdict(list)
+        answers += pipeline.answer([images[i] for i, _, _ in chunk], [q for _, q, _ in chunk],
+                                   return_words=True)  # fmt: skip
+    per_type, shown, raw, right = defaultdict(list), [], [], []
     for (_, q, a), got in zip(qa, answers, strict=True):
-        per_type[sw.question_type(q)].append(normalize_caption(got) == a)
+        hit = normalize_caption(got.text) == a
+        per_type[sw.question_type(q)].append(hit)
+        right.append(hit)
+        shown.append(float(np.prod([p for _, p in got.words])) if got.words else 0.0)
+        raw.append(float(np.prod([p for _, p in got.raw_words])) if got.raw_words else 0.0)
     scores = {f"{prefix}vqa_{t}": float(np.mean(h)) for t, h in sorted(per_type.items())}
     scores[f"{prefix}vqa_overall"] = float(np.mean([h for v in per_type.values() for h in v]))
-    return scores
+    scores[f"{prefix}vqa_ece"] = expected_calibration_error(shown, right)
+    scores[f"{prefix}vqa_ece_raw"] = expected_calibration_error(raw, right)
+    return scores | choice_confidence(pipeline, images, qa, prefix)
+
+
+def choice_confidence(pipeline, images, qa, prefix: str, most: int = 500) -> dict[str, float]:
+    """The ECE of the best choice's probability when each question (at most `most`) comes
+    with its answer and up to 4 other answers of its kind (`<prefix>vqa_choice_ece`; of the
+    LM's raw choice probabilities: `_raw`)."""
+    kinds = defaultdict(set)
+    for _, q, a in qa:
+        kinds[sw.question_type(q)].add(a)
+    rng = random.Random(f"choices-{prefix}")
+    shown, raw, right = [], [], []
+    for i, q, a in qa[:most]:
+        others = sorted(kinds[sw.question_type(q)] - {a})
+        choices = sorted([a, *rng.sample(others, min(4, len(others)))])
+        if len(choices) < 2:
+            continue
+        best, probs = pipeline.answer([images[i]], [q], choices, return_scores=True,
+                                      calibration=None)[0]  # fmt: skip
+        calibration = getattr(pipeline, "calibration", None)
+        raw.append(probs[best])
+        shown.append(calibration.choices(probs)[best] if calibration else probs[best])
+        right.append(best == a)
+    return {
+        f"{prefix}vqa_choice_ece": expected_calibration_error(shown, right),
+        f"{prefix}vqa_choice_ece_raw": expected_calibration_error(raw, right),
+    }
 
 
 def evaluate_shapeworld(

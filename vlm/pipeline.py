@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -21,9 +22,17 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .blip2 import save_blip2
+from .calibration import (
+    ALTERNATIVE_FLOOR,
+    ALTERNATIVES,
+    CALIBRATION_NAME,
+    Alternative,
+    Calibration,
+    WordReading,
+)
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
-from .encoder import ImageEncoder
+from .encoder import Encoder, ImageEncoder
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
@@ -32,11 +41,14 @@ from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
 from .prompts import question_prompt
 from .search import SearchIndex
-from .streaming import TextStream
+from .streaming import Generated, TextStream, token_ends, word_spans
 from .tasks import UnsupportedTaskError, task_set
 
 # A part of an interleaved sequence: an image (its visual prefix goes there) or text.
 Part = ImageInput | str
+# `calibration=` of the tasks that report probabilities: the model's own calibration (or raw
+# probabilities where it has none), None for the LM's raw ones, or a given `Calibration`
+OWN = "own"
 
 
 class Pipeline:
@@ -52,9 +64,11 @@ class Pipeline:
         device: torch.device | str | None = None,
         *,
         familiarity: FamiliarityProfile | None = None,
+        calibration: Calibration | None = None,
     ):
         self.device = torch.device(device) if device is not None else default_device()
         self.familiarity_profile = familiarity  # what its training images looked like
+        self.calibration = calibration  # what turns its raw probabilities into calibrated ones
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision {config.precision!r}: choose one of {PRECISIONS}")
         self.encoder = encoder
@@ -85,8 +99,8 @@ class Pipeline:
 
     @classmethod
     def _from_parts(cls, parts: Parts, device) -> Pipeline:
-        *modules, familiarity = parts
-        return cls(*modules, device=device, familiarity=familiarity)
+        *modules, familiarity, calibration = parts
+        return cls(*modules, device=device, familiarity=familiarity, calibration=calibration)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None):
         """Write a folder that `from_pretrained` loads; `dtype` (e.g. fp16) shrinks the files."""
@@ -106,9 +120,11 @@ class Pipeline:
                  for k, v in self.mapper.state_dict().items()}  # fmt: skip
         save_file(state, directory / MAPPER_WEIGHTS)
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        (directory / PROFILE_NAME).unlink(missing_ok=True)
-        if self.familiarity_profile is not None:
-            self.familiarity_profile.save(directory)
+        for name, part in ((PROFILE_NAME, self.familiarity_profile),
+                           (CALIBRATION_NAME, self.calibration)):  # fmt: skip
+            (directory / name).unlink(missing_ok=True)
+            if part is not None:
+                part.save(directory)
 
     def push_to_hub(
         self,
@@ -199,7 +215,12 @@ class Pipeline:
         `prompts`: the text that follows each prefix ("Caption:", "Question: … Answer:"),
         which a mapper that `reads_prompt` takes in (default: the caption prompt); other
         mappers ignore it."""
-        features = self.image_features(images)
+        return self._prefix_from_pixels(self.encoder.pixels(self._images(images)), prompts)
+
+    @torch.inference_mode()
+    def _prefix_from_pixels(self, pixels: torch.Tensor, prompts=None) -> torch.Tensor:
+        """`prefix` of images already preprocessed into pixels."""
+        features = self.features_from_pixels(pixels)
         with self._decode_autocast():
             if not getattr(self.mapper, "reads_prompt", False):
                 return self.mapper(features).float()
@@ -287,11 +308,23 @@ class Pipeline:
     def _generate(self, sequences: list[torch.Tensor], **decoding) -> list[str]:
         """Continue each embedded sequence with the frozen LM's own `generate` (KV cache);
         `decoding` as `_generate_options` takes it."""
+        return [self._text(ids) for ids in self._generate_ids(sequences, **decoding)]
+
+    @torch.inference_mode()
+    def _generate_ids(self, sequences: list[torch.Tensor], **decoding) -> list[list[int]]:
+        """`_generate`'s new token ids for each sequence, up to and with its first stop token."""
         options = self._generate_options(sequences, **decoding)
         with self._decode_autocast():
             tokens = self.lm.generate(**options)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [self._trim(text) for text in texts]
+        rows = []
+        for row in tokens.tolist():
+            ends = [i for i, token in enumerate(row) if token in self._stop_ids]
+            rows.append(row[: ends[0] + 1] if ends else row)
+        return rows
+
+    def _text(self, ids: list[int]) -> str:
+        """The finished text of generated token ids: decoded, trimmed at a stop string."""
+        return self._trim(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _generate_options(
         self,
@@ -317,18 +350,23 @@ class Pipeline:
         )
 
     @torch.inference_mode()
-    def _stream(self, sequence: torch.Tensor, **decoding) -> TextStream:
-        """`_generate` on one sequence, as a `TextStream` of partial texts (it starts now)."""
+    def _stream(self, sequence: torch.Tensor, confidence=None, **decoding) -> TextStream:
+        """`_generate` on one sequence, as a `TextStream` of partial texts (it starts now);
+        `confidence`: the stream's hook (see `_confidence`)."""
         options = self._generate_options([sequence], **decoding)
-        return TextStream(self.lm, self.tokenizer, options, self._trim, self._decode_autocast)
+        return TextStream(self.lm, self.tokenizer, options, self._trim, self._decode_autocast,
+                          confidence)  # fmt: skip
 
     @torch.inference_mode()
-    def _score(self, sequences: list[torch.Tensor], continuations: list[str]) -> torch.Tensor:
-        """Sum of the LM's log-probabilities of each continuation after its sequence."""
-        ids = [self._token_ids(c) for c in continuations]
+    def _continuation_logits(
+        self, sequences: list[torch.Tensor], ids: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """Teacher-forced: each sequence followed by its token ids through the LM at once;
+        for each, the LM's logits [n_i, V] (float) at each of those tokens (the position
+        before a token predicts it)."""
         table = self.lm.get_input_embeddings()
         full = [
-            torch.cat([s, table(torch.tensor(i, device=self.device))])
+            torch.cat([s, table(torch.tensor(i, dtype=torch.long, device=self.device))])
             for s, i in zip(sequences, ids, strict=True)
         ]
         embeds, mask = self._left_pad(full)
@@ -338,14 +376,159 @@ class Pipeline:
             logits = self.lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions
             ).logits
-        logprobs = logits.float().log_softmax(-1)
+        length = logits.shape[1]
+        return [logits[row, length - len(i) - 1 : length - 1].float() for row, i in enumerate(ids)]
+
+    @torch.inference_mode()
+    def _score(self, sequences: list[torch.Tensor], continuations: list[str]) -> torch.Tensor:
+        """Sum of the LM's log-probabilities of each continuation after its sequence."""
+        ids = [self._token_ids(c) for c in continuations]
         scores = []
-        for row, token_ids in enumerate(ids):
-            n = len(token_ids)
+        for logits, token_ids in zip(self._continuation_logits(sequences, ids), ids, strict=True):
             target = torch.tensor(token_ids, device=self.device)
-            predicted = logprobs[row, -n - 1 : -1]  # the position before each token predicts it
-            scores.append(predicted.gather(1, target[:, None]).sum())
+            scores.append(logits.log_softmax(-1).gather(1, target[:, None]).sum())
         return torch.stack(scores)
+
+    # ------------------------------------------------------------------ how sure it is
+
+    @property
+    def can_check_words(self) -> bool:
+        """Whether the encoder can judge a caption's words against the image (an open_clip
+        model, text tower and all): a calibration's second expert (`vlm.calibration`)."""
+        return isinstance(self.encoder, Encoder)
+
+    def _calibration(self, calibration) -> Calibration | None:
+        return self.calibration if calibration is OWN else calibration
+
+    def _check_embeddings(self, pixels: torch.Tensor, calibration) -> torch.Tensor | None:
+        """The normalised image embeddings the words' second expert reads, where it is used."""
+        if calibration is None or not calibration.experts or not self.can_check_words:
+            return None
+        return self.encoder.encode_pixels(pixels, normalize=True)
+
+    def _alternative_words(self, probs: torch.Tensor, token: int) -> list[tuple[str, float]]:
+        """The words the LM could have begun in a word's place instead of `token`: its
+        likeliest other first tokens there (at least ALTERNATIVE_FLOOR), each a whole word
+        (a word start, as `token` is), with their probabilities."""
+        spaced = self.tokenizer.decode([token])[:1].isspace()
+        top = probs.topk(min(ALTERNATIVES + 1, probs.numel()))
+        words: dict[str, float] = {}
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            piece = self.tokenizer.decode([i])
+            word = piece.strip()
+            whole = word and piece[:1].isspace() == spaced and any(c.isalnum() for c in word)
+            if i == token or p < ALTERNATIVE_FLOOR or i in self._stop_ids or not whole:
+                continue
+            words.setdefault(word, p)
+        return list(words.items())[:ALTERNATIVES]
+
+    @torch.inference_mode()
+    def _read(
+        self, sequences: list[torch.Tensor], ids: list[list[int]],
+        embeddings: torch.Tensor | None, trim,
+    ) -> list[tuple[str, list[WordReading], list[tuple[int, float]]]]:  # fmt: skip
+        """For each sequence continued by its token ids (teacher-forced): the text (decoded,
+        then `trim`), how the model reads each of its words, and each token with its
+        probability. With `embeddings` (each image's, normalised), every word that has
+        alternatives gets them, each with the encoder's share for the text with it in the
+        word's place among them all (one batch of texts for every word)."""
+        rows, checks = [], []
+        for row, (token_ids, logits) in enumerate(
+            zip(ids, self._continuation_logits(sequences, ids), strict=True)
+        ):
+            probs = logits.softmax(-1)
+            chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])
+            chosen = chosen[:, 0].tolist()
+            raw = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            text = trim(raw)
+            readings = []
+            for word, start, end, covering in word_spans(
+                text, raw, token_ends(self.tokenizer, token_ids)
+            ):
+                reading = WordReading(word, math.prod(chosen[i] for i in covering))
+                if embeddings is not None and covering:
+                    first = covering[0]
+                    options = self._alternative_words(probs[first], token_ids[first])
+                    if options:
+                        variants = [text[:start] + other + text[end:] for other, _ in options]
+                        checks.append((row, len(readings), [text, *variants]))
+                        alternatives = [(word, chosen[first]), *options]
+                        reading = WordReading(word, reading.probability, tuple(
+                            Alternative(w, p, 0.0) for w, p in alternatives))  # fmt: skip
+                readings.append(reading)
+            rows.append((text, readings, list(zip(token_ids, chosen, strict=True))))
+        if checks:
+            texts = [t for _, _, variants in checks for t in variants]
+            embedded = torch.cat([self.encoder.encode_text(texts[i : i + 256])
+                                  for i in range(0, len(texts), 256)])  # fmt: skip
+            offset = 0
+            for row, index, variants in checks:
+                similarity = embedded[offset : offset + len(variants)] @ embeddings[row].float()
+                offset += len(variants)
+                shares = (self.encoder.logit_scale * similarity).softmax(-1).tolist()
+                reading = rows[row][1][index]
+                rows[row][1][index] = dataclasses.replace(reading, alternatives=tuple(
+                    dataclasses.replace(a, encoder=share)
+                    for a, share in zip(reading.alternatives, shares, strict=True)))  # fmt: skip
+        return rows
+
+    def read_text(
+        self, images: Sequence[ImageInput], texts: Sequence[str], *, prompt: str | None = None,
+        batch_size: int = 32,
+    ) -> list[list[WordReading]]:  # fmt: skip
+        """How the model reads each text after each image's prefix and `prompt` (default: the
+        caption prompt), teacher-forced: each word's probability under the frozen LM and,
+        where the encoder has a text tower, its alternatives (the LM's likeliest first tokens
+        there) with how well the text with each in the word's place matches the image. What
+        a calibration's word experts are fitted on (`vlm.calibration.fit_calibration`)."""
+        prompt = self.config.caption_prompt if prompt is None else prompt
+        images = self._images(images)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        space = " " if prompt and not prompt[-1].isspace() else ""
+        check = Calibration(experts=(1.0, 1.0)) if self.can_check_words else None
+        readings = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.encoder.pixels(images[start : start + batch_size])
+            prefixes = self._prefix_from_pixels(pixels, [prompt] * len(pixels))
+            sequences = [self._embed_parts([p, prompt]) for p in prefixes]
+            ids = [self._token_ids(space + t) for t in texts[start : start + batch_size]]
+            rows = self._read(sequences, ids, self._check_embeddings(pixels, check), str.strip)
+            readings += [words for _, words, _ in rows]
+        return readings
+
+    def _generated(self, text, readings, tokens, calibration, kind: str) -> Generated:
+        """A finished text with each word's confidence: calibrated for its `kind` ("caption"
+        or "answer") where there is a calibration, else the LM's probability."""
+        raw = [(r.word, r.probability) for r in readings]
+        if not _calibrates(calibration, kind):
+            return Generated(text, raw, tokens, done=True)
+        if kind == "caption":
+            words = [(r.word, calibration.word(r)) for r in readings]
+        else:
+            words = [(r.word, calibration.answer(r.probability)) for r in readings]
+        return Generated(text, words, tokens, done=True, raw_words=raw, calibrated=True)
+
+    def _confidence(self, sequence, embeddings, calibration, kind: str):
+        """The hook a stream runs on each snapshot (see `TextStream`), or None without a
+        calibration: live words through the calibration's Platt scaling; the last snapshot
+        of a caption read again, teacher-forced, so that its words get both experts."""
+        if not _calibrates(calibration, kind):
+            return None
+
+        def confidence(snapshot: Generated) -> Generated:
+            if kind == "answer":
+                words = [(word, calibration.answer(p)) for word, p in snapshot.words]
+                return dataclasses.replace(snapshot, words=words, raw_words=snapshot.words,
+                                           calibrated=True)  # fmt: skip
+            if not snapshot.done or embeddings is None:  # the experts vote once it is written
+                return snapshot
+            ids = [token for token, _ in snapshot.tokens]
+            _, readings, _ = self._read([sequence], [ids], embeddings, self._trim)[0]
+            final = self._generated(snapshot.text, readings, snapshot.tokens, calibration, kind)
+            return dataclasses.replace(final, raw_words=snapshot.words)
+
+        return confidence
 
     # ------------------------------------------------------------------ tasks
 
@@ -359,17 +542,33 @@ class Pipeline:
         temperature: float = 1.0,
         top_p: float = 1.0,
         batch_size: int = 16,
-    ) -> list[str]:
-        """A caption for each image (greedy by default; beam search or nucleus sampling)."""
+        return_words: bool = False,
+        calibration: Calibration | None | str = OWN,
+    ) -> list[str] | list[Generated]:
+        """A caption for each image (greedy by default; beam search or nucleus sampling).
+
+        `return_words=True`: a finished `Generated` for each, its words with how sure the
+        model is of each (calibrated where the model is, see `vlm.calibration`; `calibration`
+        None for the LM's raw probabilities) and the LM's own in `raw_words`."""
         self._require("caption")
         images = self._images(images)
-        captions: list[str] = []
+        decoding = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p)  # fmt: skip
+        calibration = self._calibration(calibration)
+        captions: list = []
         for start in range(0, len(images), batch_size):
-            captions += self._caption_prefixes(
-                self.prefix(images[start : start + batch_size]), batch_size,
-                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                temperature=temperature, top_p=top_p,
-            )  # fmt: skip
+            chunk = images[start : start + batch_size]
+            if not return_words:
+                captions += self._caption_prefixes(self.prefix(chunk), batch_size, **decoding)
+                continue
+            pixels = self.encoder.pixels(chunk)
+            sequences = [self._embed_parts([p, self.config.caption_prompt])
+                         for p in self._prefix_from_pixels(pixels)]  # fmt: skip
+            ids = self._generate_ids(sequences, **decoding)
+            embeddings = self._check_embeddings(pixels, calibration)
+            captions += [self._generated(text, readings, tokens, calibration, "caption")
+                         for text, readings, tokens
+                         in self._read(sequences, ids, embeddings, self._trim)]  # fmt: skip
         return captions
 
     def _caption_prefixes(self, prefixes, batch_size: int = 16, **decoding) -> list[str]:
@@ -386,8 +585,14 @@ class Pipeline:
         words with the LM's probability); the last has `done=True` and the same text as
         `caption([image], **decoding)[0]`. The image is encoded before this returns; the LM
         then runs in a background thread."""
-        prefix = self.prefix(self._images(image))[0]
-        return self._stream(self._embed_parts([prefix, self.config.caption_prompt]), **decoding)
+        pixels = self.encoder.pixels(self._images(image))
+        sequence = self._embed_parts([self._prefix_from_pixels(pixels)[0],
+                                      self.config.caption_prompt])  # fmt: skip
+        calibration = self._calibration(OWN)
+        confidence = self._confidence(
+            sequence, self._check_embeddings(pixels, calibration), calibration, "caption"
+        )
+        return self._stream(sequence, confidence=confidence, **decoding)
 
     def stream_answer(
         self, image: ImageInput, question: str, *, max_new_tokens: int = 10
@@ -395,7 +600,8 @@ class Pipeline:
         """`answer` (open-ended) of one question about one image, streamed like
         `stream_caption`."""
         sequence = self._question_sequences(self._images(image), [question])[0]
-        return self._stream(sequence, max_new_tokens=max_new_tokens)
+        confidence = self._confidence(sequence, None, self._calibration(OWN), "answer")
+        return self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
 
     def stream_continue(
         self, parts: Sequence[Part], *, max_new_tokens: int = 20, describe: bool = False,
@@ -428,23 +634,34 @@ class Pipeline:
         *,
         max_new_tokens: int = 10,
         return_scores: bool = False,
+        return_words: bool = False,
+        calibration: Calibration | None | str = OWN,
     ):
         """Answer a question about each image, Frozen-style (prefix + "Question: … Answer:").
 
         With `choices`, picks the choice the LM finds most likely after the prefix and the
-        question; `return_scores=True` then gives (answer, {choice: probability}) pairs."""
+        question; `return_scores=True` then gives (answer, {choice: probability}) pairs, the
+        probabilities calibrated where the model is (`calibration` None: the LM's). Without
+        choices, `return_words=True` gives a finished `Generated` for each answer, as
+        `caption` does."""
         self._require("answer")
+        calibration = self._calibration(calibration)
         sequences = self._question_sequences(images, questions)
         if not choices:
+            if return_words:
+                ids = self._generate_ids(sequences, max_new_tokens=max_new_tokens)
+                return [self._generated(text, readings, tokens, calibration, "answer")
+                        for text, readings, tokens
+                        in self._read(sequences, ids, None, self._trim)]  # fmt: skip
             answers = self._generate(sequences, max_new_tokens=max_new_tokens)
             return [(a, {}) for a in answers] if return_scores else answers
         choices = list(dict.fromkeys(c.strip() for c in choices if c.strip()))
         results = []
         for sequence in sequences:
             scores = self._score([sequence] * len(choices), [" " + c for c in choices])
-            probs = scores.softmax(-1).tolist()
+            probs = dict(zip(choices, scores.softmax(-1).tolist(), strict=True))
             best = choices[int(scores.argmax())]
-            results.append((best, dict(zip(choices, probs, strict=True))))
+            results.append((best, calibration.choices(probs) if calibration else probs))
         return results if return_scores else [best for best, _ in results]
 
     def continue_sequence(self, parts: Sequence[Part], *, max_new_tokens: int = 20, **kw) -> str:
@@ -595,6 +812,14 @@ class Pipeline:
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
         return occlusion_map(self.encoder, self._images(image)[0], text, references, keep=keep)
+
+
+def _calibrates(calibration: Calibration | None, kind: str) -> bool:
+    """Whether `calibration` turns the LM's probabilities of a `kind` of text into calibrated
+    ones (captions need its word experts; few-shot continuations have none)."""
+    if calibration is None:
+        return False
+    return kind == "answer" or (kind == "caption" and calibration.calibrates_words)
 
 
 def _is_image(part) -> bool:

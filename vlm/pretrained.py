@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .blip2 import is_blip2_config, read_blip2
+from .calibration import Calibration
 from .clipcap import read_clipcap
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .encoder import Encoder
@@ -97,7 +98,15 @@ def folder_parts(folder: Path, config: PipelineConfig) -> Parts:
     tokenizer = AutoTokenizer.from_pretrained(lm_source)
     mapper = PrefixMapper(**config.mapper)
     mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
-    return Parts(encoder, lm, tokenizer, mapper, config, FamiliarityProfile.load(folder))
+    return Parts(
+        encoder,
+        lm,
+        tokenizer,
+        mapper,
+        config,
+        FamiliarityProfile.load(folder),
+        Calibration.load(folder),
+    )
 
 
 def preset_parts(preset: Preset, device=None) -> Parts:

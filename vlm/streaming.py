@@ -6,15 +6,18 @@ Greedy decoding and sampling stream token by token (transformers' streamer: `gen
 each new token to `put`); beam search cannot stream (a beam's words change until the search
 ends), so it yields the winning beam once, when it is done.
 
-A word's probability is the product of its tokens' probabilities under the LM's own softmax
-(its raw logits, before temperature or top-p): the chance the LM gave to writing that word
-there, whatever decoding then picked.
+A word's raw probability is the product of its tokens' probabilities under the LM's own
+softmax (its raw logits, before temperature or top-p): the chance the LM gave to writing that
+word there, whatever decoding then picked. A model with a calibration turns it into the chance
+that the word is right (`vlm.calibration`): the stream's `confidence` hook does that to each
+snapshot, and `raw_words` keeps the LM's own numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import queue
 import re
 import sys
@@ -34,9 +37,17 @@ class Generated:
     """What the LM has written so far."""
 
     text: str  # trimmed and stripped as the finished text will be
-    words: list[tuple[str, float]]  # each word of `text` and the LM's probability for it
+    # each word of `text` and how sure the model is of it: the chance it is right where the
+    # model is calibrated (`calibrated`), else the LM's probability (as in `raw_words`)
+    words: list[tuple[str, float]]
     tokens: list[tuple[int, float]]  # every generated token id and its probability
     done: bool = False
+    raw_words: list[tuple[str, float]] | None = None  # the LM's own (None: as `words`)
+    calibrated: bool = False
+
+    def __post_init__(self):
+        if self.raw_words is None:
+            self.raw_words = list(self.words)
 
     def spans(self) -> list[tuple[str, float | None]]:
         """`text` cut into words (with their probability) and the spaces between them (None):
@@ -53,23 +64,38 @@ class Generated:
         return pieces
 
 
+def word_spans(text: str, raw: str, token_ends: list[int]) -> list[tuple[str, int, int, list[int]]]:
+    """Each word of `text`, a trimmed part of `raw` (the decoded tokens), with where it starts
+    and ends in `text` and the indices of the tokens that overlap it; token i covers
+    raw[token_ends[i-1]:token_ends[i]]."""
+    offset = raw.find(text) if text else 0
+    spans = []
+    for match in re.finditer(r"\S+", text):
+        start, end = offset + match.start(), offset + match.end()
+        covering, begin = [], 0
+        for i, stop in enumerate(token_ends):
+            if begin < end and stop > start and stop > begin:  # the token overlaps the word
+                covering.append(i)
+            begin = stop
+        spans.append((match.group(), match.start(), match.end(), covering))
+    return spans
+
+
 def word_probabilities(
     text: str, raw: str, token_ends: list[int], probs: list[float]
 ) -> list[tuple[str, float]]:
     """(word, probability) for each word of `text`, a trimmed part of `raw` (the decoded
     tokens); token i covers raw[token_ends[i-1]:token_ends[i]]. A word's probability is the
     product of the probabilities of the tokens that overlap it."""
-    offset = raw.find(text) if text else 0
-    words = []
-    for match in re.finditer(r"\S+", text):
-        start, end = offset + match.start(), offset + match.end()
-        p, begin = 1.0, 0
-        for stop, prob in zip(token_ends, probs, strict=True):
-            if begin < end and stop > start and stop > begin:  # the token overlaps the word
-                p *= prob
-            begin = stop
-        words.append((match.group(), p))
-    return words
+    if len(probs) != len(token_ends):
+        raise ValueError(f"{len(token_ends)} token ends but {len(probs)} probabilities")
+    return [(word, math.prod(probs[i] for i in tokens))
+            for word, _, _, tokens in word_spans(text, raw, token_ends)]  # fmt: skip
+
+
+def token_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token's text ends in the decoded text of `ids` (special tokens skipped)."""
+    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
 
 
 class _Cancelled(StoppingCriteria):
@@ -89,7 +115,9 @@ class TextStream(BaseStreamer):
     `options` are the keyword arguments of one `generate` call on a batch of one; `trim` is
     what turns decoded text into the finished text (stop strings, stripping), and
     `precision` the context the call runs in (the pipeline's decode precision), so the last
-    snapshot's text is exactly what the same call without streaming gives. Stopping the
+    snapshot's text is exactly what the same call without streaming gives. `confidence`, if
+    given, turns each snapshot's raw word probabilities into calibrated ones (in the reader's
+    thread; the last snapshot once generation is over). Stopping the
     iteration early (closing it) stops the generation at its next token. Errors raised in
     the thread are raised again in the reader's."""
 
@@ -100,10 +128,12 @@ class TextStream(BaseStreamer):
         options: dict,
         trim: Callable[[str], str],
         precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        confidence: Callable[[Generated], Generated] | None = None,
     ):
         if options["inputs_embeds"].shape[0] != 1:
             raise ValueError("a TextStream generates one text at a time")
         self.lm, self.tokenizer, self.trim, self.precision = lm, tokenizer, trim, precision
+        self.confidence = confidence
         self.beams = options.get("num_beams", 1) > 1
         self._items: queue.Queue = queue.Queue()
         self._logits: deque[torch.Tensor] = deque()  # the LM's last-position logits, per step
@@ -187,7 +217,8 @@ class TextStream(BaseStreamer):
                     continue
                 shown = text
                 words = word_probabilities(text, raw, ends, [p for _, p in tokens])
-                yield Generated(text, words, list(tokens), done)
+                snapshot = Generated(text, words, list(tokens), done)
+                yield self.confidence(snapshot) if self.confidence else snapshot
                 if done:
                     return
         finally:

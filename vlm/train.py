@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .calibration import calibration_from_data
 from .caption_head import CaptionHead, caption_vocabulary
 from .data import DataError, FileDataset
 from .datasets import DATASETS
@@ -803,6 +804,8 @@ def train(config: TrainConfig):
         pipeline.familiarity_profile = profile_from_data(
             pipeline.encoder, dataset, seed=config.seed
         )
+        # and how often what it says is right, from held-out examples
+        pipeline.calibration = calibration_from_data(pipeline, dataset, seed=config.seed)
         bundle = config.bundle or config.out / "pipeline"
         pipeline.save_pretrained(bundle, dtype=getattr(torch, config.bundle_dtype))
         accelerator.print(f"saved {bundle} after {time.time() - tic:.0f} s")
