@@ -390,6 +390,7 @@ def make_handlers(
         **{name: finished(without_words(stream)) for name, stream in streams.items()},
         **_clip_handlers(service, scratch),
         notice=friendly(service.notice),
+        legend=friendly(service.legend),
         service=service,
     )
 
@@ -415,7 +416,8 @@ and the heatmap use the CLIP encoder alone: image and text embeddings compared b
 similarity.</p>
 """
 
-CSS = """
+CSS = (
+    """
 .vlm-flow {display:flex; flex-wrap:wrap; gap:.4em; align-items:center; margin:.5em 0}
 .vlm-flow span {border:1px solid var(--border-color-primary); border-radius:8px;
   padding:.3em .6em; background:var(--block-background-fill)}
@@ -423,23 +425,39 @@ CSS = """
 .vlm-flow .frozen {border-color:#4070e0}
 .vlm-sure .score-token, .vlm-sure-scale {filter:hue-rotate(100deg) brightness(1.6)}
 .vlm-sure-scale {display:inline-block; width:8em; height:.9em; vertical-align:middle;
-  border-radius:4px; background:linear-gradient(to right, rgba(239,68,60,0), rgb(239,68,60))}
+  border-radius:4px; background:linear-gradient(to right, rgba(239,68,60,.5), rgb(239,68,60))}
+.vlm-unsure-swatch {display:inline-block; width:2em; height:.9em; vertical-align:middle;
+  border-radius:4px; background:#f59e0b}
 """
-
-# What the words' colours mean (HighlightedText's "scores" colouring, turned green by CSS).
-CONFIDENCE_LEGEND = (
-    "<small>Shade: the frozen LM's probability for the word. Unsure 0% "
-    '<span class="vlm-sure-scale"></span> 100% sure</small>'
+    + "".join(  # a word below 50% (its shade's alpha, as the browser writes it: 0 to 0.4…)
+        f".vlm-sure .score-token[style*='60, 0.{d}'], " for d in range(5)
+    )
+    + """.vlm-sure .score-token[style*='60, 0)'],
+.vlm-result:has(.vlm-guess) .vlm-sure .score-token[style*='rgb'] {filter:none;
+  background-color:#f59e0b
+  !important; text-decoration:underline dotted}
+"""
 )
 
 
-def confidence_output(label: str, elem_id: str) -> gr.HighlightedText:
-    """Words coloured by how sure the LM was of them, with a legend under them."""
+def confidence_legend(text: str) -> str:
+    """The legend under a text's words: what their shade means (`Service.legend`) and its
+    scale (HighlightedText's "scores" colouring, turned green by CSS; amber below 50%)."""
+    return (f"<small>{html.escape(text)} "
+            '<span class="vlm-unsure-swatch"></span> unsure &lt; 50% ≤ '
+            '<span class="vlm-sure-scale"></span> 100% sure</small>')  # fmt: skip
+
+
+def confidence_output(handlers: dict, model, kind: str, elem_id: str) -> gr.HighlightedText:
+    """Words coloured by how sure the model is of them, with a legend under them that says
+    what the shade means for the model chosen (calibrated or the LM's raw probability)."""
     words = gr.HighlightedText(
-        label=label, elem_id=elem_id, elem_classes="vlm-sure", show_legend=False,
-        show_inline_category=False, combine_adjacent=False,
+        label="How sure the model is", elem_id=elem_id, elem_classes="vlm-sure",
+        show_legend=False, show_inline_category=False, combine_adjacent=False,
     )  # fmt: skip
-    gr.HTML(CONFIDENCE_LEGEND)
+    legend = gr.HTML(confidence_legend(handlers["legend"](kind)), elem_id=f"{elem_id}-legend")
+    model.change(lambda name: confidence_legend(handlers["legend"](kind, name)), model, legend,
+                 api_name=False)  # fmt: skip
     return words
 
 
@@ -492,10 +510,10 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple) -> None:
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                 max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=30, step=1, label="Max length")
             cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-        with gr.Column():
+        with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, cap_button, [cap_image], model, "familiarity")
             cap_text = gr.Textbox(label="Caption", elem_id="caption-output", lines=2)
-            cap_words = confidence_output("How sure the LM was", "caption-words")
+            cap_words = confidence_output(handlers, model, "caption", "caption-words")
             with gr.Accordion("Several images at once", open=False):
                 cap_files = UploadedFiles(file_count="multiple", file_types=["image"],
                                           label="Images")  # fmt: skip
@@ -528,7 +546,7 @@ def zero_shot_tab(handlers, model, examples: list[str], templates: list[str],
                                  label="Prompt templates ({} is the label; "
                                  "blank: the model's own)")  # fmt: skip
             cls_button = gr.Button("Classify", variant="primary")
-        with gr.Column():
+        with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, cls_button, [cls_image], model)
             cls_label = gr.Label(num_top_classes=5, label="Top labels")
             cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
@@ -551,7 +569,7 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
                                       label="Add images or a .zip to the index")  # fmt: skip
             add_button = gr.Button("Add to index")
             add_status = gr.Markdown()
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_classes="vlm-result"):
             familiarity_notice(handlers, search_button, [query_image], model)
             results = gr.Gallery(label="Results", columns=4, height="auto")
             indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
@@ -571,10 +589,10 @@ def ask_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[str]]
             question = gr.Textbox(label="Question", placeholder="what color is the star?")
             choices = gr.Textbox(label="Answers to choose from (optional, comma-separated)")
             qa_button = gr.Button("Answer", variant="primary")
-        with gr.Column():
+        with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, qa_button, [qa_image], model)
             qa_answer = gr.Textbox(label="Answer", elem_id="answer-output")
-            qa_words = confidence_output("How sure the LM was", "answer-words")
+            qa_words = confidence_output(handlers, model, "answer", "answer-words")
             qa_scores = gr.Label(label="Choice scores")
     qa_inputs = [qa_image, question, choices, model]
     qa_button.click(handlers["answer_words"], qa_inputs, [qa_answer, qa_words, qa_scores],
@@ -607,9 +625,10 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[
                  "the examples, not the query (docs/shapeworld.md).",
         )  # fmt: skip
     fs_button = gr.Button("Continue", variant="primary")
-    familiarity_notice(handlers, fs_button, [*shots[::2], fs_query], model)
-    fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
-    fs_words = confidence_output("How sure the LM was", "few-shot-words")
+    with gr.Column(elem_classes="vlm-result"):
+        familiarity_notice(handlers, fs_button, [*shots[::2], fs_query], model)
+        fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
+        fs_words = confidence_output(handlers, model, "few_shot", "few-shot-words")
     fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model, fs_describe]
     fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                     api_name="few_shot_words")  # fmt: skip
@@ -626,7 +645,7 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
             ex_image = image_input()
             ex_text = gr.Textbox(label="Label or phrase", placeholder="a red circle")
             ex_button = gr.Button("Show where it matches", variant="primary")
-        with gr.Column():
+        with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, ex_button, [ex_image], model)
             ex_output = gr.Image(type="pil", label="Where the text matches (each part of the "
                                  "image seen alone; the ring marks the peak)")  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .calibration import UNSURE
 from .examples import all_example_images
 from .images import ImageError, PixelBudget
 from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
@@ -363,6 +364,26 @@ def write_captions_csv(rows: Iterable[tuple[str, str]], path: Path) -> Path:
     return Path(path)
 
 
+# In the notice of an unfamiliar image: the page shows every word of the result as unsure
+GUESS_MARK = '<span class="vlm-guess"></span>'
+
+
+def confidence_legend(pipeline: Pipeline, kind: str) -> str:
+    """What the shading of a `kind` of text ("caption", "answer", "few_shot") means for this
+    model: a calibrated chance of being right, or the LM's raw probability, labelled so."""
+    calibration = pipeline.calibration
+    if kind == "caption" and calibration is not None and calibration.calibrates_words:
+        what = ("how likely each word is to be right, calibrated on held-out images of its "
+                "world: the LM's probability, checked against the image")  # fmt: skip
+    elif kind == "answer" and calibration is not None:
+        what = "how likely the answer is to be right, calibrated on held-out questions"
+    else:
+        what = ("the LM's own probability for each word, not calibrated: a high number is "
+                "not a promise")  # fmt: skip
+    return (f"Shade: {what}. Below {UNSURE:.0%}: unsure (amber). On an image unlike the "
+            "model's training images, every word is shown as unsure.")
+
+
 def familiarity_notice(name: str, config, known: Sequence) -> str:
     """The notice for images of which `known` (vlm.familiarity.Familiarity) says how familiar
     they are to model `name` (its `config.trained_on` says what it was trained on)."""
@@ -373,7 +394,7 @@ def familiarity_notice(name: str, config, known: Sequence) -> str:
             f"Image{'s' if len(strange) > 1 else ''} {', '.join(map(str, strange))} of "
             f"{len(known)} look{'s' if len(strange) == 1 else ''}")  # fmt: skip
         return (f"⚠️ **{which} unlike anything the `{name}` model was trained on{world}: "
-                "what follows is a guess.**")  # fmt: skip
+                f"what follows is a guess.**{GUESS_MARK}")  # fmt: skip
     if any(f.familiar is None for f in known):
         return (f"ℹ️ The `{name}` model has no profile of its training images, so it cannot "
                 "tell whether this image is like them: its answers may be guesses.")  # fmt: skip
@@ -425,6 +446,10 @@ class Service:
 
     def notice(self, model: str | None = None) -> str:
         return self.models.notice(self.models.pick(model, self.model_dirs))
+
+    def legend(self, kind: str, model: str | None = None) -> str:
+        """What the shading of a `kind` of text means for `model` (see `confidence_legend`)."""
+        return confidence_legend(self.models.get(self.models.pick(model, self.model_dirs)), kind)
 
     def familiarity(self, images: Sequence, model: str | None = None) -> str:
         """What the page says above a result about the images a request gives (None: not
