@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import gradio as gr
-import open_clip
 import pandas as pd
 import torch
 from starlette.middleware import Middleware
@@ -41,7 +40,7 @@ from vlm.examples import (
 )
 from vlm.images import ImageError
 from vlm.inputs import is_url, url_refused
-from vlm.search import IndexLoadError
+from vlm.search import IndexLoadError, original_name
 from vlm.serve import (
     MAX_BODY_SIZE,
     MAX_NEW_TOKENS,
@@ -267,12 +266,21 @@ def _live(stream):
         yield written.text, written.spans()
 
 
+CHART_LABELS = 10  # the zero-shot chart's bars: the best labels
+
+
+def _short(label: str, most: int = 28) -> str:
+    return label if len(label) <= most else label[: most - 1] + "…"
+
+
 def _gallery(items: list[str]) -> list[tuple[str, str]]:
-    return [(item, Path(item).name) for item in items]
+    return [(item, original_name(item)) for item in items]
 
 
-def _results(hits) -> list[tuple[str, str]]:
-    return [(h.item, f"{h.score:.3f} · {Path(h.item).name}") for h in hits]
+def _results(scored) -> list[tuple[str, str]]:
+    """Search hits as the gallery shows them: the score as the page reads it, the name the
+    image was added under."""
+    return [(hit.item, f"{score} · {original_name(hit.item)}") for hit, score in scored]
 
 
 def _writers(service: Service) -> dict:
@@ -323,8 +331,9 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
     @gpu
     def classify(image, labels_text="", templates_text="", model=None):
         probs = service.classify(image, labels_text, templates_text, model)
-        top = list(probs.items())[:15]
-        chart = pd.DataFrame({"label": [k for k, _ in top], "probability": [v for _, v in top]})
+        top = list(probs.items())[:CHART_LABELS]  # readable with 1,000 labels: the best ones
+        chart = pd.DataFrame({"label": [_short(k) for k, _ in top],
+                              "probability": [v for _, v in top]})  # fmt: skip
         return probs, chart
 
     @friendly
@@ -334,8 +343,10 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
 
     @friendly
     @gpu
-    def search(query_text="", query_image=None, k=8, model=None, request: gr.Request = None):
-        return _results(service.search(query_text, query_image, k, model, _session(request)))
+    def search(query_text="", query_image=None, k=8, model=None, text_weight=0.5,
+               request: gr.Request = None):  # fmt: skip
+        session = _session(request)
+        return _results(service.search(query_text, query_image, k, model, session, text_weight))
 
     @friendly
     def index_add(files, model=None, progress=gr.Progress(), request: gr.Request = None):  # noqa: B008 (Gradio's idiom)
@@ -390,6 +401,7 @@ def make_handlers(
         **{name: finished(without_words(stream)) for name, stream in streams.items()},
         **_clip_handlers(service, scratch),
         notice=friendly(service.notice),
+        search_plan=friendly(service.search_plan),
         legend=friendly(service.legend),
         service=service,
     )
@@ -476,17 +488,6 @@ def api_only(handler, inputs, outputs, api_name: str) -> None:
     gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name)
 
 
-def label_sets(pipeline) -> dict[str, str]:
-    """The model's own label sets (its config's), then ImageNet's and a few everyday things."""
-    sets = {
-        **pipeline.config.label_sets,
-        "ImageNet (1,000 classes)": list(open_clip.IMAGENET_CLASSNAMES),
-        "Everyday things": ["a cat", "a dog", "a person", "a cup of coffee", "a rocket",
-                            "a car", "a bird", "a building", "food", "a landscape"],
-    }  # fmt: skip
-    return {name: "\n".join(labels) for name, labels in sets.items()}
-
-
 # The queue policy. Each event runs at most two requests at once (Gradio's queue), and each
 # model serves one request at a time (Models.use). The heavy events (zero-shot over many
 # labels and templates, captioning or indexing many files) share one group that runs one
@@ -534,24 +535,41 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple) -> None:
                     else "Photos")  # fmt: skip
 
 
-def zero_shot_tab(handlers, model, examples: list[str], templates: list[str],
-                  sets: dict[str, str], default_set: str) -> None:  # fmt: skip
+def zero_shot_tab(handlers, model, examples: list[str]) -> None:
+    """The Zero-shot tab: the model's label sets, its own world's first; choosing a set (or
+    another model) fills in its labels and its prompt templates."""
+    sets = handlers["service"].label_sets()
     with gr.Row():
         with gr.Column():
             cls_image = image_input()
-            label_set = gr.Dropdown(list(sets), value=default_set, label="Label set")
-            labels = gr.Textbox(sets[default_set], lines=6, max_lines=12,
+            label_set = gr.Dropdown([s.name for s in sets], value=sets[0].name,
+                                    label="Label set")  # fmt: skip
+            labels = gr.Textbox("\n".join(sets[0].labels), lines=6, max_lines=12,
                                 label="Labels (one per line or comma-separated)")  # fmt: skip
-            prompts = gr.Textbox("\n".join(templates[:10]), lines=3,
+            prompts = gr.Textbox("\n".join(sets[0].templates), lines=3,
                                  label="Prompt templates ({} is the label; "
                                  "blank: the model's own)")  # fmt: skip
             cls_button = gr.Button("Classify", variant="primary")
         with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, cls_button, [cls_image], model)
             cls_label = gr.Label(num_top_classes=5, label="Top labels")
-            cls_chart = gr.BarPlot(x="label", y="probability", label="Probabilities",
-                                   sort="-y")  # fmt: skip
-    label_set.change(lambda name: sets[name], label_set, labels, api_name=False)
+            cls_chart = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1],
+                                   x_label_angle=-35, height=340,
+                                   label=f"The {CHART_LABELS} likeliest labels")  # fmt: skip
+
+    def chosen(name: str, model_name: str | None) -> tuple[str, str]:
+        offered = {s.name: s for s in handlers["service"].label_sets(model_name)}
+        picked = offered.get(name) or next(iter(offered.values()))
+        return "\n".join(picked.labels), "\n".join(picked.templates)
+
+    def offered(model_name: str | None):
+        names = [s.name for s in handlers["service"].label_sets(model_name)]
+        return gr.Dropdown(choices=names, value=names[0])
+
+    label_set.input(chosen, [label_set, model], [labels, prompts], api_name=False)
+    model.change(offered, model, label_set, api_name=False).then(
+        chosen, [label_set, model], [labels, prompts], api_name=False
+    )
     cls_button.click(handlers["classify"], [cls_image, labels, prompts, model],
                      [cls_label, cls_chart], api_name="classify", **HEAVY)  # fmt: skip
     gr.Examples([[p] for p in examples], [cls_image], label="Examples")
@@ -562,9 +580,14 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
     with gr.Row():
         with gr.Column(scale=1):
             query_text = gr.Textbox(label="Text query", placeholder="a large blue star")
-            query_image = image_input("…or an image query", sources=["upload", "clipboard"])
+            query_image = image_input("…or an image query (with a text: both)",
+                                      sources=["upload", "clipboard"])  # fmt: skip
+            text_weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight",
+                                    info="With both a text and an image: the text's share "
+                                    "of the query (the image has the rest)")  # fmt: skip
             k = gr.Slider(1, 24, value=8, step=1, label="Results")
             search_button = gr.Button("Search", variant="primary")
+            plan = gr.Markdown(elem_id="search-plan")
             add_files = UploadedFiles(file_count="multiple", file_types=["image", ".zip"],
                                       label="Add images or a .zip to the index")  # fmt: skip
             add_button = gr.Button("Add to index")
@@ -573,9 +596,12 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
             familiarity_notice(handlers, search_button, [query_image], model)
             results = gr.Gallery(label="Results", columns=4, height="auto")
             indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
-    query = [query_text, query_image, k, model]
+    query = [query_text, query_image, k, model, text_weight]
     search_button.click(handlers["search"], query, results, api_name="search")
     query_text.submit(handlers["search"], query, results, api_name=False)
+    for event in (search_button.click, query_text.submit):  # what ran, and its scores' scale
+        event(handlers["search_plan"], [query_text, query_image, text_weight, model], plan,
+              api_name=False)  # fmt: skip
     add_button.click(handlers["index_add"], [add_files, model], [indexed, add_status],
                      api_name="index_add", **HEAVY)  # fmt: skip
     gr.Examples([["a large blue star"], ["a small red circle"], ["a cat"]], [query_text])
@@ -680,8 +706,6 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared)
     indexes = handlers["service"].indexes
     pipeline = models.get(None)
-    sets = label_sets(pipeline)
-    default_set = next(iter(pipeline.config.label_sets), "Everyday things")
     sw_paths = [str(p) for p, _ in shapeworld_examples()]
     photos = [str(p) for p in photo_examples()]
     examples = checked_examples(handlers, pipeline.tasks)
@@ -705,8 +729,7 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             photo_rows = ([[p] for p in photos], photo_labels(), outside)
             caption_tab(handlers, model, (examples["caption"], photo_rows))
         with gr.Tab("Zero-shot"):
-            zero_shot_tab(handlers, model, sw_paths[:4] + photos, pipeline.templates(),
-                          sets, default_set)  # fmt: skip
+            zero_shot_tab(handlers, model, sw_paths[:4] + photos)
         with gr.Tab("Search"):
             indexed = search_tab(handlers, model)
         with gr.Tab("Ask"):

@@ -132,3 +132,36 @@ def test_a_word_below_half_is_shown_in_the_unsure_band(page):
         }"""
     )
     assert shades[:3] == [AMBER] * 3 and AMBER not in shades[3:], shades
+
+
+def test_choosing_a_label_set_chooses_its_templates_and_the_chart_stays_readable(page):
+    panel = _panel(page, "Zero-shot")
+    templates = panel.get_by_label("Prompt templates", exact=False)
+    assert templates.input_value().splitlines() == ["a small {}", "a large {}"]
+    dropdown = panel.get_by_label("Label set")
+    dropdown.click()
+    page.get_by_role("option", name="Outside this model's world: ImageNet (1,000 classes)").click()
+    page.wait_for_function(
+        "(box) => box.value.startsWith('itap of a {}.')", arg=templates.element_handle(),
+        timeout=15_000,
+    )  # fmt: skip
+    assert "a small {}" not in templates.input_value()
+    labels = panel.get_by_label("Labels", exact=False).input_value().splitlines()
+    assert len(labels) == 1000 and labels[0] == "tench"
+    panel.locator("input[type=file]").first.set_input_files(str(photo_examples()[0]))
+    panel.locator("img").first.wait_for(timeout=30_000)
+    panel.get_by_role("button", name="Classify", exact=True).click()
+    panel.get_by_text("The 10 likeliest labels").wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(ARTIFACTS / "honest-zero-shot-imagenet.png"), full_page=True)
+
+
+def test_search_says_what_it_ran(page):
+    panel = _panel(page, "Search")
+    panel.get_by_label("Text query").fill("a large blue star")
+    panel.locator("input[type=file]").first.set_input_files(str(shapeworld_examples()[0][0]))
+    panel.locator("img").first.wait_for(timeout=30_000)
+    panel.get_by_role("button", name="Search", exact=True).click()
+    plan = page.locator("#search-plan")
+    plan.get_by_text("Searched by the text and the image together").wait_for(timeout=30_000)
+    assert "50% text, 50% image" in plan.inner_text()

@@ -65,3 +65,61 @@ def test_a_bad_request_is_refused_before_the_model_runs(service, monkeypatch, ca
     with pytest.raises(ValueError, match=message) as error:
         call(service)
     assert isinstance(error.value, RequestError) or "Max length" in message
+
+
+# ---------------------------------------------------------------------------- honest outputs
+
+
+def _examples_by_caption() -> dict[str, str]:
+    from vlm.examples import shapeworld_examples
+
+    return {entry["caption"]: str(path) for path, entry in shapeworld_examples()}
+
+
+def test_the_models_own_label_sets_come_first_and_the_others_say_they_are_outside(trained):
+    from vlm.serve import OUTSIDE, label_sets
+
+    sets = label_sets(shapeworld_pipeline())
+    own = [s for s in sets if not s.name.startswith(OUTSIDE)]
+    assert [s.name for s in sets[: len(own)]] == list(shapeworld_pipeline().config.label_sets)
+    assert all(s.templates == ["a small {}", "a large {}"] for s in own)
+    imagenet = next(s for s in sets if "ImageNet" in s.name)
+    assert imagenet.name.startswith(OUTSIDE) and len(imagenet.labels) == 1000
+    assert "a photo of the small {}." in imagenet.templates  # open_clip's, not the model's
+    assert len(imagenet.labels) * len(imagenet.templates) <= 20_000  # within the text limit
+    general = label_sets(trained)  # a model that names no world of its own
+    assert general[0].name == "ImageNet (1,000 classes)"
+
+
+def test_a_text_search_scores_as_a_share_of_true_matches_and_says_no_good_match(service):
+    examples = _examples_by_caption()
+    caption = next(c for c in examples if " left of " not in c)
+    (best, score), *_ = service.search(caption, None, 3)
+    assert best.item == examples[caption] and score.startswith("match ")
+    assert all(s.startswith("no good match") for _, s in service.search("a cat", None, 5))
+    assert "true matches" in service.search_plan(caption, None)
+
+
+def test_text_and_image_together_are_weighted_and_the_page_says_so(service):
+    examples = _examples_by_caption()
+    caption, other = list(examples)[0], list(examples)[5]
+    image_only = [h.item for h, _ in service.search("", examples[other], 4)]
+    text_only = [h.item for h, _ in service.search(caption, None, 4)]
+    both = service.search(caption, examples[other], 4, text_weight=1.0)
+    assert [h.item for h, _ in both] == text_only and both[0][1].startswith("cosine")
+    assert [h.item for h, _ in service.search(caption, examples[other], 4, text_weight=0.0)] == (
+        image_only
+    )
+    middle = [h.item for h, _ in service.search(caption, examples[other], 4, text_weight=0.5)]
+    assert {examples[caption], examples[other]} <= set(middle[:2])  # both queries' own images
+    assert "together" in service.search_plan(caption, examples[other], 0.3)
+    assert "30% text, 70% image" in service.search_plan(caption, examples[other], 0.3)
+    with pytest.raises(ValueError, match="Text weight must be between 0 and 1"):
+        service.search(caption, examples[other], 4, text_weight=2)
+
+
+def test_search_shows_the_name_an_image_was_added_under():
+    from vlm.search import original_name
+
+    assert original_name("/x/images/0123456789abcdef-my cat.png") == "my cat.png"
+    assert original_name("/x/sw-01-a-red-star.png") == "sw-01-a-red-star.png"

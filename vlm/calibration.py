@@ -16,7 +16,7 @@ fitted on held-out training-distribution data by the trainer (`fit_calibration`)
   most of its confidence; a word without alternatives keeps the LM's probability;
 - **search**: the image-text similarity of matching and of non-matching pairs (quantiles),
   so a search score reads as a percentile of true matches, and one below the 95th percentile
-  of non-matching pairs as "no good match".
+  of non-matching pairs or the 5th of true matches as "no good match".
 
 Calibration softens the LM's numbers but never sharpens them (a Platt slope of at most 1, a
 temperature of at least 1): fitted on the training distribution, sharpening overstated the
@@ -165,12 +165,16 @@ class Calibration:
         return dict(zip(probabilities, shares.tolist(), strict=True))
 
     def match(self, similarity: float) -> tuple[float, bool] | None:
-        """(the share of true image-text matches less similar than this, whether it beats the
-        non-matching pairs' NO_MATCH_QUANTILE) for a cosine similarity; None if unknown."""
+        """(the share of true image-text matches less similar than this, whether it is a good
+        match) for a cosine similarity; None if unknown. A good match beats NO_MATCH_QUANTILE
+        of the non-matching pairs and is not in the lowest 1 - NO_MATCH_QUANTILE of the
+        true matches (text from outside the world, "a cat", scores above non-matching
+        captions of the world, but far below its true matches)."""
         if not self.matches or not self.mismatches:
             return None
         share = float(np.interp(similarity, self.matches, np.linspace(0, 1, len(self.matches))))
-        threshold = float(np.quantile(self.mismatches, NO_MATCH_QUANTILE))
+        threshold = max(float(np.quantile(self.mismatches, NO_MATCH_QUANTILE)),
+                        float(np.quantile(self.matches, 1 - NO_MATCH_QUANTILE)))  # fmt: skip
         return share, similarity >= threshold
 
     # ------------------------------------------------------------------ files

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,6 +53,13 @@ class Hit:
     item: str
     position: int
     score: float
+
+
+def original_name(item: str) -> str:
+    """The name an item was added under: a copy's file name less the content hash that
+    `add_copies` put in front of it (`<16 hex digits>-<name>`)."""
+    name = Path(item).name
+    return name[17:] if re.fullmatch(r"[0-9a-f]{16}-.+", name) else name
 
 
 def _content_hash(source: ImageInput) -> str:
@@ -304,11 +312,25 @@ class SearchIndex:
             vector = self.encoder.encode_images([image], normalize=True)
         return vector.cpu().numpy().astype(np.float32)
 
+    def combined_query(self, text: str, image: ImageInput, text_weight: float = 0.5) -> np.ndarray:
+        """One query from a text and an image: their normalised embeddings weighted
+        (`text_weight` for the text, the rest for the image), normalised again, [1, D]."""
+        if not 0 <= text_weight <= 1:
+            raise ValueError(f"the text's weight must be between 0 and 1, not {text_weight}")
+        vector = text_weight * self.embed_query(text) + (1 - text_weight) * self.embed_query(image)
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
     def search(self, query: str | ImageInput, k: int = 5) -> list[Hit]:
         """The k items most similar to a text or image query, best first."""
+        return self.search_vector(self.embed_query(query), k)
+
+    def search_vector(self, vector: np.ndarray, k: int = 5) -> list[Hit]:
+        """The k items most similar to a query's normalised embedding [1, D] (as
+        `embed_query` or `combined_query` give it), best first."""
         if len(self) == 0:
             return []
-        scores, positions = self.index.search(self.embed_query(query), min(k, len(self)))
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        scores, positions = self.index.search(vector, min(k, len(self)))
         return [
             Hit(self.items[p], int(p), float(s))
             for s, p in zip(scores[0], positions[0], strict=True)

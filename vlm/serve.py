@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
+import dataclasses
 import functools
 import logging
 import os
@@ -24,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import open_clip
 from PIL import Image
 
-from .calibration import UNSURE
+from .calibration import NO_MATCH_QUANTILE, UNSURE
 from .examples import all_example_images
 from .images import ImageError, PixelBudget
 from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
@@ -380,8 +382,58 @@ def confidence_legend(pipeline: Pipeline, kind: str) -> str:
     else:
         what = ("the LM's own probability for each word, not calibrated: a high number is "
                 "not a promise")  # fmt: skip
-    return (f"Shade: {what}. Below {UNSURE:.0%}: unsure (amber). On an image unlike the "
-            "model's training images, every word is shown as unsure.")
+    return (
+        f"Shade: {what}. Below {UNSURE:.0%}: unsure (amber). On an image unlike the "
+        "model's training images, every word is shown as unsure."
+    )
+
+
+OUTSIDE = "Outside this model's world: "
+EVERYDAY_THINGS = ["a cat", "a dog", "a person", "a cup of coffee", "a rocket", "a car", "a bird",
+                   "a building", "food", "a landscape"]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSet:
+    """Labels to rank an image against, with the prompt templates made for them."""
+
+    name: str
+    labels: list[str]
+    templates: list[str]
+
+
+def label_sets(pipeline: Pipeline) -> list[LabelSet]:
+    """The label sets a model is offered with, its own world's first: its config's sets with
+    its own templates, then ImageNet's 1,000 classes with open_clip's simple ImageNet
+    templates and a few everyday things as photos. A model trained on a world of its own
+    (it names label sets) gets the general sets under OUTSIDE, as what it cannot know."""
+    own = [LabelSet(name, list(labels), pipeline.templates())
+           for name, labels in pipeline.config.label_sets.items()]  # fmt: skip
+    prefix = OUTSIDE if own else ""
+    simple = [t("{}") if callable(t) else t for t in open_clip.SIMPLE_IMAGENET_TEMPLATES]
+    return [
+        *own,
+        LabelSet(f"{prefix}ImageNet (1,000 classes)", list(open_clip.IMAGENET_CLASSNAMES), simple),
+        LabelSet(f"{prefix}Everyday things", EVERYDAY_THINGS, ["a photo of {}."]),
+    ]
+
+
+def search_kind(query_text, query_image) -> str:
+    """What a search request gives: "text", "image" or "both" (RequestError: neither)."""
+    has_text, has_image = bool((query_text or "").strip()), query_image is not None
+    if not (has_text or has_image):
+        raise RequestError("Type a text query or give a query image.")
+    return "both" if has_text and has_image else "text" if has_text else "image"
+
+
+def search_score(score: float, kind: str, calibration) -> str:
+    """A hit's cosine score as the page shows it: a text match as a percentile of the model's
+    true image-caption matches, or "no good match" (`Calibration.match`); else the cosine."""
+    place = calibration.match(score) if calibration is not None and kind == "text" else None
+    if place is None:
+        return f"{'similarity' if kind == 'image' else 'cosine'} {score:.2f}"
+    share, good = place
+    return f"match {share:.0%}" if good else f"no good match ({score:.2f})"
 
 
 def familiarity_notice(name: str, config, known: Sequence) -> str:
@@ -446,6 +498,10 @@ class Service:
 
     def notice(self, model: str | None = None) -> str:
         return self.models.notice(self.models.pick(model, self.model_dirs))
+
+    def label_sets(self, model: str | None = None) -> list[LabelSet]:
+        """The label sets `model` is offered with (see `label_sets`)."""
+        return label_sets(self.models.get(self.models.pick(model, self.model_dirs)))
 
     def legend(self, kind: str, model: str | None = None) -> str:
         """What the shading of a `kind` of text means for `model` (see `confidence_legend`)."""
@@ -559,18 +615,50 @@ class Service:
         self.models.require(name, "search")
         return name
 
-    def search(self, query_text="", query_image=None, k=8, model=None, session=None) -> list[Hit]:
-        """The best `k` hits for the image, or else the text, in the index `session` sees."""
+    def search(
+        self, query_text="", query_image=None, k=8, model=None, session=None, text_weight=0.5
+    ) -> list[tuple[Hit, str]]:
+        """The best `k` hits in the index `session` sees for the text, the image, or both
+        (see `SearchIndex.combined_query`; `text_weight` is the text's share), each with its
+        score as the page shows it (`search_score`)."""
         k = number(k, "Results", 1, 100)
-        if query_image is not None:
-            query = self.image(query_image)
-        elif (query_text or "").strip():
-            query = check_length(query_text, "the text query", MAX_LABEL_CHARS).strip()
-        else:
-            raise RequestError("Type a text query or give a query image.")
+        kind = search_kind(query_text, query_image)
+        text = ""
+        if kind != "image":
+            text = check_length(query_text, "the text query", MAX_LABEL_CHARS).strip()
+        picture = self.image(query_image) if kind != "text" else None
+        weight = number(text_weight, "Text weight", 0, 1) if kind == "both" else 1.0
         with self.using(model) as pipeline:
             index = self.indexes.get(self._searchable(model), pipeline, session)
-            return index.search(query, k=int(k))
+            if kind == "both":
+                hits = index.search_vector(index.combined_query(text, picture, weight), int(k))
+            else:
+                hits = index.search(text or picture, k=int(k))
+        return [(hit, search_score(hit.score, kind, pipeline.calibration)) for hit in hits]
+
+    def search_plan(self, query_text="", query_image=None, text_weight=0.5, model=None) -> str:
+        """What a search of these inputs runs and what its scores mean, for the page."""
+        try:
+            kind = search_kind(query_text, query_image)
+        except RequestError:
+            return ""
+        pipeline = self.models.get(self.models.pick(model, self.model_dirs))
+        calibrated = pipeline.calibration is not None and pipeline.calibration.matches
+        if kind == "both":
+            weight = float(text_weight or 0)
+            return (f"Searched by the text and the image together: their embeddings weighted "
+                    f"{weight:.0%} text, {1 - weight:.0%} image. Scores: cosine similarity to "
+                    "that mix (no scale of its own).")  # fmt: skip
+        if kind == "image":
+            return ("Searched by the image (type a text too to combine them). Scores: cosine "
+                    "similarity of the images, 1 for the same picture.")  # fmt: skip
+        if calibrated:
+            return ("Searched by the text. Scores: how the match ranks among true matches of "
+                    "an image and its caption in the model's world (50%: a typical true match); "
+                    f"'no good match' below {1 - NO_MATCH_QUANTILE:.0%} of them or "
+                    f"{NO_MATCH_QUANTILE:.0%} of the pairs that do not match.")  # fmt: skip
+        return ("Searched by the text. Scores: cosine similarity (this model has no "
+                "calibration data, so there is no scale for what a good match is).")  # fmt: skip
 
     def index_add(
         self, files, model=None, progress=None, session=None
