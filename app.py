@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -53,6 +55,7 @@ from vlm.serve import (
     index_folder,
     write_captions_csv,
 )
+from vlm.training_jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, TrainingJobs
 from vlm.uploads import ScratchFolder, UploadError
 
 __all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
@@ -69,6 +72,8 @@ QUEUE_SIZE = 64  # requests waiting or running in all; the heavy group may take 
 # with every new visitor. The app keeps nothing per session, so forgetting the oldest is free.
 MAX_SESSIONS = int(os.environ.get("VLM_MAX_SESSIONS", 256))
 INDEX_ROOT = Path(os.environ.get("VLM_INDEX_DIR", Path.home() / ".cache" / "vlm" / "indexes"))
+# a training job's folder and model are deleted this long after the job ended
+TRAIN_MAX_AGE = float(os.environ.get("VLM_TRAIN_MAX_AGE", 3600))
 
 try:  # ZeroGPU on Hugging Face Spaces: GPU work runs inside @spaces.GPU
     import spaces
@@ -112,6 +117,11 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
         "--allowed-dir", dest="allowed_dirs", type=Path, action="append",
         help="a server folder whose files and model folders requests may name by path "
         "(repeatable; default: VLM_ALLOWED_DIRS, separated by os.pathsep; none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-training", action="store_true", default=env("VLM_ALLOW_TRAINING") == "1",
+        help="the Train tab: visitors train a model on their images (or VLM_ALLOW_TRAINING=1; "
+        "on with --auth too). Default: off",
     )  # fmt: skip
     settings = parser.parse_args(argv)
     if settings.allowed_dirs is None:
@@ -378,18 +388,112 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
                 familiarity_of_all=familiarity_of_all)  # fmt: skip
 
 
+def _training_handlers(service: Service) -> dict:
+    """The Train tab's handlers: start, status and stop (also the API's), and the page's view
+    of a job, polled by a timer."""
+
+    @friendly
+    def train_start(files=None, base_model="", steps=400, name="my-model", mapper="",
+                    shapeworld_images=0, browser="", request: gr.Request = None):  # fmt: skip
+        base_model = base_model or next(iter(BASES))
+        return service.train_start(files, base_model, steps, name, mapper or next(iter(MAPPERS)),
+                                   shapeworld_images or None, _owner(browser, request))  # fmt: skip
+
+    @friendly
+    def train_status(job="", browser="", request: gr.Request = None) -> dict:
+        return service.train_status(job, _owner(browser, request))
+
+    @friendly
+    def train_stop(job="", browser="", request: gr.Request = None) -> dict:
+        return service.train_stop(job, _owner(browser, request))
+
+    def train_view(job="", browser="", request: gr.Request = None):
+        """(status, loss curve, samples, download, the model picker, the bases) of the job."""
+        if not job or service.jobs is None:
+            return (gr.skip(),) * 6
+        session = _owner(browser, request)
+        try:
+            status = service.train_status(job, session)
+        except ValueError as error:  # a job deleted after its age, another browser's
+            return (markdown_text(str(error)), *(gr.skip(),) * 5)
+        now = status["stage"]  # the stage under way (or the last): its curves
+        rows = [("training", step, loss) for stage, step, loss in status["losses"] if stage == now]
+        rows += [("validation", step, loss) for stage, step, loss in status["val_losses"]
+                 if stage == now]  # fmt: skip
+        curve = pd.DataFrame(rows, columns=["curve", "step", "loss"])
+        samples = pd.DataFrame(list(status["samples"].items()), columns=SAMPLE_COLUMNS)
+        if status["state"] != "done":
+            return job_summary(status), curve, samples, *(gr.skip(),) * 3
+        download = gr.DownloadButton(value=str(service.model_zip(job, session)), visible=True)
+        choices = [*service.models.choices(), *service.trained_models(session)]
+        picker = gr.Dropdown(choices=choices, visible=True)
+        bases = gr.Dropdown(choices=service.train_bases(session))
+        return job_summary(status), curve, samples, download, picker, bases
+
+    return dict(train_start=train_start, train_status=train_status, train_stop=train_stop,
+                train_view=train_view)  # fmt: skip
+
+
+SAMPLE_COLUMNS = ["the image's caption", "the model's caption now"]
+CURVE_COLOURS = {"training": "#2563eb", "validation": "#f59e0b"}
+
+
+def _owner(browser: str | None, request: gr.Request | None) -> str | None:
+    """Who owns a training job: the page's browser (a random id kept in its storage, so a
+    refresh or a second tab finds its job), else the session (an API client)."""
+    return browser or _session(request)
+
+
+def browser_id(known: str | None) -> str:
+    """The browser's random id: the one it keeps, or a new one."""
+    return known or uuid.uuid4().hex
+
+
+def job_summary(status: dict) -> str:
+    """A training job's state in a line of Markdown: its stage and step, elapsed, ETA."""
+    clock = lambda seconds: f"{int(seconds) // 60}:{int(seconds) % 60:02d}"  # noqa: E731
+    state = status["state"]
+    line = f"**{state}**"
+    if state == "queued" and status["place"]:
+        line += f" · {status['place']}. in line (one job trains at a time)"
+    if status["stage"]:
+        line += f" · {status['stage']} stage, step {status['step']} of {status['steps']}"
+    if status["loss"] is not None:
+        line += f" · loss {status['loss']:.3f}"
+    if status["val_loss"] is not None:
+        line += f" · validation {status['val_loss']:.3f}"
+    if status["elapsed_s"]:
+        line += f" · {clock(status['elapsed_s'])} elapsed"
+    if status["eta_s"] is not None:
+        line += f" · about {clock(status['eta_s'])} left in this stage"
+    if state == "done" and status["step"] < status["steps"]:
+        line += " (stopped early: its validation loss had stopped improving)"
+    if status["model"]:
+        line += f" · **`{markdown_text(status['model'])}`** is in the model picker now"
+    if status["scores"].get("BLEU-4") is not None:
+        line += f" · held-out BLEU-4 {status['scores']['BLEU-4']:.3f}"
+    if status["error"]:
+        line += f" · {markdown_text(status['error'])}"
+    return line
+
+
 def make_handlers(
-    models: Models, index_root: Path, allowed_dirs=(), shared_index: bool = False
-) -> dict:
+    models: Models, index_root: Path, allowed_dirs=(), shared_index: bool = False,
+    training: bool = False,
+) -> dict:  # fmt: skip
     """The functions behind the page's buttons (and its API), over the models.
 
     Every server path a request names (an image or file given as a string) must lie under
     `allowed_dirs`, Gradio's upload folder or the bundled examples; a model folder, under
     `allowed_dirs` only. `shared_index`: one search gallery for everyone (see vlm.serve.Indexes).
-    The service is `handlers["service"]`."""
+    `training`: visitors may train models (vlm.training_jobs). The service is
+    `handlers["service"]`."""
     indexes = Indexes(index_root, shared_index, TEMP_MAX_AGE, MAX_SESSIONS)
+    jobs = None
+    if training:
+        jobs = TrainingJobs(Path(tempfile.mkdtemp(prefix="vlm-train-")), TRAIN_MAX_AGE)
     service = Service(models, index_root, PathGuard(allowed_dirs),
-                      inputs.PathGuard(allowed_dirs), indexes)  # fmt: skip
+                      inputs.PathGuard(allowed_dirs), indexes, jobs)  # fmt: skip
     scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
     streams = _writers(service)
     return dict(
@@ -400,6 +504,7 @@ def make_handlers(
         # and run to the end: the finished text, for a script that calls a handler
         **{name: finished(without_words(stream)) for name, stream in streams.items()},
         **_clip_handlers(service, scratch),
+        **_training_handlers(service),
         notice=friendly(service.notice),
         search_plan=friendly(service.search_plan),
         legend=friendly(service.legend),
@@ -680,6 +785,62 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
 
 
+TRAIN_HELP = """Teach the model your images: upload a .zip of images, each with a .txt of
+its captions beside it (one a line) or a `captions.csv` (`image_path`, `caption`), or train on
+generated ShapeWorld scenes. Only the mapper learns (with "an LM learned on your captions", a
+small LM first learns your captions' words, then stays frozen): the result is a model of its
+own, served in every tab. One job trains at a time; yours survives a page refresh."""
+
+
+def train_tab(handlers: dict, model: gr.Dropdown, kept: gr.BrowserState,
+              browser: gr.BrowserState) -> gr.Textbox:  # fmt: skip
+    """The Train tab (with --allow-training): a job's inputs, its live loss curve and held-out
+    captions, Stop, the model's download. `kept`: the job's id in the browser's storage, to
+    find it again after a refresh or from a second tab; `browser`: the browser's own id (see
+    `_owner`). Returns the job id's box, which `kept` fills when the page loads."""
+    service = handlers["service"]
+    gr.Markdown(TRAIN_HELP)
+    with gr.Row():
+        with gr.Column():
+            data = UploadedFiles(file_types=[".zip"], label="Your images with captions (.zip)",
+                                 elem_id="train-zip")  # fmt: skip
+            scenes = gr.Number(0, precision=0, minimum=0, label="…or this many generated "
+                               "ShapeWorld images (with no zip)")  # fmt: skip
+            base = gr.Dropdown(service.train_bases(None), value=next(iter(BASES)),
+                               label="Start from")  # fmt: skip
+            mapper = gr.Radio(list(MAPPERS), value=next(iter(MAPPERS)), label="Mapper")
+            steps = gr.Slider(10, MAX_TRAIN_STEPS, value=400, step=10,
+                              label="Steps of the mapper's training")  # fmt: skip
+            name = gr.Textbox("my-model", label="Name")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        with gr.Column():
+            status = gr.Markdown(elem_id="train-status")
+            curve = gr.LinePlot(x="step", y="loss", color="curve", height=260,
+                                label="Loss of the stage under way", elem_id="train-curve",
+                                color_map=CURVE_COLOURS)  # fmt: skip
+            samples = gr.Dataframe(headers=SAMPLE_COLUMNS, label="Held-out images, captioned "
+                                   "as it learns", elem_id="train-samples", wrap=True,
+                                   column_widths=["50%", "50%"])  # fmt: skip
+            download = gr.DownloadButton("Download the model (.zip)", visible=False,
+                                         elem_id="train-download")  # fmt: skip
+    job = gr.Textbox(visible=False, elem_id="train-job")  # the API's job id, and the page's
+    status_json = gr.JSON(visible=False)
+    # the API's endpoints: an API client's jobs are its session's
+    api_only(handlers["train_start"], [data, base, steps, name, mapper, scenes], job,
+             "train_start")  # fmt: skip
+    api_only(handlers["train_status"], [job], status_json, "train_status")
+    api_only(handlers["train_stop"], [job], status_json, "train_stop")
+    # the page's: its jobs are its browser's (a refresh, a second tab)
+    start.click(handlers["train_start"], [data, base, steps, name, mapper, scenes, browser], job,
+                api_name=False).then(lambda j: j, job, kept, api_name=False)  # fmt: skip
+    stop.click(handlers["train_stop"], [job, browser], status_json, api_name=False)
+    gr.on([gr.Timer(2).tick], handlers["train_view"], [job, browser],
+          [status, curve, samples, download, model, base], api_name=False)  # fmt: skip
+    return job
+
+
 def checked_examples(handlers: dict, tasks) -> dict[str, tuple[list, list[str]]]:
     """Each tab's example rows and labels, every example run once through the page's own
     handler on the default model: one it gets wrong is labelled a known failure."""
@@ -703,7 +864,8 @@ def _first(result):
 def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     shared = getattr(settings, "shared_index", False)
-    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared)
+    training = getattr(settings, "allow_training", False) or bool(getattr(settings, "auth", None))
+    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared, training)
     indexes = handlers["service"].indexes
     pipeline = models.get(None)
     sw_paths = [str(p) for p, _ in shapeworld_examples()]
@@ -719,7 +881,10 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             notice = gr.Markdown(models.notice(), elem_id="model-notice")
             model = gr.Dropdown(
                 models.choices(), value=models.default, label="Model", scale=0,
-                min_width=220, visible=len(models.choices()) > 1,
+                min_width=220, visible=len(models.choices()) > 1 or training,
+                # a model trained here or a folder under --allowed-dir, named by a request:
+                # Models.pick decides what may load, not the list
+                allow_custom_value=True,
             )  # fmt: skip
         model.change(handlers["notice"], model, notice, api_name=False)
         with gr.Accordion("How it works", open=False):
@@ -738,6 +903,13 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             few_shot_tab(handlers, model, examples["few_shot"])
         with gr.Tab("Explain"):
             explain_tab(handlers, model)
+        if training:  # browser states live outside the tabs, which mount only when shown
+            kept = gr.BrowserState("", storage_key="vlm-train-job")
+            browser = gr.BrowserState("", storage_key="vlm-browser")
+            with gr.Tab("Train"):
+                job = train_tab(handlers, model, kept, browser)
+            demo.load(browser_id, browser, browser, api_name=False)
+            demo.load(lambda j: j, kept, job, api_name=False)  # back to the job after a refresh
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
     fair = FairQueue(MAX_PENDING, HEAVY["concurrency_id"], QUEUE_SIZE // 2,

@@ -239,3 +239,49 @@ def test_windows_are_found_exactly_whatever_their_length(base, length):
     rows = torch.cat([picked, torch.randint(0, base, (30, length), generator=generator)])
     naive = (windows[:, :, None, :] == rows).all(-1).any(-1)
     assert naive.sum() >= 20 and torch.equal(_rows_in(windows, rows, base), naive)
+
+
+def test_the_trainer_reports_its_progress_in_order_and_stops_when_asked(tmp_path):
+    """The library call the CLI and the page share: events in order, samples captioned as
+    the prefix stage learns, and a stop that leaves a checkpoint a resumed run goes on from."""
+    import threading
+
+    from vlm.train import Progress
+
+    events, stop = [], threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "step" and event.stage == "prefix" and event.step >= 21:
+            stop.set()  # as the page's Stop button does
+
+    config = TrainConfig(out=tmp_path, clip_steps=20, lm_steps=30, prefix_steps=60,
+                         checkpoint_every=1000, **SMALL)  # fmt: skip
+    progress = Progress(on_event, stop, sample_every=10)
+    assert train(config, progress) is None  # stopped: no model
+    kinds = [(e.kind, e.stage) for e in events]
+    assert kinds[0] == ("stage", "clip") and kinds[-1] == ("stopped", "prefix")
+    stages = [stage for kind, stage in kinds if kind == "stage"]
+    assert stages == ["clip", "lm", "prefix"]
+    for stage in stages:  # steps counted up within each stage, each with its loss
+        steps = [e.step for e in events if e.kind == "step" and e.stage == stage]
+        assert steps == sorted(steps) and steps[0] == 1
+        assert all(e.loss > 0 for e in events if e.kind == "step" and e.stage == stage)
+    samples = [e.samples for e in events if e.kind == "samples"]
+    assert len(samples) == 2 and all(len(s) == 4 for s in samples)  # after steps 10 and 20
+    assert all(isinstance(c, str) for s in samples for c in s.values())
+    seconds = [e.seconds for e in events]
+    assert seconds == sorted(seconds)
+    stopped = events[-1]
+    assert stopped.step == 21  # the step event after step 21 asked it to stop
+    assert json.loads((tmp_path / "checkpoints" / "prefix" / "step.json").read_text()) == {
+        "step": 21}  # fmt: skip
+    # the stopped stage goes on from its checkpoint; the finished ones are not run again
+    events.clear()
+    config.resume = True
+    pipeline = train(config, Progress(events.append))
+    assert pipeline is not None and events[-1].kind == "done"
+    assert [(e.kind, e.stage, e.step) for e in events if e.kind == "stage"] == [
+        ("stage", "prefix", 21)]  # fmt: skip
+    assert Pipeline.from_pretrained(events[-1].path, device="cpu").caption(
+        [sw.render(sw.sample_scene(random.Random(0)))])[0]  # fmt: skip

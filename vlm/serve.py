@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import open_clip
@@ -38,6 +38,7 @@ from .pretrained import check_confined
 from .search import MANIFEST, Hit, SearchIndex
 from .streaming import TextStream
 from .tasks import TASKS, UnsupportedTaskError
+from .training_jobs import BASES, TrainingJobs
 from .uploads import (
     Skipped,
     check_length,
@@ -109,6 +110,8 @@ class Models:
         self._loaded: dict[str, Pipeline] = {}
         self._turns: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
+        # models trained here (vlm.training_jobs), by name: each name holds its job's random id
+        self.trained: Callable[[], dict[str, Path]] = dict
         self._runnable = runnable_presets(hub=hub)
         try:
             self.get(self.default)
@@ -140,6 +143,8 @@ class Models:
             return self.default
         if name in self.choices():
             return name
+        if (trained := self.trained().get(name)) is not None:
+            return str(trained)
         folder = model_dirs.allows(name)
         if folder is not None and folder.is_dir():
             check_confined(folder)
@@ -148,6 +153,12 @@ class Models:
             f"Model {name!r} is not offered here: choose one of {', '.join(self.choices())}, "
             "or a model folder inside a folder allowed with --allowed-dir."
         )
+
+    def forget(self, name: str) -> None:
+        """Drop a loaded model (a trained one whose job was deleted)."""
+        with self._lock:
+            self._loaded.pop(name, None)
+            self._turns.pop(name, None)
 
     def get(self, name: str | None) -> Pipeline:
         name = name or self.default
@@ -473,11 +484,50 @@ class Service:
         guard: PathGuard,
         model_dirs: PathGuard | None = None,
         indexes: Indexes | None = None,
+        jobs: TrainingJobs | None = None,
     ):
         self.models, self.guard = models, guard
         self.model_dirs = model_dirs or PathGuard()  # where model folders may come from
         self.gate = ImageGate(guard)  # every image a request names passes it
         self.indexes = indexes or Indexes(index_root)
+        self.jobs = jobs  # training from the page: None where the server does not allow it
+        if jobs is not None:
+            models.trained = jobs.models
+            jobs.on_forget = lambda folder: models.forget(str(folder))
+
+    # ------------------------------------------------------------------ training jobs
+
+    def _jobs(self) -> TrainingJobs:
+        if self.jobs is None:
+            raise RequestError("Training is off on this server (start it with --allow-training).")
+        return self.jobs
+
+    def train_start(self, files, base: str, steps, name: str, mapper: str, shapeworld_images,
+                    session: str | None) -> str:  # fmt: skip
+        """Check a training request (its zip through the gate) and queue it; its job's id."""
+        jobs = self._jobs()
+        if files and not isinstance(files, list | tuple):
+            files = [files]  # a single file input gives its path alone
+        paths = self.files(files) if files else []
+        trained = jobs.models(session)
+        job = jobs.start(paths, base, steps, name, session, mapper, shapeworld_images, trained)
+        return job.id
+
+    def train_status(self, job: str, session: str | None) -> dict:
+        return self._jobs().status(job, session)
+
+    def train_stop(self, job: str, session: str | None) -> dict:
+        return self._jobs().stop(job, session)
+
+    def train_bases(self, session: str | None) -> list[str]:
+        """What a new job can start from: the bundled parts, then models this session trained."""
+        return [*BASES, *self._jobs().models(session)]
+
+    def model_zip(self, job: str, session: str | None) -> Path:
+        return self._jobs().model_zip(job, session)
+
+    def trained_models(self, session: str | None) -> list[str]:
+        return list(self.jobs.models(session)) if self.jobs is not None else []
 
     def using(self, model: str | None):
         """The model a request asked for, held for this request (see Models.use)."""

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +134,55 @@ class TrainConfig:
     strict: bool = False  # stop at a bad row (a missing or unreadable image) instead of skipping
 
 
+# ---------------------------------------------------------------------------- progress
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvent:
+    """What a training run reports as it goes (`Progress.on_event`), in this order: "stage"
+    (a stage starts: its `steps`), then "step" (every 10 steps: `loss`), "validation"
+    (`val_loss`), "samples" (held-out images captioned by the prefix stage's current mapper:
+    `samples`, reference -> caption) and "checkpoint" (`path`) as they come; at the end "done"
+    (`path`: the saved model folder) or "stopped" (stopped when asked; the stage's checkpoint
+    saved, from which `resume` goes on)."""
+
+    kind: str
+    stage: str = ""
+    step: int = 0  # steps done in this stage
+    steps: int = 0  # the stage's steps
+    loss: float | None = None
+    val_loss: float | None = None
+    samples: dict[str, str] | None = None
+    path: str | None = None
+    scores: dict | None = None  # "done": the held-out evaluation's (file data)
+    seconds: float = 0.0  # since the run started
+
+
+class TrainingStopped(Exception):
+    """Raised inside a run when its `Progress.stop` is set; `train` returns None."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run reports (`on_event`, called in the training thread) and how it is told to
+    stop (`stop`, checked before every step). `sample_every`: the prefix stage captions a few
+    held-out images this often (0: never). The CLI shows tqdm bars; the page follows a job."""
+
+    on_event: Callable[[TrainEvent], None] | None = None
+    stop: threading.Event | None = None
+    sample_every: int = 0
+    samples: Callable[[], dict[str, str]] | None = None  # set by the prefix stage
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def emit(self, kind: str, **fields) -> None:
+        if self.on_event is not None:
+            self.on_event(TrainEvent(kind, seconds=time.time() - self.started, **fields))
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
 # ---------------------------------------------------------------------------- the stage loop
 
 
@@ -158,6 +208,7 @@ def run_stage(
     validate: Callable[[torch.nn.Module], float] | None = None,
     until: int | None = None,
     resume: bool | None = None,
+    progress: Progress | None = None,
 ) -> torch.nn.Module:
     """Train `module` for `steps` steps of `loss_fn` on `batches(start_step)`, with AdamW, a
     cosine schedule, checkpoints and resume. `check` runs after each backward pass;
@@ -166,7 +217,9 @@ def run_stage(
     `config.early_stopping` the stage stops when it has not improved that many times in a row
     and keeps the weights of its best validation. `until`: stop after that many of the `steps`
     (a checkpoint there, the schedule still the whole stage's); `resume` overrides
-    `config.resume`."""
+    `config.resume`. `progress` hears of every step, validation, sample and checkpoint, and
+    may stop the stage (a checkpoint, then `TrainingStopped`)."""
+    progress = progress or Progress()
     checkpoint = config.out / "checkpoints" / name
     accelerator.free_memory()  # a checkpoint holds this stage's module alone, not earlier ones
     end = steps if until is None else min(until, steps)
@@ -195,7 +248,13 @@ def run_stage(
                mininterval=2, initial=start, total=steps)  # fmt: skip
     tic = time.time()
     best, best_state, worse, value = math.inf, None, 0, math.nan
+    progress.emit("stage", stage=name, step=start, steps=steps)
     for step in bar:
+        if progress.stopped:
+            _save_checkpoint(accelerator, checkpoint, step, progress, name, steps)
+            bar.close()
+            progress.emit("stopped", stage=name, step=step, steps=steps, path=str(checkpoint))
+            raise TrainingStopped(f"{name} stopped at step {step}")
         loss = loss_fn(module, next(stream))
         accelerator.backward(loss)
         if check is not None:
@@ -207,6 +266,7 @@ def run_stage(
         if step % 10 == 0 or step == steps - 1:
             value = accelerator.gather(loss.detach()[None]).mean().item()
             bar.set_postfix(loss=f"{value:.4f}")
+            progress.emit("step", stage=name, step=step + 1, steps=steps, loss=value)
             if accelerator.is_main_process:
                 seconds = time.time() - tic
                 record = dict(stage=name, step=step, loss=value, lr=scheduler.get_last_lr()[0],
@@ -226,6 +286,7 @@ def run_stage(
             val_loss = validate(accelerator.unwrap_model(module))
             module.train()
             bar.set_postfix(loss=f"{value:.4f}", val_loss=f"{val_loss:.4f}")
+            progress.emit("validation", stage=name, step=step + 1, steps=steps, val_loss=val_loss)
             if accelerator.is_main_process:
                 with log.open("a") as handle:
                     handle.write(json.dumps(dict(stage=name, step=step, val_loss=val_loss)) + "\n")
@@ -237,10 +298,13 @@ def run_stage(
             else:
                 worse += 1
                 stop = bool(config.early_stopping) and worse >= config.early_stopping
+        if progress.samples and progress.sample_every and (step + 1) % progress.sample_every == 0:
+            module.eval()
+            progress.emit("samples", stage=name, step=step + 1, steps=steps,
+                          samples=progress.samples())  # fmt: skip
+            module.train()
         if stop or (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, end):
-            accelerator.save_state(str(checkpoint))
-            if accelerator.is_main_process:
-                (checkpoint / "step.json").write_text(json.dumps({"step": step + 1}))
+            _save_checkpoint(accelerator, checkpoint, step + 1, progress, name, steps)
         if stop:
             accelerator.print(f"[{name}] early stop at step {step + 1}: the validation loss has "
                               f"not improved on {best:.4f} for {worse} validations")  # fmt: skip
@@ -251,6 +315,14 @@ def run_stage(
     if best_state is not None:  # the weights of the best validation, not the last ones
         module.load_state_dict(best_state)
     return module
+
+
+def _save_checkpoint(accelerator, checkpoint: Path, done: int, progress, name, steps) -> None:
+    """The stage's state after `done` steps, from which `resume` goes on."""
+    accelerator.save_state(str(checkpoint))
+    if accelerator.is_main_process:
+        (checkpoint / "step.json").write_text(json.dumps({"step": done}))
+    progress.emit("checkpoint", stage=name, step=done, steps=steps, path=str(checkpoint))
 
 
 def _forget_steps(log: Path, stage: str, start: int) -> None:
@@ -285,7 +357,7 @@ def _epochs(
 # ---------------------------------------------------------------------------- the stages
 
 
-def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encoder:
+def train_clip(dataset, config: TrainConfig, accelerator: Accelerator, progress=None) -> Encoder:
     """Stage 1: contrastive image-text training of a small open_clip CLIP, with CoCa's
     captioning loss beside it when `clip_caption_weight` > 0 (its decoder is dropped after)."""
     encoder = build_encoder(SIZES[config.size]["clip"])
@@ -329,12 +401,13 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator) -> Encode
         return total
 
     model = run_stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
-                      config, accelerator, batch_size=config.batch_size)  # fmt: skip
+                      config, accelerator, batch_size=config.batch_size,
+                      progress=progress)  # fmt: skip
     encoder.model = model["clip"].requires_grad_(False)
     return encoder
 
 
-def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
+def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=None):
     """Stage 2: a byte-level BPE tokenizer and a small GPT-2 trained on the dataset's text.
 
     Answer tokens weigh `lm_answer_weight` times the rest in the loss: they are the few
@@ -387,7 +460,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator):
     def stage(name: str, module, **kwargs):
         return run_stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr, config,
                          accelerator, batch_size=config.lm_batch_size, validate=validate,
-                         **kwargs)  # fmt: skip
+                         progress=progress, **kwargs)  # fmt: skip
 
     if config.lm_candidates <= 1:
         return stage("lm", lm), tokenizer
@@ -517,8 +590,11 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_ou
     return texts, lambda indices: cache.get([keys[i] for i in indices]), None
 
 
-def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, accelerator):
-    """Stage 3: the mapper, trained through the frozen LM from frozen-encoder features."""
+def train_prefix(
+    dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, accelerator, progress=None
+):
+    """Stage 3: the mapper, trained through the frozen LM from frozen-encoder features; with
+    `progress.sample_every`, a few held-out images captioned as it learns."""
     mapper_options = config.mapper or (
         CLIPCAP_MAPPER if config.lm else SIZES[config.size]["mapper"]
     )
@@ -648,11 +724,32 @@ def train_prefix(dataset, encoder: Encoder, lm, tokenizer, config: TrainConfig, 
     module = pipeline.mapper.requires_grad_(True)
     if config.finetune_lm:
         module = torch.nn.ModuleDict({"mapper": module, "lm": pipeline.lm})
+    if progress is not None and progress.sample_every:
+        progress = dataclasses.replace(progress, samples=_sampler(dataset, pipeline, config))
     module = run_stage("prefix", module, loss_fn, batches, steps, config.prefix_lr,
-                       config, accelerator, check, batch_size, validate)  # fmt: skip
+                       config, accelerator, check, batch_size, validate,
+                       progress=progress)  # fmt: skip
     pipeline.lm, pipeline.mapper = parts(module)
     pipeline.lm.requires_grad_(False)
     return pipeline
+
+
+SAMPLES = 4  # held-out images the prefix stage captions as it learns (Progress.sample_every)
+
+
+def _sampler(dataset, pipeline, config: TrainConfig) -> Callable[[], dict[str, str]] | None:
+    """What captions a few held-out images (the dataset's calibration examples: never trained
+    on) with the pipeline as it is: {reference caption: caption}."""
+    examples = dataset.calibration_examples(SAMPLES, config.seed)[:SAMPLES]
+    if not examples or "caption" not in pipeline.tasks:
+        return None
+    images = [e.image for e in examples]
+    names = [e.captions[0] if e.captions else f"image {i + 1}" for i, e in enumerate(examples)]
+
+    def samples() -> dict[str, str]:
+        return dict(zip(names, pipeline.caption(images), strict=True))
+
+    return samples
 
 
 def full_grid_tokens(encoder: Encoder) -> int:
@@ -754,10 +851,21 @@ def _frozen_parts(config: TrainConfig, encoder_dir: Path, lm_dir: Path, device):
     return encoder, lm, tokenizer
 
 
-def train(config: TrainConfig):
+def train(config: TrainConfig, progress: Progress | None = None):
     """Run the requested stages; finished stages are loaded from `<out>` instead of rerun.
+    Returns the trained pipeline (saved to `config.bundle` or `<out>/pipeline`), or None
+    when `progress.stop` stopped it (its stage's checkpoint saved: `resume` goes on).
 
-    With pretrained parts (`encoder`, `lm`), only the prefix stage runs."""
+    With pretrained parts (`encoder`, `lm`), only the prefix stage runs. `progress` hears of
+    each stage, step, validation, sample and checkpoint (`TrainEvent`), then "done"."""
+    progress = progress or Progress()
+    try:
+        return _train(config, progress)
+    except TrainingStopped:
+        return None
+
+
+def _train(config: TrainConfig, progress: Progress):
     on_cpu = default_device().type == "cpu"  # then several processes are CPU ones (gloo)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=training_precision(default_device()))
     set_seed(config.seed)
@@ -782,14 +890,14 @@ def train(config: TrainConfig):
     tic = time.time()
 
     if "clip" in stages and not (config.resume and (encoder_dir / "done").exists()):
-        encoder = train_clip(dataset, config, accelerator)
+        encoder = train_clip(dataset, config, accelerator, progress)
         if accelerator.is_main_process:
             encoder.save(encoder_dir)
             (encoder_dir / "done").touch()
     accelerator.wait_for_everyone()
 
     if "lm" in stages and not (config.resume and (lm_dir / "done").exists()):
-        lm, tokenizer = train_lm(dataset, config, accelerator)
+        lm, tokenizer = train_lm(dataset, config, accelerator, progress)
         if accelerator.is_main_process:
             lm.save_pretrained(lm_dir)
             tokenizer.save_pretrained(lm_dir)
@@ -798,7 +906,7 @@ def train(config: TrainConfig):
     if "prefix" not in stages:
         return None
     encoder, lm, tokenizer = _frozen_parts(config, encoder_dir, lm_dir, accelerator.device)
-    pipeline = train_prefix(dataset, encoder, lm, tokenizer, config, accelerator)
+    pipeline = train_prefix(dataset, encoder, lm, tokenizer, config, accelerator, progress)
     if accelerator.is_main_process:
         # what its training images look like, so it can say when an image is unlike them
         pipeline.familiarity_profile = profile_from_data(
@@ -809,11 +917,13 @@ def train(config: TrainConfig):
         bundle = config.bundle or config.out / "pipeline"
         pipeline.save_pretrained(bundle, dtype=getattr(torch, config.bundle_dtype))
         accelerator.print(f"saved {bundle} after {time.time() - tic:.0f} s")
+        scores = None
         if config.evaluate and hasattr(dataset, "val_examples"):
-            evaluate_held_out(pipeline, dataset, config)
+            scores = (evaluate_held_out(pipeline, dataset, config) or {}).get("scores")
         if config.push_to_hub:
             url = pipeline.push_to_hub(config.push_to_hub, folder=bundle)
             accelerator.print(f"pushed to {url}")
+        progress.emit("done", path=str(bundle), scores=scores)
     accelerator.wait_for_everyone()
     return pipeline
 

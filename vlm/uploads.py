@@ -58,8 +58,9 @@ def _display(name: str) -> str:
 # zip archives
 
 
-def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
-    """Why an entry must not be extracted, or None if it is fine to look at."""
+def _unsafe_reason(info: zipfile.ZipInfo, accept=is_image_path, kind="an image") -> str | None:
+    """Why an entry must not be extracted, or None if it is fine to look at (a file whose name
+    `accept` takes: an image by default)."""
     name = info.filename.replace("\\", "/")
     mode = info.external_attr >> 16
     if info.is_dir():
@@ -75,8 +76,8 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     base = PurePosixPath(name).name
     if name.startswith("__MACOSX/") or base.startswith("._"):
         return "macOS metadata"
-    if not is_image_path(base):
-        return "not an image"
+    if not accept(base):
+        return f"not {kind}"
     if info.file_size == 0:
         return "empty file"
     return None
@@ -120,9 +121,14 @@ def extract_zip(
     max_files: int = 2000,
     max_total_bytes: int = 500_000_000,
     max_ratio: float = 200.0,
+    accept=is_image_path,
+    kind: str = "an image",
+    renamed: dict[str, str] | None = None,
 ) -> tuple[list[Path], Skipped]:
     """
-    Extract the image files of a zip, flattened, into `dest`.
+    Extract the image files of a zip (the files whose name `accept` takes, `kind` in the
+    reasons of the others), flattened, into `dest`; `renamed`, if given, gets each extracted
+    entry's name mapped to its file's.
     Returns (extracted paths, [(entry, reason) for each entry skipped]). Raises UploadError,
     leaving nothing behind, for anything that is not a zip, breaks a limit, or looks like a bomb.
     """
@@ -162,7 +168,7 @@ def extract_zip(
         budget = max_total_bytes
         try:
             for info in infos:
-                reason = _unsafe_reason(info)
+                reason = _unsafe_reason(info, accept, kind)
                 if reason is not None:
                     skipped.append((_display(info.filename), reason))
                     continue
@@ -177,11 +183,56 @@ def extract_zip(
                     skipped.append((_display(info.filename), f"damaged or unsupported ({error})"))
                     continue
                 extracted.append(target)
+                if renamed is not None:
+                    renamed[info.filename.replace("\\", "/")] = target.name
         except UploadError as error:
             for path in extracted:
                 path.unlink(missing_ok=True)
             raise UploadError(f"{label}: {error}") from None
     return extracted, skipped
+
+
+CAPTIONS_CSV = "captions.csv"
+
+
+def _training_file(name: str) -> bool:
+    return is_image_path(name) or name.lower().endswith(".txt") or name.lower() == CAPTIONS_CSV
+
+
+def extract_training_zip(zip_path: str | os.PathLike, dest: Path, **limits) -> tuple[Path, Skipped]:
+    """A zip of captioned images for training, through the same gate as the index's zips
+    (`extract_zip`'s limits and checks), flattened into `dest`: images with a `.txt` of
+    captions beside each (one per line), or a `captions.csv` (columns `image_path`, `caption`)
+    whose image paths are mapped to the flattened files. Returns (what `vlm train --data`
+    reads: `dest`, or the csv rewritten with those paths; [(entry, reason) skipped])."""
+    renamed: dict[str, str] = {}
+    extract_zip(zip_path, dest, accept=_training_file, kind="an image, a .txt or captions.csv",
+                renamed=renamed, **limits)  # fmt: skip
+    tables = [entry for entry in renamed if PurePosixPath(entry).name.lower() == CAPTIONS_CSV]
+    skipped: Skipped = []
+    if not tables:
+        return dest, skipped
+    by_entry = {entry: name for entry, name in renamed.items() if is_image_path(entry)}
+    by_base = {PurePosixPath(entry).name: name for entry, name in by_entry.items()}
+    source = dest / renamed[tables[0]]
+    rows = list(csv.DictReader(source.open(newline="", encoding="utf-8")))
+    folder = PurePosixPath(tables[0]).parent
+    table = dest / f"_{CAPTIONS_CSV}"
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "caption"])
+        for number, row in enumerate(rows, 2):
+            image = row.get("image_path") or row.get("image") or row.get("file_name") or ""
+            caption = (row.get("caption") or row.get("text") or "").strip()
+            entry = str(folder / image.strip().replace("\\", "/")).removeprefix("./")
+            name = by_entry.get(entry) or by_entry.get(image.strip()) or by_base.get(
+                PurePosixPath(image.strip()).name)  # fmt: skip
+            if name and caption:
+                writer.writerow([name, caption])
+                continue
+            why = "no caption" if name else f"no image {image!r} in the zip"
+            skipped.append((f"{CAPTIONS_CSV} row {number}", why))
+    return table, skipped
 
 
 def collect_uploads(paths: list[str | Path], dest: Path, **limits) -> tuple[list[Path], Skipped]:
