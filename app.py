@@ -430,8 +430,13 @@ def _training_handlers(service: Service) -> dict:
         bases = gr.Dropdown(choices=service.train_bases(session))
         return job_summary(status), curve, samples, download, picker, bases
 
+    @friendly
+    def train_push(job="", repo_id="", token="", browser="", request: gr.Request = None) -> str:
+        url = service.train_push(job, repo_id, token, _owner(browser, request))
+        return f"Pushed to {markdown_text(url)}"
+
     return dict(train_start=train_start, train_status=train_status, train_stop=train_stop,
-                train_view=train_view)  # fmt: skip
+                train_view=train_view, train_push=train_push)  # fmt: skip
 
 
 SAMPLE_COLUMNS = ["the image's caption", "the model's caption now"]
@@ -825,6 +830,11 @@ def train_tab(handlers: dict, model: gr.Dropdown, kept: gr.BrowserState,
                                    column_widths=["50%", "50%"])  # fmt: skip
             download = gr.DownloadButton("Download the model (.zip)", visible=False,
                                          elem_id="train-download")  # fmt: skip
+            with gr.Accordion("Push the model to the Hugging Face hub", open=False):
+                repo = gr.Textbox(label="Repository (owner/name)")
+                token = gr.Textbox(label="Write token (used once, never kept)", type="password")
+                push = gr.Button("Push")
+                pushed = gr.Markdown()
     job = gr.Textbox(visible=False, elem_id="train-job")  # the API's job id, and the page's
     status_json = gr.JSON(visible=False)
     # the API's endpoints: an API client's jobs are its session's
@@ -836,6 +846,7 @@ def train_tab(handlers: dict, model: gr.Dropdown, kept: gr.BrowserState,
     start.click(handlers["train_start"], [data, base, steps, name, mapper, scenes, browser], job,
                 api_name=False).then(lambda j: j, job, kept, api_name=False)  # fmt: skip
     stop.click(handlers["train_stop"], [job, browser], status_json, api_name=False)
+    push.click(handlers["train_push"], [job, repo, token, browser], pushed, api_name=False)
     gr.on([gr.Timer(2).tick], handlers["train_view"], [job, browser],
           [status, curve, samples, download, model, base], api_name=False)  # fmt: skip
     return job

@@ -195,3 +195,42 @@ def test_the_train_tab_in_a_browser(app, data, tmp_path):
         archive_out.extractall(tmp_path / "unzipped")
     folder = next((tmp_path / "unzipped").iterdir())
     assert Pipeline.from_pretrained(folder, device="cpu").caption([str(image)])[0] == caption
+
+
+def test_a_finished_model_is_pushed_with_the_visitors_token(tmp_path, monkeypatch):
+    """In-process (the hub is not reachable here): the upload gets the saved folder and the
+    token; a bad repository name or no token is refused before anything is sent."""
+    import huggingface_hub
+
+    from vlm.serve import Models, RequestError, Service
+    from vlm.training_jobs import Job, TrainingJobs
+
+    jobs = TrainingJobs(tmp_path / "jobs")
+    try:
+        folder = tmp_path / "jobs" / "abc" / "run" / "pipeline"
+        from conftest import shapeworld_pipeline
+
+        shapeworld_pipeline().save_pretrained(folder)
+        job = Job("abc", "mine", "s1", tmp_path / "jobs" / "abc", {}, 10, state="done")
+        jobs._jobs["abc"] = job
+        service = Service(Models("shapeworld"), tmp_path / "indexes", None, jobs=jobs)
+        sent = {}
+        hub = "https://huggingface.co/"
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                            lambda self, repo_id, **kw: hub + repo_id)  # fmt: skip
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            sent.update(repo=repo_id, files=sorted(p.name for p in Path(folder_path).iterdir()),
+                        token=self.token)  # fmt: skip
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        url = service.train_push("abc", "someone/mine", "hf_secret", "s1")
+        assert url.endswith("someone/mine") and sent["repo"] == "someone/mine"
+        assert sent["token"] == "hf_secret" and "mapper.safetensors" in sent["files"]
+        for repo, token in (("no slash", "hf_x"), ("a/b", ""), ("../x", "hf_x")):
+            with pytest.raises(RequestError, match="owner/name and a write token"):
+                service.train_push("abc", repo, token, "s1")
+        with pytest.raises(ValueError, match="jobs are seen by their session"):
+            service.train_push("abc", "someone/mine", "hf_secret", "s2")
+    finally:
+        jobs.close()

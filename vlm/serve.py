@@ -526,6 +526,20 @@ class Service:
     def model_zip(self, job: str, session: str | None) -> Path:
         return self._jobs().model_zip(job, session)
 
+    def train_push(self, job: str, repo_id: str, token: str, session: str | None) -> str:
+        """Upload a finished job's model to a hub model repo with the visitor's token (never
+        kept); the repo's URL."""
+        folder = self._jobs().finished(job, session).model_folder
+        repo_id = check_length(repo_id, "the repository", 96).strip()
+        if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", repo_id) or not (token or "").strip():
+            raise RequestError("Give a hub repository as owner/name and a write token.")
+        pipeline = self.models.get(str(folder))
+        try:
+            return pipeline.push_to_hub(repo_id, folder=folder, token=token.strip())
+        except Exception as error:  # the hub's refusal or an unreachable network, in one line
+            raise RequestError(f"The hub refused the upload: {type(error).__name__}: "
+                               f"{str(error)[:300]}") from None  # fmt: skip
+
     def trained_models(self, session: str | None) -> list[str]:
         return list(self.jobs.models(session)) if self.jobs is not None else []
 

@@ -259,12 +259,17 @@ class TrainingJobs:
         return {j.model_name: j.model_folder for j in done
                 if session is None or j.session in (None, session)}  # fmt: skip
 
-    def model_zip(self, job_id: str, session: str | None) -> Path:
-        """The finished job's model folder as a zip (`<name>/config.json`, …): unpacked,
-        `Pipeline.from_pretrained` loads the folder."""
+    def finished(self, job_id: str, session: str | None) -> Job:
+        """A job of this session that has its model (JobError otherwise)."""
         job = self._get(job_id, session)
         if job.state != "done":
             raise JobError(f"Job {job.id} has no model ({job.state}).")
+        return job
+
+    def model_zip(self, job_id: str, session: str | None) -> Path:
+        """The finished job's model folder as a zip (`<name>/config.json`, …): unpacked,
+        `Pipeline.from_pretrained` loads the folder."""
+        job = self.finished(job_id, session)
         archive = job.folder / f"{job.name}.zip"
         if not archive.is_file():
             partial = archive.with_suffix(".partial")
