@@ -707,7 +707,9 @@ def search_tab(handlers: dict, model: gr.Dropdown) -> gr.Gallery:
             results = gr.Gallery(label="Results", columns=4, height="auto")
             indexed = gr.Gallery(label="Indexed images (latest)", columns=6, height="auto")
     query = [query_text, query_image, k, model, text_weight]
-    search_button.click(handlers["search"], query, results, api_name="search")
+    # /search keeps the inputs it had (text, image, k, model): both given, they weigh the same
+    api_only(handlers["search"], query[:4], results, "search")
+    search_button.click(handlers["search"], query, results, api_name=False)
     query_text.submit(handlers["search"], query, results, api_name=False)
     for event in (search_button.click, query_text.submit):  # what ran, and its scores' scale
         event(handlers["search_plan"], [query_text, query_image, text_weight, model], plan,

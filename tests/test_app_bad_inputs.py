@@ -427,7 +427,7 @@ def test_through_the_api_a_server_path_is_refused(served):
 def test_through_the_api_an_unknown_model_is_refused(client, example):
     expect_error(lambda: client.predict(handle_file(str(example[0])), "greedy", 3, 0.9, 1.0, 30,
                                         "/etc", api_name="/caption"),  # fmt: skip
-                 "not in the list of choices")  # fmt: skip
+                 "Model '/etc' is not offered here")  # fmt: skip
 
 
 def test_the_index_files_are_not_downloadable(served):
