@@ -31,21 +31,26 @@ QUERIES = 4
 QUESTIONS = ["what is it?", "what colour is the large shape on the left of the picture?", "why?"]
 
 
-def opt_like_tokenizer():
-    """A local tokenizer that, like OPT's, starts every text with its BOS token."""
+def opt_like_tokenizer(bos_first: bool = True):
+    """A local tokenizer that, like OPT's, starts every text with its BOS token (or, with
+    `bos_first` False, one that adds no special token, as GPT-2's)."""
     tokenizer = AutoTokenizer.from_pretrained(SHAPEWORLD_DIR / "lm")
-    bos = tokenizer.bos_token
-    tokenizer._tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
-    )
+    if bos_first:
+        bos = tokenizer.bos_token
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+        )
+    assert (tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id) == bos_first
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def blip2_folder(tmp_path_factory) -> Path:
-    """A tiny random BLIP-2 in the published folder layout (sharded safetensors + processor)."""
+@pytest.fixture(scope="module", params=["bos-first", "no-bos"])
+def blip2_folder(tmp_path_factory, request) -> Path:
+    """A tiny random BLIP-2 in the published folder layout (sharded safetensors + processor),
+    with a tokenizer that starts a text with BOS (OPT's way) and with one that does not: the
+    pipeline writes BLIP-2's prompts as its processor does with either."""
     folder = tmp_path_factory.mktemp("blip2") / "tiny-blip2"
-    tokenizer = opt_like_tokenizer()
+    tokenizer = opt_like_tokenizer(request.param == "bos-first")
     processor = Blip2Processor(
         BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=QUERIES
     )

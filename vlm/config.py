@@ -33,7 +33,8 @@ class PipelineConfig:
     # the decode (mapper + LM): "fp32" runs each weight in its loaded dtype, as published;
     # "mixed" autocasts to bf16/fp16 on a GPU (faster, may change tokens); see vlm.device
     precision: str = "fp32"
-    # each image's prefix is followed by the LM's BOS token, as BLIP-2 feeds OPT
+    # BLIP-2's prompt format: the text after an image is tokenized with the tokenizer's special
+    # tokens (as Blip2Processor does: OPT's BOS), an image with no text after it gets the LM's BOS
     bos_after_image: bool = False
     family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
     # what its training images showed, in a few words, for "unlike anything it was trained on"

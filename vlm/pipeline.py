@@ -251,24 +251,34 @@ class Pipeline:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _embed_parts(self, parts: Sequence[Part | torch.Tensor]) -> torch.Tensor:
-        """One sequence of LM input embeddings [L, d] from images, prefixes and text."""
+        """One sequence of LM input embeddings [L, d] from images, prefixes and text.
+
+        With `config.bos_after_image` (BLIP-2), the text right after an image is tokenized
+        with the tokenizer's special tokens, as `Blip2Processor` writes it (OPT's tokenizer
+        starts it with BOS, another may not), and an image with no text after it is followed
+        by the LM's BOS, as `Blip2ForConditionalGeneration.generate` starts a caption."""
         table = self.lm.get_input_embeddings()
-        bos = None
-        if self.config.bos_after_image:
-            bos = table(torch.tensor([self.tokenizer.bos_token_id], device=self.device))
-        pieces = []
+        special = self.config.bos_after_image
+        bos = getattr(self.lm.config, "bos_token_id", None)
+        bos = self.tokenizer.bos_token_id if bos is None else bos
+        pieces, after_image = [], False
         for part in parts:
+            if isinstance(part, str):
+                if part:
+                    marked = special and after_image
+                    ids = self.tokenizer(part, add_special_tokens=marked)["input_ids"]
+                    pieces.append(table(torch.tensor(ids, device=self.device)))
+                    after_image = False
+                continue
+            if special and after_image:  # two images in a row: the first one's BOS
+                pieces.append(table(torch.tensor([bos], device=self.device)))
             if isinstance(part, torch.Tensor):
                 pieces.append(part.to(self.device, table.weight.dtype))
-            elif isinstance(part, str):
-                if part:
-                    ids = torch.tensor(self._token_ids(part), device=self.device)
-                    pieces.append(table(ids))
-                continue
             else:
                 pieces.append(self.prefix([part])[0].to(table.weight.dtype))
-            if bos is not None:
-                pieces.append(bos)
+            after_image = True
+        if special and after_image:
+            pieces.append(table(torch.tensor([bos], device=self.device)))
         return torch.cat(pieces)
 
     def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
