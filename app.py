@@ -123,6 +123,10 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
         help="the Train tab: visitors train a model on their images (or VLM_ALLOW_TRAINING=1; "
         "on with --auth too). Default: off",
     )  # fmt: skip
+    parser.add_argument(
+        "--mcp", action="store_true", default=env("VLM_MCP") == "1",
+        help="also serve the tasks as MCP tools at /gradio_api/mcp/ (or VLM_MCP=1), for agents",
+    )  # fmt: skip
     settings = parser.parse_args(argv)
     if settings.allowed_dirs is None:
         dirs = env("VLM_ALLOWED_DIRS", "").split(os.pathsep)
@@ -854,6 +858,104 @@ def train_tab(handlers: dict, model: gr.Dropdown, kept: gr.BrowserState,
     return job
 
 
+# ---------------------------------------------------------------------------- MCP
+
+
+def mcp_tools(handlers: dict) -> dict:
+    """The tasks as an agent's tools (`--mcp`): typed, one line of text or a small structure
+    out, each answer followed by what the model says of the image (`familiarity`)."""
+    service = handlers["service"]
+
+    def _guess(image, model) -> str:
+        notice = handlers["familiarity"](image, model)
+        return f"\n\n{re.sub(r'<[^>]+>|[*`]', '', notice)}" if notice else ""
+
+    def describe_image(image: str, model: str = "") -> str:
+        """Describe an image in one sentence: the vision-language model's caption.
+
+        Args:
+            image: a data: URL (data:image/png;base64,...) or a file uploaded here; no URL fetched
+            model: the model to ask (blank: the server's default)
+        Returns:
+            The caption, then a note if the image is unlike the model's training images (a guess).
+        """
+        return handlers["caption"](image, model=model or None) + _guess(image, model or None)
+
+    def answer_question(image: str, question: str, choices: str = "", model: str = "") -> str:
+        """Answer a question about an image with the frozen language model reading it.
+
+        Args:
+            image: a data: URL (data:image/png;base64,...) or a file uploaded here; no URL fetched
+            question: the question, e.g. "what color is the star?"
+            choices: optional comma-separated answers to choose from
+            model: the model to ask (blank: the server's default)
+        Returns:
+            The answer, then a note if the image is unlike the model's training images (a guess).
+        """
+        answer, *_ = handlers["answer"](image, question, choices, model or None)
+        return answer + _guess(image, model or None)
+
+    def rank_labels(image: str, labels: str, model: str = "") -> dict:
+        """Rank labels against an image (CLIP zero-shot): each label's probability.
+
+        Args:
+            image: a data: URL (data:image/png;base64,...) or a file uploaded here; no URL fetched
+            labels: the labels, comma-separated or one per line
+            model: the model to ask (blank: the server's default)
+        Returns:
+            {label: probability} for the 10 likeliest labels, best first.
+        """
+        probs = service.classify(image, labels, "", model or None)
+        return dict(list(probs.items())[:10])
+
+    def search_images(text: str, k: int = 5, model: str = "") -> list[str]:
+        """Search the server's image gallery by a text description.
+
+        Args:
+            text: what to look for, e.g. "a large blue star"
+            k: how many results (1 to 24)
+            model: the model to ask (blank: the server's default)
+        Returns:
+            One line per result, best first: its score as the page shows it and its name.
+        """
+        hits = service.search(text, None, k, model or None, None)
+        return [f"{score} · {original_name(hit.item)}" for hit, score in hits]
+
+    def locate_text(image: str, text: str, model: str = ""):
+        """Show where in an image a phrase matches: the image with a heatmap on it.
+
+        Args:
+            image: a data: URL (data:image/png;base64,...) or a file uploaded here; no URL fetched
+            text: the phrase, e.g. "a red circle"
+            model: the model to ask (blank: the server's default)
+        Returns:
+            The image with the heatmap; its peak is where the phrase matches best.
+        """
+        return service.explain(image, text, model or None)
+
+    return {f.__name__: friendly(f) for f in
+            (describe_image, answer_question, rank_labels, search_images, locate_text)}  # fmt: skip
+
+
+def mcp_endpoints(handlers: dict, demo: gr.Blocks) -> None:
+    """The MCP tools as API endpoints without a page of their own; every other endpoint is
+    left out of the tools (it stays in the API)."""
+    for block_fn in demo.fns.values():  # the page's endpoints: API only, not tools
+        if block_fn.fn is not None:
+            block_fn.fn._mcp_type = "endpoint"
+    tools = mcp_tools(handlers)
+    with gr.Column(visible=False):
+        image = UploadedImage(type="pil")
+        text, extra, model = gr.Textbox(""), gr.Textbox(""), gr.Textbox("")  # "": optional
+        k = gr.Number(5, precision=0, minimum=1, maximum=24)
+        answer, scores, lines, picture = gr.Textbox(), gr.JSON(), gr.JSON(), gr.Image(type="pil")
+    api_only(tools["describe_image"], [image, model], answer, "describe_image")
+    api_only(tools["answer_question"], [image, text, extra, model], answer, "answer_question")
+    api_only(tools["rank_labels"], [image, text, model], scores, "rank_labels")
+    api_only(tools["search_images"], [text, k, model], lines, "search_images")
+    api_only(tools["locate_text"], [image, text, model], picture, "locate_text")
+
+
 def checked_examples(handlers: dict, tasks) -> dict[str, tuple[list, list[str]]]:
     """Each tab's example rows and labels, every example run once through the page's own
     handler on the default model: one it gets wrong is labelled a known failure."""
@@ -923,6 +1025,8 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                 job = train_tab(handlers, model, kept, browser)
             demo.load(browser_id, browser, browser, api_name=False)
             demo.load(lambda j: j, kept, job, api_name=False)  # back to the job after a refresh
+        if getattr(settings, "mcp", False):
+            mcp_endpoints(handlers, demo)
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
     fair = FairQueue(MAX_PENDING, HEAVY["concurrency_id"], QUEUE_SIZE // 2,
@@ -968,7 +1072,7 @@ def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
         server_name=settings.server_name, server_port=settings.port, share=settings.share,
         auth=auth, max_file_size=MAX_FILE_SIZE, css=CSS, footer_links=["api"],
         allowed_paths=demo.vlm_served_paths, state_session_capacity=MAX_SESSIONS,
-        app_kwargs={"middleware": [demo.vlm_limits]},
+        app_kwargs={"middleware": [demo.vlm_limits]}, mcp_server=settings.mcp,
     )  # fmt: skip
 
 
