@@ -14,7 +14,9 @@ import functools
 import gc
 import html
 import inspect
+import json
 import logging
+import mimetypes
 import os
 import re
 import sys
@@ -327,7 +329,17 @@ def _writers(service: Service) -> dict:
         yield from _live(service.few_shot(examples, query, prompt, max_tokens, model,
                                           bool(describe)))  # fmt: skip
 
-    return dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words)
+    @friendly
+    @gpu
+    def chat_words(messages=None, max_tokens=20, model=None):
+        stream, dropped = service.chat(messages or [], max_tokens, model)
+        note = (f"The oldest {dropped} turn{'s' * (dropped > 1)} of this conversation no longer "
+                "fit the model's length and were left out." if dropped else "")  # fmt: skip
+        for text, words in _live(stream):
+            yield text, words, note
+
+    return dict(caption=caption_words, answer=answer_words, few_shot=few_shot_words,
+                chat=chat_words)  # fmt: skip
 
 
 def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
@@ -781,6 +793,83 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[
                 example_labels=labels)  # fmt: skip
 
 
+def _messages(history: list) -> list[dict]:
+    """The Chatbot's messages as the library takes them: images (uploads) and text blocks."""
+    messages = []
+    for message in history or []:
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else [content]
+        kept = []
+        for block in blocks:
+            if isinstance(block, str):
+                kept.append({"type": "text", "text": block})
+            elif isinstance(block, dict) and block.get("type") == "text":
+                kept.append({"type": "text", "text": block.get("text", "")})
+            elif isinstance(block, dict) and block.get("type") == "file":
+                kept.append({"type": "image", "image": block["file"]})
+        messages.append({"role": message.get("role"), "content": kept})
+    return messages
+
+
+def chat_tab(handlers: dict, model: gr.Dropdown) -> None:
+    """The Chat tab: a conversation about images, replies streamed, the last one's words
+    shaded; Retry and Clear."""
+    with gr.Row():
+        with gr.Column(scale=2, elem_classes="vlm-result"):
+            notice = gr.Markdown(elem_classes="vlm-familiarity")
+            chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chat")
+            box = gr.MultimodalTextbox(
+                file_types=["image"], file_count="multiple", elem_id="chat-box", label="Message",
+                placeholder="Drop an image in, ask about it, then ask more (\"and its size?\")",
+            )  # fmt: skip
+            with gr.Row():
+                retry = gr.Button("Retry", elem_id="chat-retry")
+                clear = gr.Button("Clear", elem_id="chat-clear")
+        with gr.Column(scale=1):
+            length = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+            trimmed = gr.Markdown(elem_id="chat-trimmed")
+            words = confidence_output(handlers, model, "answer", "chat-words")
+
+    def said(history, message):
+        files = [{"type": "file", "file": {"path": p, "mime_type": mimetypes.guess_type(p)[0]}}
+                 for p in message.get("files", [])]  # fmt: skip
+        text = (message.get("text") or "").strip()
+        content = [*files, *([{"type": "text", "text": text}] if text else [])]
+        return [*(history or []), {"role": "user", "content": content}], None
+
+    def reply(history, max_tokens, model_name):
+        history = list(history or [])
+        for text, shaded, note in handlers["chat_words"](_messages(history), max_tokens,
+                                                         model_name):  # fmt: skip
+            yield [*history, {"role": "assistant", "content": text}], shaded, note
+
+    def images_of(history):
+        return [b["file"] for m in history or [] if m.get("role") == "user"
+                for b in (m.get("content") or []) if isinstance(b, dict)
+                and b.get("type") == "file"][-1:]  # fmt: skip
+
+    def familiar(history, model_name):
+        shown = images_of(history)
+        return handlers["familiarity"](shown[0], model_name) if shown else ""
+
+    reply_inputs, reply_outputs = [chatbot, length, model], [chatbot, words, trimmed]
+    with gr.Column(visible=False):  # /chat: the conversation as JSON messages (see vlm.chat)
+        messages, text = gr.JSON(), gr.Textbox()
+    api_only(handlers["chat"], [messages, length, model], [text, trimmed], "chat")
+    box.submit(said, [chatbot, box], [chatbot, box], api_name=False).then(
+        reply, reply_inputs, reply_outputs, api_name=False
+    ).then(familiar, [chatbot, model], notice, api_name=False)  # fmt: skip
+
+    def unsaid(history):  # Retry: the last reply taken back, then written again
+        return history[:-1] if history and history[-1]["role"] == "assistant" else history
+
+    retry.click(unsaid, chatbot, chatbot, api_name=False).then(
+        reply, reply_inputs, reply_outputs, api_name=False
+    )  # fmt: skip
+    clear.click(lambda: ([], None, "", ""), None, [chatbot, words, trimmed, notice],
+                api_name=False)  # fmt: skip
+
+
 def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     with gr.Row():
         with gr.Column():
@@ -933,8 +1022,29 @@ def mcp_tools(handlers: dict) -> dict:
         """
         return service.explain(image, text, model or None)
 
+    def chat_about_images(messages: str, model: str = "") -> str:
+        """Continue a conversation about images: the model's reply to the last message.
+        Messages are OpenAI-style, the last one the user's, e.g. [{"role": "user",
+        "content": [{"type": "image", "image": "data:image/png;base64,..."},
+        {"type": "text", "text": "what color is it?"}]}, {"role": "assistant",
+        "content": "red"}, {"role": "user", "content": "and its size?"}].
+
+        Args:
+            messages: the conversation as JSON text; images as data: URLs (no URL is fetched)
+            model: the model to ask (blank: the server's default)
+        Returns:
+            The reply; after it, a note if old turns were left out to fit the model.
+        """
+        try:
+            talk = json.loads(messages) if isinstance(messages, str) else messages
+        except ValueError as error:
+            raise gr.Error(f"messages: not JSON ({error})", print_exception=False) from None
+        reply, note = handlers["chat"](talk, 20, model or None)
+        return reply + (f"\n\n({note})" if note else "")
+
     return {f.__name__: friendly(f) for f in
-            (describe_image, answer_question, rank_labels, search_images, locate_text)}  # fmt: skip
+            (describe_image, answer_question, rank_labels, search_images, locate_text,
+             chat_about_images)}  # fmt: skip
 
 
 def mcp_endpoints(handlers: dict, demo: gr.Blocks) -> None:
@@ -954,6 +1064,7 @@ def mcp_endpoints(handlers: dict, demo: gr.Blocks) -> None:
     api_only(tools["rank_labels"], [image, text, model], scores, "rank_labels")
     api_only(tools["search_images"], [text, k, model], lines, "search_images")
     api_only(tools["locate_text"], [image, text, model], picture, "locate_text")
+    api_only(tools["chat_about_images"], [extra, model], answer, "chat_about_images")
 
 
 def checked_examples(handlers: dict, tasks) -> dict[str, tuple[list, list[str]]]:
@@ -1016,6 +1127,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             ask_tab(handlers, model, examples["answer"])
         with gr.Tab("Few-shot"):
             few_shot_tab(handlers, model, examples["few_shot"])
+        if "answer" in pipeline.tasks:
+            with gr.Tab("Chat"):
+                chat_tab(handlers, model)
         with gr.Tab("Explain"):
             explain_tab(handlers, model)
         if training:  # browser states live outside the tabs, which mount only when shown

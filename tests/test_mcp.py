@@ -11,7 +11,8 @@ from test_app import serve
 
 from vlm.examples import photo_examples, shapeworld_examples
 
-TOOLS = {"describe_image", "answer_question", "rank_labels", "search_images", "locate_text"}
+TOOLS = {"describe_image", "answer_question", "rank_labels", "search_images", "locate_text",
+         "chat_about_images"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,24 @@ def test_a_photo_is_called_a_guess_and_a_url_is_not_fetched(app):
     assert "unlike anything the shapeworld model was trained on" in guessed
     assert refused.isError and "does not fetch URLs" in texts(refused)[0]
     assert "a cat" in ranked[0] and "a star" in ranked[0]
+
+
+def test_an_agent_chats_about_an_image(app):
+    import json
+
+    path, truth = next((p, t) for p, t in shapeworld_examples() if t["n_objects"] == 1)
+    shown = [
+        {"type": "image", "image": data_url(path)},
+        {"type": "text", "text": "what color is it?"},
+    ]
+    talk = [{"role": "user", "content": shown}, {"role": "assistant", "content": "?"},
+            {"role": "user", "content": "what shape is it?"}]  # fmt: skip
+
+    async def work(client):
+        reply = await client.call_tool("chat_about_images", {"messages": json.dumps(talk)})
+        broken = await client.call_tool("chat_about_images", {"messages": "[{"})
+        return texts(reply)[0], broken
+
+    reply, broken = session(app, work)
+    assert reply == truth["objects"][0]["shape"]
+    assert broken.isError and "not JSON" in texts(broken)[0]

@@ -139,6 +139,35 @@ def word_confidence(written, references, prefix: str) -> dict[str, float]:
     }
 
 
+def chat_scores(pipeline, n: int, seed: int) -> dict[str, float]:
+    """Second turns of conversations (`Pipeline.chat`): an image and a question in seen form,
+    the model's own answer, then a follow-up with no image; its accuracy against the same
+    question asked alone (`chat_second_turn`, `chat_single_turn`), on seen scenes, on scenes
+    with a held-out combination (`held_out_`) and with the follow-up in a held-out form
+    (`phrasing_`)."""
+    rng = random.Random(f"chat-{seed}")
+    scores = {}
+    for prefix, split, forms in (("", "train", "seen"), ("held_out_", "held_out", "seen"),
+                                 ("phrasing_", "train", "held_out")):  # fmt: skip
+        alone, second = [], []
+        while len(alone) < n:
+            scene = sw.sample_scene(rng, split=split)
+            first, follow = sw.questions(scene, rng, forms="seen"), sw.questions(scene, rng, forms)
+            if not first or not follow:
+                continue
+            (q1, _), (q2, a2) = rng.choice(first), rng.choice(follow)
+            image = sw.render(scene)
+            reply = pipeline.answer([image], [q1])[0]
+            shown = [{"type": "image", "image": image}, {"type": "text", "text": q1}]
+            talk = [{"role": "user", "content": shown}, {"role": "assistant", "content": reply},
+                    {"role": "user", "content": q2}]  # fmt: skip
+            alone.append(normalize_caption(pipeline.answer([image], [q2])[0]) == a2)
+            second.append(normalize_caption(pipeline.chat(talk, max_new_tokens=6)) == a2)
+        scores[f"{prefix}chat_single_turn"] = float(np.mean(alone))
+        scores[f"{prefix}chat_second_turn"] = float(np.mean(second))
+    return scores
+
+
 def answer_scores(pipeline, images, qa, prefix: str, batch_size: int) -> dict[str, float]:
     """Answer accuracy by question type and overall (`<prefix>vqa_<type>`), and the ECE of
     the confidence shown for the answers (`<prefix>vqa_ece`; of the LM's raw probability:
@@ -245,6 +274,8 @@ def evaluate_shapeworld(
                 outside = {name: [perturb(image, kind) for image in group]
                            for name, group in unfamiliar.items()}  # fmt: skip
                 scores |= familiarity_scores(pipeline, images, outside)
+            if kind == perturbations[0] and "answer" in getattr(pipeline, "tasks", ()):
+                scores |= chat_scores(pipeline, max(1, n // 4), seed)
             if "few_shot" in getattr(pipeline, "tasks", ()):
                 contexts = ("image", "described", "text")[: 3 if kind == perturbations[0] else 2]
                 few_shot |= evaluate_few_shot(pipeline, max(1, n // 10), seed, kind,

@@ -30,6 +30,7 @@ from .calibration import (
     Calibration,
     WordReading,
 )
+from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
@@ -623,6 +624,26 @@ class Pipeline:
             raise ValueError("nothing to continue: give at least one image or text")
         sequence = self._embed_sequences([parts], describe)[0]
         return self._stream(sequence, max_new_tokens=max_new_tokens, **decoding)
+
+    def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 20) -> str:
+        """The reply to a conversation about images (see `vlm.chat`: OpenAI-style messages,
+        images and text in any order, the oldest turns left out where the LM's positions
+        run short); greedy."""
+        return self.stream_chat(messages, max_new_tokens=max_new_tokens).final().text
+
+    def stream_chat(
+        self, messages: Sequence[dict] | Conversation, *, max_new_tokens: int = 20
+    ) -> TextStream:
+        """`chat`, streamed like `stream_answer` (its words calibrated as answers are). Give
+        it the `vlm.chat.conversation(self, messages, max_new_tokens)` built before to know
+        how many old turns were left out (its `dropped`)."""
+        self._require("answer")
+        talk = messages
+        if not isinstance(talk, Conversation):
+            talk = conversation(self, messages, max_new_tokens)
+        sequence = self._embed_parts(talk.parts)
+        confidence = self._confidence(sequence, None, self._calibration(OWN), "answer")
+        return self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
 
     def _question_sequences(self, images, questions) -> list[torch.Tensor]:
         images = self._images(images)

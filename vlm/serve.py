@@ -29,6 +29,7 @@ import open_clip
 from PIL import Image
 
 from .calibration import NO_MATCH_QUANTILE, UNSURE
+from .chat import conversation
 from .examples import all_example_images
 from .images import ImageError, PixelBudget
 from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
@@ -65,6 +66,8 @@ MAX_TEMPLATE_CHARS = int(os.environ.get("VLM_MAX_TEMPLATE_CHARS", 200))
 MAX_CLASSIFY_TEXTS = int(os.environ.get("VLM_MAX_CLASSIFY_TEXTS", 20_000))
 MAX_FEW_SHOT_CHARS = int(os.environ.get("VLM_MAX_FEW_SHOT_CHARS", 1000))
 MAX_CHOICES = 50
+MAX_CHAT_MESSAGES = int(os.environ.get("VLM_MAX_CHAT_MESSAGES", 40))  # a conversation's
+MAX_CHAT_IMAGES = int(os.environ.get("VLM_MAX_CHAT_IMAGES", 8))  # … and its images
 # Pixels one request may decode in all ("Caption all", indexing), a JPEG counted at the
 # scale it is decoded at (see vlm.images.PixelBudget): about eight of the largest images.
 MAX_REQUEST_PIXELS = int(os.environ.get("VLM_MAX_REQUEST_PIXELS", 500_000_000))
@@ -626,6 +629,38 @@ class Service:
             if choices:  # scored, not written
                 return None, pipeline.answer([picture], [question], choices, return_scores=True)[0]
             return pipeline.stream_answer(picture, question), None
+
+    def chat(self, messages, length=20, model=None) -> tuple[TextStream, int]:
+        """A stream of the reply to a conversation (`vlm.chat`: OpenAI-style messages, images
+        as the page's uploads or data: URLs, every one through the gate), and how many of its
+        oldest turns were left out for the rest to fit the LM."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("Give a conversation: a list of messages, the last one yours.")
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise RequestError(f"At most {MAX_CHAT_MESSAGES} messages in a conversation.")
+        length = number(length, "Max length", 1, MAX_NEW_TOKENS, " tokens")
+        checked, images = [], 0
+        for number_, message in enumerate(messages, 1):
+            content = message.get("content") if isinstance(message, dict) else None
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(blocks, list):
+                raise RequestError(f"Message {number_} has no content.")
+            kept = []
+            for block in blocks:
+                block = dict(block) if isinstance(block, dict) else {"type": None}
+                if block.get("type") == "image":
+                    images += 1
+                    if images > MAX_CHAT_IMAGES:
+                        raise RequestError(f"At most {MAX_CHAT_IMAGES} images in a conversation.")
+                    block["image"] = self.image(block.get("image"))
+                elif block.get("type") == "text":
+                    check_length(str(block.get("text") or ""), f"message {number_}",
+                                 MAX_QUESTION_CHARS)  # fmt: skip
+                kept.append(block)
+            checked.append({**message, "content": kept})
+        with self.using(model) as pipeline:
+            talk = conversation(pipeline, checked, int(length))
+            return pipeline.stream_chat(talk, max_new_tokens=int(length)), talk.dropped
 
     def few_shot(
         self, examples: Sequence[tuple], query, prompt: str = "", length=20, model=None,
