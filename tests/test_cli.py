@@ -119,9 +119,21 @@ def test_eval_shapeworld_through_the_cli(capsys):
     main(["eval", "shapeworld", "--n", "8", "--seed", "3", "--json"])
     results = json.loads(capsys.readouterr().out)
     assert {"caption_exact", "vqa_overall", "retrieval_r5", "binding_color"} <= set(results)
-    assert all(set(scores) == {"clean", "jpeg50", "resize224"} for scores in results.values())
+    # chat is scored on clean scenes only: its question is what changes, not the image
+    conditions = {name: set(scores) for name, scores in results.items()}
+    assert {name for name, seen in conditions.items() if seen == {"clean"}} == {
+        f"{split}chat_{turn}"
+        for split in ("", "held_out_", "phrasing_")
+        for turn in ("single_turn", "second_turn")
+    }
+    assert all(
+        seen == {"clean", "jpeg50", "resize224"}
+        for name, seen in conditions.items()
+        if "chat_" not in name
+    )
     # the bundled model on 8 fresh scenes (94% caption exact on 1,000)
     assert results["caption_exact"]["clean"] >= 0.75, results["caption_exact"]
     main(["eval", "shapeworld", "--n", "4"])
     table = capsys.readouterr().out
     assert table.startswith("| measure | clean | jpeg50 | resize224 | target |")
+    assert "| chat_second_turn | " in table and " | – | – | " in table

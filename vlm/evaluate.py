@@ -496,8 +496,11 @@ def evaluate_few_shot(
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A Markdown table: one row per measure, one column per perturbation, plus the target."""
-    kinds = list(next(iter(results.values())))
+    """A Markdown table: one row per measure, one column per perturbation, plus the target.
+
+    A measure taken on some perturbations only shows "–" under the others.
+    """
+    kinds = list(dict.fromkeys(kind for scores in results.values() for kind in scores))
     lines = [
         "| measure | " + " | ".join(kinds) + " | target |",
         "|---|" + "---:|" * (len(kinds) + 1),
@@ -505,7 +508,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     for measure, scores in results.items():
         target = f"≥ {TARGETS[measure]:.0%}" if measure in TARGETS else ""
         target = f"≤ {CEILINGS[measure]:.0%}" if measure in CEILINGS else target
-        cells = " | ".join(f"{scores[k]:.1%}" for k in kinds)
+        cells = " | ".join(f"{scores[k]:.1%}" if k in scores else "–" for k in kinds)
         lines.append(f"| {measure} | {cells} | {target} |")
     return "\n".join(lines)
 
