@@ -29,8 +29,8 @@ def now_and_then():
 )
 def test_the_bundle_writes_what_it_wrote(now_and_then, output):
     now, then = now_and_then
-    assert len(now[output]) == len(then[output])
-    changed = [(i, a, b) for i, (a, b) in enumerate(zip(now[output], then[output])) if a != b]
+    pairs = enumerate(zip(now[output], then[output], strict=True))
+    changed = [(i, a, b) for i, (a, b) in pairs if a != b]
     assert not changed, changed[:5]
 
 

@@ -1,7 +1,8 @@
 """Write tests/golden/bundle_200.json: what the bundled ShapeWorld model does on 200 fixed scenes.
 
-Run once before a change that must not change behaviour (`python tests/golden/make_bundle_golden.py`);
-tests/test_golden.py then holds every later version of the code to it.
+Run once before a change that must not change behaviour
+(`PYTHONPATH=. python tests/golden/make_bundle_golden.py`); tests/test_golden.py then holds
+every later version of the code to it.
 """
 
 from __future__ import annotations
