@@ -31,6 +31,7 @@ from starlette.middleware import Middleware
 
 from vlm import inputs
 from vlm.admission import FairQueue, RequestLimits, bound_session_inputs, client_of
+from vlm.errors import VLMError
 from vlm.examples import (
     EXAMPLES_DIR,
     caption_cases,
@@ -42,9 +43,8 @@ from vlm.examples import (
     question_cases,
     shapeworld_examples,
 )
-from vlm.images import ImageError
 from vlm.inputs import is_url, url_refused
-from vlm.search import IndexLoadError, original_name
+from vlm.search import original_name
 from vlm.serve import (
     MAX_BODY_SIZE,
     MAX_NEW_TOKENS,
@@ -57,8 +57,8 @@ from vlm.serve import (
     index_folder,
     write_captions_csv,
 )
-from vlm.training_jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, TrainingJobs
-from vlm.uploads import ScratchFolder, UploadError
+from vlm.training_jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, JobError, TrainingJobs
+from vlm.uploads import ScratchFolder
 
 __all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
 
@@ -160,7 +160,7 @@ def friendly(func):
             return func(*args, **kwargs)
         except gr.Error:
             raise
-        except (ImageError, UploadError, IndexLoadError, ValueError, FileNotFoundError) as error:
+        except (VLMError, FileNotFoundError) as error:  # the visitor's to fix
             log.info("%s refused for %s: %s", func.__name__, _client(), error)
             raise gr.Error(str(error), print_exception=False) from None
         except torch.cuda.OutOfMemoryError:
@@ -430,7 +430,7 @@ def _training_handlers(service: Service) -> dict:
         session = _owner(browser, request)
         try:
             status = service.train_status(job, session)
-        except ValueError as error:  # a job deleted after its age, another browser's
+        except JobError as error:  # a job deleted after its age, another browser's
             return (markdown_text(str(error)), *(gr.skip(),) * 5)
         now = status["stage"]  # the stage under way (or the last): its curves
         rows = [("training", step, loss) for stage, step, loss in status["losses"] if stage == now]

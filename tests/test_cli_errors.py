@@ -4,13 +4,15 @@ wrong and what to do: exit status 2 and no traceback."""
 from __future__ import annotations
 
 import csv
-import os
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_data import scenes, write_dataset
+from test_app import ROOT, pinned_env
+from test_data import scenes, write_dataset, write_images
 from test_own_data import save_random_pipeline
 
 from vlm.cli import main as cli
@@ -131,7 +133,7 @@ def test_eval_skips_bad_rows_like_training_and_strict_stops(capsys, csv_data, sa
 
 
 def test_a_real_shell_sees_one_line_and_status_2(csv_data, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = pinned_env(tmp_path, PYTHONPATH=str(ROOT))  # nothing inherited from the caller
     result = subprocess.run(
         [sys.executable, "-m", "vlm", "train", "--data", str(csv_data), "--out", str(tmp_path),
          "--encoder", str(tmp_path)],
@@ -142,3 +144,54 @@ def test_a_real_shell_sees_one_line_and_status_2(csv_data, tmp_path):
         f"error: --encoder {tmp_path} is a folder: write --encoder local-dir:{tmp_path} "
         "to load an open_clip folder"
     ]
+
+
+@pytest.mark.parametrize("model", ["blip2-opt-2.7b", "clipcap-coco", "someone/not-cached"])
+def test_a_model_that_cannot_be_loaded_is_one_line(capsys, monkeypatch, tmp_path, model):
+    """Offline with an empty cache, a preset or hub id is not there: one line, not
+    transformers' OSError stack."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    image = sorted(
+        (Path(__file__).parents[1] / "assets" / "examples" / "shapeworld").glob("*.png")
+    )[0]
+    err = fails(capsys, "caption", image, "--model", model)
+    assert err.startswith(f"error: {model} could not be loaded: ") and err.count("\n") == 1
+
+
+def test_a_saved_folder_with_damaged_weights_is_one_line(capsys, saved_pipeline, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved_pipeline, damaged)
+    (damaged / "mapper.safetensors").write_bytes(b"not safetensors")
+    image = write_images(tmp_path / "images", scenes(1))[0]
+    err = fails(capsys, "caption", image, "--model", damaged)
+    assert err.startswith(f"error: {damaged} could not be loaded: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c.update(caption_prmpt="Caption:"),
+            "unknown key 'caption_prmpt' (did you mean 'caption_prompt'?)",
+        ),
+        (
+            lambda c: c["mapper"].update(prefix_lenght=4),
+            "mapper: unknown key 'prefix_lenght' (did you mean 'prefix_length'?)",
+        ),
+        (lambda c: c.pop("mapper"), "config.json lacks mapper"),
+    ],
+)
+def test_a_config_with_a_key_it_does_not_know_is_refused_by_name(
+    capsys, saved_pipeline, tmp_path, edit, message
+):
+    """A typo in config.json is named, not silently dropped (the model would load without it)."""
+    folder = tmp_path / "typo"
+    shutil.copytree(saved_pipeline, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    image = write_images(tmp_path / "images", scenes(1))[0]
+    err = fails(capsys, "caption", image, "--model", folder)
+    assert message in err and err.count("\n") == 1

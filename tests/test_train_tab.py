@@ -232,5 +232,12 @@ def test_a_finished_model_is_pushed_with_the_visitors_token(tmp_path, monkeypatc
                 service.train_push("abc", repo, token, "s1")
         with pytest.raises(ValueError, match="jobs are seen by their session"):
             service.train_push("abc", "someone/mine", "hf_secret", "s2")
+
+        def refused(self, repo_id, folder_path, **kw):
+            raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: no write access")
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refused)
+        with pytest.raises(RequestError, match="The hub refused the upload: HfHubHTTPError: 403"):
+            service.train_push("abc", "someone/mine", "hf_read_only", "s1")
     finally:
         jobs.close()

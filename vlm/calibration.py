@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
+
 CALIBRATION_NAME = "calibration.json"
 ALTERNATIVES = 5  # a word's alternatives: the LM's likeliest first tokens there, at most this many
 ALTERNATIVE_FLOOR = 1e-3  # ... each at least this probable
@@ -275,7 +277,7 @@ def fit_calibration(
     evaluation set): see the module for what each part is fitted on."""
     examples = [e for e in examples if e.captions or e.questions]
     if not examples:
-        raise ValueError("a calibration needs held-out images with captions or questions")
+        raise InputError("a calibration needs held-out images with captions or questions")
     tasks = pipeline.tasks
     rng = random.Random(f"calibration-{seed}")
     calibration = Calibration(fitted_on=fitted_on)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from .errors import InputError
 from .prompts import question_prompt
 
 ROLES = ("user", "assistant")
 
 
-class ChatError(ValueError):
+class ChatError(InputError):
     """Messages that are not a conversation the model can continue; the message says why."""
 
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import Parts, PipelineConfig
 from .encoder import Encoder
+from .errors import InputError
 from .mapper import PrefixMapper
 from .tasks import CAPTION_TASKS
 
@@ -30,14 +31,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise InputError(
             f"{os.fspath(path)} is not a plain tensor checkpoint; refusing to unpickle it "
             f"(it could run code): {str(error).splitlines()[0]}"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{os.fspath(path)} does not hold a state dict")
+        raise InputError(f"{os.fspath(path)} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -62,7 +63,7 @@ def mapper_from_state(
             num_layers=len(layers), mlp_ratio=hidden / lm_dim, normalize_input=normalize_input,
         )  # fmt: skip
     else:
-        raise ValueError("no ClipCap mapper (clip_project.*) in this checkpoint")
+        raise InputError("no ClipCap mapper (clip_project.*) in this checkpoint")
     mapper.load_state_dict(state)
     return mapper
 
@@ -100,7 +101,7 @@ def read_clipcap(
         missing, unexpected = language_model.load_state_dict(gpt, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the token embeddings
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"GPT weights do not fit {lm}: missing {missing}, unexpected {unexpected}"
             )
         language_model.tie_weights()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from .errors import ConfigError
 from .prompts import QUESTION_TEMPLATE
 
 CONFIG_NAME = "config.json"
@@ -42,8 +45,27 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The config a `config.json` holds; a key it does not know (a typo, a newer
+        version's) is refused by name rather than dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{CONFIG_NAME} must hold an object, not {type(data).__name__}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], CONFIG_NAME)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]  # fmt: skip
+        if missing:
+            raise ConfigError(f"{CONFIG_NAME} lacks {', '.join(missing)}")
+        return cls(**data)
+
+
+def check_keys(data: dict, known: Iterable[str], where: str) -> None:
+    """Refuse (ConfigError) the keys of `data` that are not `known`, suggesting the closest."""
+    known = list(known)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; the keys are "
+                              f"{', '.join(known)}")  # fmt: skip
 
 
 class Parts(NamedTuple):

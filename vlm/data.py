@@ -39,6 +39,7 @@ from pathlib import Path
 from PIL import Image
 
 from .calibration import CalibrationExample
+from .errors import InputError
 from .images import is_image_path, load_image
 from .prompts import qa_text
 
@@ -99,12 +100,10 @@ def detect_format(path: str | os.PathLike) -> str:
             return "coco"
         if "images" in data and data["images"] and "sentences" in data["images"][0]:
             return "karpathy"
-    raise ValueError(
-        f"can't tell the format of {path}; pass one of {', '.join(FORMATS)} explicitly"
-    )
+    raise DataError(f"can't tell the format of {path}; pass one of {', '.join(FORMATS)} explicitly")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that can't be used as given (a missing file or column, a bad row under `strict`)."""
 
 
@@ -164,7 +163,7 @@ class ExampleSource:
             raise DataError(f"no such data file or folder: {path}")
         self.format = detect_format(path) if format == "auto" else format
         if self.format not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+            raise DataError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
         self.split = split
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         self.images = Path(images) if images else base

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
+
 PROFILE_NAME = "familiarity.safetensors"
 
 
@@ -144,5 +146,5 @@ def profile_from_data(encoder, dataset, n: int = 3000, seed: int = 0) -> Familia
         reference = dataset.clip_data(max(n // 3, 1), seed=seed + 7002)
         held = [reference[i][0] for i in range(len(reference))]
     if len(images) < 2 or not held:
-        raise ValueError("a familiarity profile needs at least 3 training images")
+        raise InputError("a familiarity profile needs at least 3 training images")
     return FamiliarityProfile.fit(_embed(encoder, images), _embed(encoder, held))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import ConfigError, InputError
 from .images import ImageError, PixelBudget, load_image
 
 UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}  # as Gradio's
@@ -40,7 +41,7 @@ def parse_size(size: str | int) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", size)
     unit = (match.group(2) or "B").upper() if match else ""
     if not match or unit not in UNITS:
-        raise ValueError(f"not a size: {size!r} (e.g. 50mb)")
+        raise ConfigError(f"not a size: {size!r} (e.g. 50mb)")
     return int(match.group(1)) * UNITS[unit]
 
 
@@ -223,5 +224,5 @@ def number(value, what: str, low: float, high: float, unit: str = "") -> float:
         shown = (
             "" if isinstance(value, int | float) and math.isfinite(result) else f", not {value!r}"
         )
-        raise ValueError(f"{what} must be between {low:g} and {high:g}{unit}{shown}.")
+        raise InputError(f"{what} must be between {low:g} and {high:g}{unit}{shown}.")
     return result

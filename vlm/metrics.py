@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 # What PTBTokenizer removes from captions (pycocoevalcap's PUNCTUATIONS)
 _PUNCTUATION = re.compile(r"""(''|'|``|`|-LRB-|-RRB-|-LCB-|-RCB-|[.?!,:\-@;"()\[\]{}])""")
 
@@ -51,7 +53,7 @@ def caption_scores(
 
     ids = [key for key in predictions if references.get(key)]
     if not ids:
-        raise ValueError("no prediction has a reference caption to compare with")
+        raise InputError("no prediction has a reference caption to compare with")
     refs = {key: list(references[key]) for key in ids}
     preds = {key: [predictions[key]] for key in ids}
     notes: list[str] = []

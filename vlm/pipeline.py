@@ -34,6 +34,7 @@ from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
+from .errors import ConfigError, InputError, SequenceTooLong
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
@@ -71,7 +72,7 @@ class Pipeline:
         self.familiarity_profile = familiarity  # what its training images looked like
         self.calibration = calibration  # what turns its raw probabilities into calibrated ones
         if config.precision not in PRECISIONS:
-            raise ValueError(f"precision {config.precision!r}: choose one of {PRECISIONS}")
+            raise ConfigError(f"precision {config.precision!r}: choose one of {PRECISIONS}")
         self.encoder = encoder
         _place(self.encoder.model, self.device)
         self.lm = _place(lm, self.device).eval().requires_grad_(False)
@@ -184,7 +185,7 @@ class Pipeline:
             count = self.mapper.config["num_tokens"]
             grid = int(round((count - 1) ** 0.5))
             if grid < 1 or 1 + grid * grid != count:
-                raise ValueError(
+                raise ConfigError(
                     f"the mapper reads {count} image tokens, but the encoder gives its pooled "
                     "embedding and a grid × grid of patch tokens: 1 + grid² (5, 17, 50, 65, …)"
                 )
@@ -227,7 +228,7 @@ class Pipeline:
                 return self.mapper(features).float()
             prompts = prompts or [self.config.caption_prompt] * len(features)
             if len(prompts) != len(features):
-                raise ValueError(f"{len(features)} images but {len(prompts)} prompts")
+                raise InputError(f"{len(features)} images but {len(prompts)} prompts")
             return self.mapper(features, *self.prompt_states(prompts)).float()
 
     @torch.no_grad()
@@ -303,7 +304,7 @@ class Pipeline:
         device-side assert that breaks every later request."""
         limit = self.max_positions
         if length + need > limit:
-            raise ValueError(
+            raise SequenceTooLong(
                 f"the text is too long for this model: {length} tokens with the image prefix; "
                 f"it reads at most {limit}"
             )
@@ -495,7 +496,7 @@ class Pipeline:
         prompt = self.config.caption_prompt if prompt is None else prompt
         images = self._images(images)
         if len(texts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+            raise InputError(f"{len(images)} images but {len(texts)} texts")
         space = " " if prompt and not prompt[-1].isspace() else ""
         check = Calibration(experts=(1.0, 1.0)) if self.can_check_words else None
         readings = []
@@ -621,7 +622,7 @@ class Pipeline:
         """`continue_sequence`, streamed like `stream_caption`."""
         self._require("few_shot")
         if not parts:
-            raise ValueError("nothing to continue: give at least one image or text")
+            raise InputError("nothing to continue: give at least one image or text")
         sequence = self._embed_sequences([parts], describe)[0]
         return self._stream(sequence, max_new_tokens=max_new_tokens, **decoding)
 
@@ -650,7 +651,7 @@ class Pipeline:
         if isinstance(questions, str):
             questions = [questions] * len(images)
         if len(questions) != len(images):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+            raise InputError(f"{len(images)} images but {len(questions)} questions")
         prompts = [question_prompt(q.strip(), self.config.question_template) for q in questions]
         for prompt in prompts:  # before any image is encoded or prompt read
             self._room(self.mapper.prefix_length + len(self._token_ids(prompt)))
@@ -710,7 +711,7 @@ class Pipeline:
         """`continue_sequence` for several interleaved sequences at once (one batch)."""
         self._require("few_shot")
         if not sequences or not all(sequences):
-            raise ValueError("nothing to continue: give at least one image or text")
+            raise InputError("nothing to continue: give at least one image or text")
         embedded = self._embed_sequences(sequences, describe)
         return self._generate(embedded, max_new_tokens=max_new_tokens, **kw)
 
@@ -819,7 +820,7 @@ class Pipeline:
         self._require("classify")
         labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
         if not labels:
-            raise ValueError("give at least one label")
+            raise InputError("give at least one label")
         weights = self.class_weights(labels, templates)
         features = self.encoder.encode_images(self._images(images), normalize=True)
         probs = (self.encoder.logit_scale * features @ weights).softmax(-1).cpu()

@@ -8,6 +8,7 @@ builds the pipeline from the parts read here; nothing here imports `vlm.pipeline
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -15,22 +16,36 @@ from pathlib import Path
 import open_clip
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .blip2 import is_blip2_config, read_blip2
 from .calibration import Calibration
 from .clipcap import read_clipcap
-from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
+from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig, check_keys
 from .encoder import Encoder
+from .errors import InputError, ModelLoadError, VLMError, one_line
 from .familiarity import FamiliarityProfile
-from .mapper import PrefixMapper
+from .mapper import RETIRED_OPTIONS, PrefixMapper
 from .presets import PRESETS, Preset, models_for
 
 
 def load_parts(name_or_path: str | os.PathLike, device=None) -> Parts:
-    """The parts of a preset name, a saved folder (vlm's or BLIP-2's) or a hub repo id."""
+    """The parts of a preset name, a saved folder (vlm's or BLIP-2's) or a hub repo id.
+    Raises ModelLoadError, saying why in one line, where they cannot be read."""
     name = str(name_or_path)
+    try:
+        return _load_parts(name, device)
+    except VLMError:
+        raise
+    # not on disk nor downloadable (OSError), a malformed file (ValueError, SafetensorError),
+    # weights that do not fit their architecture (RuntimeError, from load_state_dict)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(name, one_line(error)) from error
+
+
+def _load_parts(name: str, device) -> Parts:
     if name in PRESETS:
         return preset_parts(PRESETS[name], device)
     folder = Path(name).expanduser()
@@ -47,7 +62,7 @@ def load_parts(name_or_path: str | os.PathLike, device=None) -> Parts:
     return folder_parts(folder, PipelineConfig.from_dict(data))
 
 
-class ModelRefused(ValueError):
+class ModelRefused(InputError):
     """A model folder a server will not load for a request; the message says why."""
 
 
@@ -96,7 +111,9 @@ def folder_parts(folder: Path, config: PipelineConfig) -> Parts:
     lm_source = folder / config.lm if (folder / config.lm).is_dir() else config.lm
     lm = AutoModelForCausalLM.from_pretrained(lm_source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(lm_source)
-    mapper = PrefixMapper(**config.mapper)
+    known = [*inspect.signature(PrefixMapper).parameters, *RETIRED_OPTIONS]
+    check_keys(config.mapper, known, f"{CONFIG_NAME} mapper")
+    mapper = PrefixMapper.from_config(config.mapper)  # drops retired options left off
     mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
     return Parts(
         encoder,

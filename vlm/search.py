@@ -28,6 +28,7 @@ from PIL import Image
 
 from .device import available_cores
 from .encoder import Encoder
+from .errors import InputError
 from .images import (
     DecodedImages,
     ImageInput,
@@ -42,7 +43,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class IndexLoadError(ValueError):
+class IndexLoadError(InputError):
     """An index folder that cannot be read (missing, damaged or from another model)."""
 
 
@@ -305,7 +306,7 @@ class SearchIndex:
         an array, bytes or a `Path`."""
         if isinstance(query, str):
             if not query.strip():
-                raise ValueError("the query is empty")
+                raise InputError("the query is empty")
             vector = self.encoder.encode_text([query.strip()])
         else:
             image = load_image(query, min_side=self.encoder.image_side)
@@ -316,7 +317,7 @@ class SearchIndex:
         """One query from a text and an image: their normalised embeddings weighted
         (`text_weight` for the text, the rest for the image), normalised again, [1, D]."""
         if not 0 <= text_weight <= 1:
-            raise ValueError(f"the text's weight must be between 0 and 1, not {text_weight}")
+            raise InputError(f"the text's weight must be between 0 and 1, not {text_weight}")
         vector = text_weight * self.embed_query(text) + (1 - text_weight) * self.embed_query(image)
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 

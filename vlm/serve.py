@@ -25,11 +25,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import httpx
 import open_clip
+import torch
 from PIL import Image
 
 from .calibration import NO_MATCH_QUANTILE, UNSURE
 from .chat import conversation
+from .errors import InputError, ModelLoadError, VLMError, one_line
 from .examples import all_example_images
 from .images import ImageError, PixelBudget
 from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
@@ -94,7 +97,7 @@ def largest_request_bytes() -> int:
 MAX_BODY_SIZE = parse_size(os.environ.get("VLM_MAX_BODY_SIZE", str(largest_request_bytes())))
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request the server refuses; the message says why, for the user."""
 
 
@@ -118,11 +121,12 @@ class Models:
         self._runnable = runnable_presets(hub=hub)
         try:
             self.get(self.default)
-        except Exception as error:  # a missing or unreachable model: fall back, say why
+        except (VLMError, torch.OutOfMemoryError) as error:  # fall back, say why
             if self.default == "shapeworld":
                 raise
             log.warning("could not load %s: %s", self.default, error)
-            self.reason = f"{self.default} could not be loaded ({error}); the bundled model runs"
+            why = error.reason if isinstance(error, ModelLoadError) else one_line(error)
+            self.reason = f"{self.default} could not be loaded ({why}); the bundled model runs"
             self.default = "shapeworld"
             self.get(self.default)
 
@@ -539,7 +543,7 @@ class Service:
         pipeline = self.models.get(str(folder))
         try:
             return pipeline.push_to_hub(repo_id, folder=folder, token=token.strip())
-        except Exception as error:  # the hub's refusal or an unreachable network, in one line
+        except (OSError, ValueError, httpx.HTTPError) as error:  # the hub's refusal, the network
             raise RequestError(f"The hub refused the upload: {type(error).__name__}: "
                                f"{str(error)[:300]}") from None  # fmt: skip
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import ConfigError, InputError
+
 # task -> what it means, in the words an error message uses
 TASKS: dict[str, str] = {
     "caption": "write captions",
@@ -34,11 +36,11 @@ def task_set(tasks: Iterable[str] | None) -> frozenset[str]:
         return ALL_TASKS
     tasks = frozenset(tasks)
     if unknown := tasks - ALL_TASKS:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; the tasks are {sorted(TASKS)}")
+        raise ConfigError(f"unknown tasks {sorted(unknown)}; the tasks are {sorted(TASKS)}")
     return tasks
 
 
-class UnsupportedTaskError(ValueError):
+class UnsupportedTaskError(InputError):
     """A task the model was not trained for, e.g. questions to a captioning-only model."""
 
     def __init__(self, task: str, model: str, capable: Iterable[str] = ()):

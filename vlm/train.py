@@ -36,6 +36,7 @@ from .data import DataError, FileDataset
 from .datasets import DATASETS
 from .device import default_device, half_dtype, training_precision
 from .encoder import Encoder
+from .errors import ConfigError, InputError
 from .factory import build_encoder, build_lm, build_pipeline, clip_config, train_tokenizer
 from .familiarity import profile_from_data
 from .features import FeatureCache, features_in_memory
@@ -344,7 +345,7 @@ def _epochs(
     unit = 2 if pairs else 1
     rank, world = accelerator.process_index, accelerator.num_processes
     if n // unit < world:
-        raise ValueError(f"{n} examples are too few for {world} processes")
+        raise InputError(f"{n} examples are too few for {world} processes")
     while True:
         order = list(range(n // unit))
         rng.shuffle(order)
@@ -414,7 +415,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     tokens that only reading the context predicts (a caption is as random as its scene). At
     weight 1 the LM never learned to look an answer up: with the caption on the line before,
     "is there a green circle?" was answered at chance (0.51); at 10, 0.95
-    (docs/experiments/text_answers.py)."""
+    (experiments/text_answers.py)."""
     texts = dataset.texts(config.lm_examples, config.seed)
     tokenizer = train_tokenizer(texts[:20000], SIZES[config.size]["vocab_size"])
     lm = build_lm(tokenizer, **SIZES[config.size]["lm"])
@@ -468,7 +469,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     if score is None and hasattr(dataset, "selection_texts"):
         score = held_out_loss(dataset.selection_texts())
     if score is None:
-        raise ValueError("--lm-candidates needs held-out text to choose by: give validation "
+        raise ConfigError("--lm-candidates needs held-out text to choose by: give validation "
                          "data (--val-data or --val-fraction)")  # fmt: skip
 
     def candidate(k: int):  # the first is the LM a run without selection starts from
@@ -757,7 +758,7 @@ def full_grid_tokens(encoder: Encoder) -> int:
     its full grid of patch tokens (the bundled model's choice: 1 + 8 × 8)."""
     grid = getattr(encoder.model.visual, "grid_size", None)
     if not grid:
-        raise ValueError("--mapper-input tokens needs a ViT image encoder (it reads patch tokens)")
+        raise ConfigError("--mapper-input tokens needs a ViT image encoder (it reads patch tokens)")
     return 1 + grid[0] * grid[1]
 
 
@@ -799,23 +800,23 @@ def check_parts(config: TrainConfig) -> None:
         if name.startswith("local-dir:"):
             folder = Path(name.removeprefix("local-dir:"))
             if not (folder / "open_clip_config.json").is_file():
-                raise ValueError(f"--encoder {name}: {folder} is not an open_clip folder "
+                raise ConfigError(f"--encoder {name}: {folder} is not an open_clip folder "
                                  "(no open_clip_config.json in it)")  # fmt: skip
         elif Path(name).exists():
-            raise ValueError(f"--encoder {name} is a folder: write --encoder local-dir:{name} "
+            raise ConfigError(f"--encoder {name} is a folder: write --encoder local-dir:{name} "
                              "to load an open_clip folder")  # fmt: skip
         elif not name.startswith("hf-hub:") and name not in open_clip.list_models():
-            raise ValueError(
+            raise ConfigError(
                 f"--encoder {name}: not an open_clip model name (e.g. ViT-B-32-quickgelu; "
                 "open_clip.list_models() has them all) nor local-dir:<folder>"
             )
     if config.lm:
         lm = Path(config.lm).expanduser()
         if lm.is_dir() and not (lm / "config.json").is_file():
-            raise ValueError(f"--lm {config.lm}: not a Hugging Face model folder (no config.json)")
+            raise ConfigError(f"--lm {config.lm}: not a Hugging Face model folder (no config.json)")
         path_like = config.lm.startswith((".", "/", "~")) or config.lm.count("/") > 1
         if not lm.exists() and path_like:
-            raise ValueError(f"--lm {config.lm}: no such folder")
+            raise ConfigError(f"--lm {config.lm}: no such folder")
 
 
 def _load_lm(source: str | Path, dtype):
@@ -825,8 +826,8 @@ def _load_lm(source: str | Path, dtype):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         if Path(source).exists():
-            raise ValueError(f"--lm {source}: can't load it: {error}") from None
-        raise ValueError(
+            raise ConfigError(f"--lm {source}: can't load it: {error}") from None
+        raise ConfigError(
             f"--lm {source}: no such folder, and as a Hugging Face hub id it is not in the "
             "local cache (hub ids need the network the first time; offline, give the folder "
             "of a saved causal LM)"
@@ -880,7 +881,7 @@ def _train(config: TrainConfig, progress: Progress):
     if config.prefix_text_teacher and (
         config.finetune_lm or not dataset.pipeline_config().get("caption_prompt")
     ):
-        raise ValueError(  # before any stage runs
+        raise ConfigError(  # before any stage runs
             "--prefix-text-teacher needs a frozen LM (not --finetune-lm) and captions marked by "
             "a caption prompt, as ShapeWorld's are ('Caption: ...'), to read before a question"
         )

@@ -30,6 +30,7 @@ from collections import deque
 from pathlib import Path
 
 from .data import FileDataset
+from .errors import InputError
 from .inputs import number
 from .paths import ASSETS
 from .uploads import UploadError, extract_training_zip
@@ -59,7 +60,7 @@ MAPPERS = {
 STATES = ("queued", "running", "done", "stopped", "failed")
 
 
-class JobError(ValueError):
+class JobError(InputError):
     """A job the server will not start, or one a session may not see; the message says why."""
 
 

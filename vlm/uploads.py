@@ -23,6 +23,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from .errors import InputError
 from .images import is_image_path
 
 CHUNK = 1 << 16  # bytes per read when stream-copying a zip member
@@ -34,7 +35,7 @@ DAMAGED = (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, zlib.erro
 Skipped = list[tuple[str, str]]  # (name as uploaded, reason)
 
 
-class UploadError(ValueError):
+class UploadError(InputError):
     """An upload that is refused as a whole; the message says why, for the user."""
 
 
