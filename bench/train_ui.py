@@ -2,7 +2,7 @@
 
     python -m bench.train_ui [--images 300] [--steps 400] [--out train_ui.json]
 
-Writes the quick start's data (`docs/experiments/own_data.py`: ShapeWorld scenes captioned in
+Writes the quick start's data (`vlm shapeworld-data`: ShapeWorld scenes captioned in
 other words than the bundle's), runs README's quick-start command (`vlm train --data …
 --encoder local-dir:assets/shapeworld/encoder --lm-steps 1000 --lm-batch-size 16 --val-every
 25 --early-stopping 4 --prefix-steps 400 --prefix-batch-size 32`), then serves `app.py
@@ -31,8 +31,8 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from docs.experiments.own_data import write as write_own_data
 from vlm.examples import shapeworld_examples
+from vlm.shapeworld import write_captioned_folder
 
 from .load import MB, REPO, Server, machine, percentile
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vlm-train-ui-") as scratch:
         scratch = Path(scratch)
         data = scratch / "own"
-        write_own_data(data, args.images)
+        write_captioned_folder(data, args.images)
         archive = scratch / "own.zip"
         with zipfile.ZipFile(archive, "w") as out:
             for path in sorted(data.iterdir()):

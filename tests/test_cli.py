@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import pytest
 from conftest import CAPTIONS
+from test_app import ROOT, pinned_env
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+# nothing inherited from the caller's environment (VLM_*, HF_HOME, PYTHONPATH)
+ENV = pinned_env(Path(tempfile.mkdtemp(prefix="vlm-cli-")), PYTHONPATH=str(ROOT))
 
 
 def vlm(*args: str) -> str:
@@ -137,3 +141,30 @@ def test_eval_shapeworld_through_the_cli(capsys):
     table = capsys.readouterr().out
     assert table.startswith("| measure | clean | jpeg50 | resize224 | target |")
     assert "| chat_second_turn | " in table and " | – | – | " in table
+
+
+def test_shapeworld_data_writes_a_folder_train_reads(tmp_path, capsys):
+    """`vlm shapeworld-data`: scenes with two everyday captions each, true of the scene, in a
+    folder that the trainer's file reader takes as it is."""
+    from vlm import shapeworld as sw
+    from vlm.cli import main
+    from vlm.data import FileDataset
+
+    main(["shapeworld-data", str(tmp_path / "mine"), "--n", "12", "--seed", "3"])
+    assert (
+        capsys.readouterr().out.strip() == f"wrote 12 images with captions to {tmp_path / 'mine'}"
+    )
+    written = sw.write_captioned_folder(tmp_path / "again", 12, seed=3)
+    assert [p.name for p, _ in written] == sorted(p.name for p in (tmp_path / "mine").glob("*.png"))
+    for path, scene in written:
+        lines = (tmp_path / "mine" / path.name).with_suffix(".txt").read_text().splitlines()
+        assert len(lines) == 2 and lines[0] != lines[1]
+        for line in lines:
+            words = line.lower()
+            for obj in scene.objects:  # every object, left to right, in everyday words
+                size = {"small": "little", "large": "big"}[obj.size]
+                assert f"{size} {obj.color} {obj.shape}" in words, (line, scene)
+    dataset = FileDataset([tmp_path / "mine"], val_fraction=0)
+    assert len(dataset.texts(100, seed=0)) == 24  # two captions of each of the 12 images
+    with pytest.raises(SystemExit):
+        main(["shapeworld-data", str(tmp_path / "none"), "--n", "0"])

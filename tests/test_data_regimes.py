@@ -37,21 +37,14 @@ def prefix_pool(data):
 
 
 @pytest.fixture(scope="module")
-def grey_prefix_pool():
-    return ShapeWorld(prefix_colourless_share=0.5).prefix_data(600, seed=0)
-
-
-@pytest.fixture(scope="module")
 def clip_pool(data):
     return data.clip_data(600, seed=0)
 
 
-def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(
-    clip_pool, prefix_pool, grey_prefix_pool
-):
+def test_no_image_of_the_clip_or_prefix_stage_shows_a_held_out_combination(clip_pool, prefix_pool):
     # each item's first text is the canonical caption of the rendered scene (its every object);
     # a colourless view's names no colour, and its image holds nothing but greys
-    for pool in (clip_pool, prefix_pool, grey_prefix_pool):
+    for pool in (clip_pool, prefix_pool):
         captions = [texts[0].removeprefix(CAPTION_PROMPT).strip() for texts in pool.texts]
         assert len(captions) == len(pool) >= 600
         coloured = [i for i, c in enumerate(captions) if names_in(c)]
@@ -138,44 +131,6 @@ def test_prefix_stage_teacher_lines_caption_the_one_object_a_question_is_about(p
             assert kind in ("color", "shape", "size", "exists")
             answer = next(t for t in texts if t.startswith(prompt)).rpartition(" ")[2]
             assert answer in line.split() or answer == "yes", (prompt, line)
-
-
-def test_prefix_stage_colourless_views_are_captioned_only_and_leave_the_rest_as_it_was(
-    prefix_pool, grey_prefix_pool
-):
-    # the option draws after everything else: the coloured items are the default's, byte for
-    # byte; the colourless ones (about the share) have one text, their colourless caption
-    grey = [i for i, texts in enumerate(grey_prefix_pool.texts) if not names_in(texts[0])]
-    assert 0.4 < len(grey) / len(grey_prefix_pool) < 0.6
-    for i, texts in enumerate(grey_prefix_pool.texts):
-        if i in grey:
-            assert len(texts) == 1 and texts[0].startswith(CAPTION_PROMPT)
-            assert re.fullmatch(rf"{CAPTION_PROMPT} a (small|large) \w+( left of a .+)?", texts[0])
-            assert texts[0] != prefix_pool.texts[i][0]  # the same scene, its colours left out
-        else:
-            assert texts == prefix_pool.texts[i]
-            assert (grey_prefix_pool.images[i] == prefix_pool.images[i]).all()
-
-
-def test_prefix_stage_key_lines_follow_the_caption_in_seen_formats_with_true_values():
-    pool = ShapeWorld(prefix_key_lines=0.5).prefix_data(400, seed=0)
-    keyed = [texts for texts in pool.texts if "\n" in texts[0]]
-    assert 0.4 < len(keyed) / len(pool) < 0.6
-    named = {k: kind for kind, keys in sw.FEW_SHOT_KEYS.items() for k in keys}
-    for texts in keyed:
-        caption, line = zip(*(t.split("\n") for t in texts), strict=True)
-        assert len(set(caption)) == 1 and caption[0].startswith(CAPTION_PROMPT)
-        objects = caption[0].count(" left of ") + 1
-        kinds = []
-        for text in line:
-            key, separator, value = re.fullmatch(r"(.+?)(: | = | -> | - )(.+)", text).groups()
-            assert separator in sw.SEPARATORS and key in named  # never a held-out format
-            kinds.append(named[key])
-            if named[key] == "count":
-                assert value == sw.NUMBER_WORDS[objects]
-            else:  # one object: its value is in the caption
-                assert objects == 1 and value in caption[0]
-        assert sorted(kinds) == sorted(sw.FEW_SHOT_ATTRIBUTES if objects == 1 else ["count"])
 
 
 def _forms_of(question: str) -> set[str]:

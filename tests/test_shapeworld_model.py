@@ -11,7 +11,6 @@ import torch
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.evaluate import evaluate_shapeworld, one_change_captions
-from vlm.factory import build_lm, sinusoids
 from vlm.presets import SHAPEWORLD_DIR
 
 # Well under what the shipped bundle measures on 1,000 scenes per slice (docs/shapeworld.md:
@@ -30,10 +29,9 @@ FLOORS = {
     "phrasing_vqa_overall": 0.85,
     "retrieval_r5": 0.92,
     # 0-shot "Shape:" is now continued with the object's name ("green cross"), the caption's
-    # order, rather than its shape: lower than the bundle before this one (93%)
+    # order, rather than its shape: lower than the bundle before this one (93%). The few-shot
+    # lists are also held to an image-blind guesser below (BLIND_MARGINS).
     "few_shot_seen_0shot": 0.50,
-    "few_shot_seen_2shot": 0.40,
-    "few_shot_held_out_2shot": 0.20,
     "few_shot_text_seen_2shot": 0.85,
     "few_shot_text_held_out_2shot": 0.85,
     "few_shot_described_seen_0shot": 0.75,
@@ -80,6 +78,36 @@ def test_bundle_clears_its_floor_on_fresh_scenes(results, measure):
     assert results[measure]["clean"] >= FLOORS[measure], results
 
 
+# Few-shot lists against a guesser that never looks at an image and picks among the values
+# the examples don't show (`few_shot_blind_*`, on the same lists: 0.28 at 0 shots, 0.50 at 2,
+# where a size is always the one not shown). Measured here: 0-shot 0.70, 2-shot 0.60 from
+# bare prefixes, 1.0 with each image described first.
+BLIND_MARGINS = {
+    "few_shot_seen_0shot": 0.25,
+    "few_shot_seen_2shot": 0.05,
+    "few_shot_described_seen_2shot": 0.30,
+    "few_shot_described_held_out_2shot": 0.30,
+}
+
+
+def _blind(measure: str) -> str:
+    return "few_shot_blind_" + measure.removeprefix("few_shot_").removeprefix("described_")
+
+
+@pytest.mark.parametrize("measure", sorted(BLIND_MARGINS))
+def test_few_shot_lists_beat_a_guesser_that_never_looks_at_the_image(results, measure):
+    blind = results[_blind(measure)]["clean"]
+    assert results[measure]["clean"] >= blind + BLIND_MARGINS[measure], (blind, results[measure])
+
+
+@pytest.mark.xfail(strict=True, reason="a known gap (docs/shapeworld.md): from bare prefixes, "
+                   "lists in a format never read in training score 0.43 against the blind "
+                   "guesser's 0.50; colours 0.1-0.2 against 0.17")  # fmt: skip
+def test_bare_prefix_lists_in_a_never_seen_format_beat_the_blind_guesser(results):
+    blind = results["few_shot_blind_held_out_2shot"]["clean"]
+    assert results["few_shot_held_out_2shot"]["clean"] >= blind + 0.05
+
+
 @pytest.mark.parametrize("measure", sorted(CEILINGS))
 def test_in_world_scenes_are_rarely_called_unfamiliar(results, measure):
     assert max(results[measure].values()) <= CEILINGS[measure], results[measure]
@@ -123,20 +151,11 @@ def test_one_change_captions_change_exactly_one_attribute():
             assert sum(changed) == 1, (caption, true)
 
 
-class _FiftyTokens:
-    """What build_lm reads of a tokenizer (its size and EOS id): LMs built without one."""
-
-    eos_token_id = 0
-
-    def __len__(self) -> int:
-        return 50
-
-
 def _experiment(name: str):
-    """A script of docs/experiments (README's diagnosis), imported as a module."""
+    """A script of experiments/ (docs/shapeworld-lab.md's diagnosis), imported as a module."""
     import importlib.util
 
-    path = SHAPEWORLD_DIR.parents[1] / "docs" / "experiments" / f"{name}.py"
+    path = SHAPEWORLD_DIR.parents[1] / "experiments" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -144,7 +163,7 @@ def _experiment(name: str):
 
 
 def test_oracle_experiment_encodes_scenes_and_runs():
-    """docs/experiments/oracle_prefix.py (README's diagnosis) still runs: its tokens say each
+    """experiments/oracle_prefix.py (README's diagnosis) still runs: its tokens say each
     object exactly, and a few training steps through the frozen LM give a report."""
     oracle = _experiment("oracle_prefix")
     scene = sw.Scene(
@@ -169,7 +188,7 @@ def test_oracle_experiment_encodes_scenes_and_runs():
 
 
 def test_feature_probe_experiment_reads_features_and_runs():
-    """docs/experiments/feature_probe.py still runs: slot targets are right, both kinds of
+    """experiments/feature_probe.py still runs: slot targets are right, both kinds of
     features have the expected shapes, and a few probe steps give accuracies."""
     probe = _experiment("feature_probe")
     scene = sw.Scene(
@@ -192,7 +211,7 @@ def test_feature_probe_experiment_reads_features_and_runs():
 
 
 def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
-    """docs/experiments/coca_ceiling.py still runs: it rebuilds the CLIP stage's captioning
+    """experiments/coca_ceiling.py still runs: it rebuilds the CLIP stage's captioning
     decoder from a run's checkpoint (vocabulary included) and scores its greedy captions."""
     from vlm.train import TrainConfig, train
 
@@ -220,7 +239,7 @@ def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
 
 
 class _RuleLM:
-    """A stand-in LM for docs/experiments/lookups.py: reads the text it is given and puts the
+    """A stand-in LM for experiments/lookups.py: reads the text it is given and puts the
     highest logit on what `rule(caption objects, the text's last line)` names."""
 
     def __init__(self, tokenizer, rule):
@@ -249,7 +268,7 @@ def _look_up(objects, line):
 
 
 def test_lookups_experiment_tells_a_lookup_from_a_guess_by_position():
-    """docs/experiments/lookups.py scores an LM that looks every answer up 1.00 everywhere, and
+    """experiments/lookups.py scores an LM that looks every answer up 1.00 everywhere, and
     one that names the first object's attributes 1.00 / 0.00 by object: it can tell the two."""
     experiment = _experiment("lookups")
     pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
@@ -273,107 +292,8 @@ def test_lookups_experiment_tells_a_lookup_from_a_guess_by_position():
     assert real.keys() == right.keys() and all(0.0 <= v <= 1.0 for v in real.values())
 
 
-def test_lm_variants_experiment_starts_from_the_bundles_recipe():
-    """docs/experiments/lm_variants.py: with no text variant it writes the LM's documents of the
-    code's defaults, byte for byte; `desc-first` opens every scene document with its two
-    descriptions (`noun-first` three, one naming each shape before its colour); `drill` asks
-    every colour, shape and size question; the document mask lets a packed document read only
-    itself, and `mask-first` for half the steps; `sin-pos` and `pos-std` start the position
-    embeddings as sinusoids or at a given std."""
-    from vlm.datasets import ShapeWorld
-
-    experiment = _experiment("lm_variants")
-    data = ShapeWorld()
-    assert experiment._texts({"llama"})(data, 300, 4) == data.texts(300, 4)
-    for document in experiment._texts({"desc-first"})(data, 300, 4):
-        lines = document.split("\n")
-        if lines[0].startswith("Caption:") and "Question:" in document:
-            assert lines[1].startswith("Caption:") and lines[2].startswith("Question:")
-    scene = sw.Scene(
-        (sw.Obj("star", "red", "small", 0.2, 0.5), sw.Obj("circle", "blue", "large", 0.7, 0.5))
-    )
-    assert (
-        experiment._shape_first(scene) == "the star is red and small, the circle is blue and large"
-    )
-    extra = experiment._texts({"desc-first", "shape-first"})(data, 300, 4)
-    assert sum("the star is" in d or "the circle is" in d for d in extra) > 50
-    # `noun-first`: each shape right before its colour, in the caption's order
-    assert experiment._noun_first(scene) == "a star red and small left of a circle blue and large"
-    noun_first = 0
-    for document in experiment._texts({"desc-first", "noun-first"})(data, 300, 4):
-        lines = [line.split() for line in document.split("\n")]
-        found = [i for i, w in enumerate(lines) if w[2:3] and w[2] in sw.SHAPES and w[3:4]
-                 and w[3] in sw.COLORS]  # fmt: skip
-        assert found in ([], [0], [1], [2]), document  # once, among the descriptions first
-        noun_first += bool(found)
-    assert noun_first > 150  # every scene document (7 in 10 are)
-    plain = [d.split("\n") for d in data.texts(300, 4)]  # the defaults: questions anywhere
-    assert sum(lines[0].startswith("Question:") for lines in plain) > 30
-    drilled = experiment._texts({"drill"})(data, 300, 4)
-    asked = [
-        sw.question_type(line.split("Question: ")[1].split(" Answer:")[0])
-        for document in drilled
-        for line in document.split("\n")
-        if "Question:" in line
-    ]
-    plain = [sw.question_type(line.split("Question: ")[1].split(" Answer:")[0])
-             for document in data.texts(300, 4) for line in document.split("\n")
-             if "Question:" in line]  # fmt: skip
-    share = lambda kinds: sum(k in ("color", "shape", "size") for k in kinds) / len(kinds)  # noqa: E731
-    assert share(asked) > share(plain) + 0.1
-    tokens = torch.tensor([[5, 6, 0, 7, 8, 0, 9]])  # EOS 0 ends each document
-    mask = experiment._document_mask(tokens, eos=0)[0, 0]
-    assert mask[4].tolist() == [False, False, False, True, True, False, False]
-    assert mask[2].tolist() == [True, True, True, False, False, False, False]
-    # `mask-first`: the mask in the first half of the stage's training steps only
-    seen = []
-
-    def stage(name, module, loss_fn, batches, steps):
-        for _ in range(steps):
-            loss_fn(module, (tokens,))
-        with torch.no_grad():  # validation calls do not count as steps
-            loss_fn(module, (tokens,))
-
-    module = lambda **inputs: seen.append("attention_mask" in inputs)  # noqa: E731
-    module.config = type("Config", (), {"eos_token_id": 0})
-    plain = lambda lm, batch: lm(input_ids=batch[0])  # noqa: E731
-    experiment._masked_run_stage(stage, masked_share=0.5)("lm", module, plain, None, 4)
-    assert seen == [True, True, False, False, False]
-    # `pos-std=X`: position embeddings at random, std X, in place of the default sinusoids
-    tokenizer = _FiftyTokens()
-    size = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
-    wide = experiment._positions(build_lm, 0.3)(tokenizer, **size).transformer.wpe.weight.detach()
-    assert abs(float(wide.std()) - 0.3) < 0.05
-    waves = experiment._positions(build_lm, None)(tokenizer, **size).transformer.wpe.weight
-    assert torch.equal(
-        waves, build_lm(tokenizer, sinusoid_positions=True, **size).transformer.wpe.weight
-    )
-
-
-def test_the_lm_can_start_with_sinusoid_positions_that_one_map_shifts():
-    """factory.build_lm(sinusoid_positions=True): the position embeddings start as sines and
-    cosines of the token embeddings' std, in which one linear map takes every position to the
-    one before it (what a previous-token head needs); GPT-2's random init, the default, has no
-    such map."""
-    tokenizer = _FiftyTokens()
-    size = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64)
-    lm = build_lm(tokenizer, embedding_std=0.1, sinusoid_positions=True, **size)
-    wpe = lm.transformer.wpe.weight.detach()
-    assert torch.equal(wpe, sinusoids(64, 32) * 0.1)
-    assert torch.isclose(wpe.std(), torch.tensor(0.1))
-    assert torch.allclose(wpe[:, 0] / wpe[0, 1], torch.arange(64).float().sin(), atol=1e-5)
-
-    def shift_error(table: torch.Tensor) -> float:  # least-squares map from p to p - 1
-        shift = torch.linalg.lstsq(table[1:], table[:-1]).solution
-        return float((table[1:] @ shift - table[:-1]).norm() / table[:-1].norm())
-
-    assert shift_error(wpe) < 1e-3
-    plain = build_lm(tokenizer, **size).transformer.wpe.weight.detach()
-    assert shift_error(plain) > 0.3
-
-
 def test_text_answers_experiment_scores_the_lm_with_and_without_the_caption():
-    """docs/experiments/text_answers.py still runs, and the bundled LM reads its context: with
+    """experiments/text_answers.py still runs, and the bundled LM reads its context: with
     the caption before the question it answers far more often than from its prior alone."""
     experiment = _experiment("text_answers")
     pipeline = Pipeline.from_pretrained("shapeworld", device="cpu")
@@ -400,7 +320,7 @@ def test_bundled_lm_looks_answers_up_in_its_context():
 
 
 def test_word_probability_experiment_scores_each_attribute_word():
-    """docs/experiments/word_probabilities.py still runs: one probability per attribute word of
+    """experiments/word_probabilities.py still runs: one probability per attribute word of
     the caption, in caption order, with and without the visual prefix, and copying works for
     colours (what the diagnosis contrasts sizes with)."""
     experiment = _experiment("word_probabilities")

@@ -90,7 +90,7 @@ class Blip2ImageEncoder:
         raise UnsupportedTaskError("classify", self.spec.get("model", "BLIP-2"), self.capable)
 
     # the contrastive encoder's API, which BLIP-2 lacks: a clear error, not an AttributeError
-    encode_text = encode_images = encode_pixels = patch_similarity = _no_text_tower
+    encode_text = encode_images = encode_pixels = _no_text_tower
 
 
 class QFormerMapper(nn.Module):

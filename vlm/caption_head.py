@@ -1,6 +1,6 @@
 """CoCa's captioning decoder (Yu et al. 2022) as the CLIP stage trains it beside the
 contrastive loss: a model part that lives only while the encoder trains (and in the stage's
-checkpoints, where docs/experiments/coca_ceiling.py reads it back)."""
+checkpoints, where experiments/coca_ceiling.py reads it back)."""
 
 from __future__ import annotations
 

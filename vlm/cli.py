@@ -126,6 +126,15 @@ def cmd_search(args) -> None:
     _emit(args, rows, lambda r: f"{r['score']:.4f}\t{r['item']}")
 
 
+def cmd_shapeworld_data(args) -> None:
+    from .shapeworld import write_captioned_folder
+
+    if not 1 <= args.n <= 100_000:
+        _fail(f"--n {args.n}: write between 1 and 100000 scenes")
+    written = write_captioned_folder(args.out, args.n, seed=args.seed, size=args.size)
+    print(f"wrote {len(written)} images with captions to {args.out}")
+
+
 def cmd_profile(args) -> None:
     from .calibration import calibration_from_data
     from .data import FileDataset
@@ -170,15 +179,12 @@ def cmd_train(args) -> None:
               ("num_tokens", args.num_tokens)] if v}  # fmt: skip
     if args.reads_prompt is not None:
         mapper["reads_prompt"] = args.reads_prompt
-    if args.writes_words is not None:
-        mapper["writes_words"] = args.writes_words
     if mapper:
         base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
         options["mapper"] = {**base, **mapper}
         if mapper.get("kind") == "mlp":
             options["mapper"] = {k: v for k, v in options["mapper"].items()
-                                 if k in ("kind", "prefix_length", "reads_prompt",
-                                          "writes_words")}  # fmt: skip
+                                 if k in ("kind", "prefix_length", "reads_prompt")}  # fmt: skip
     train(TrainConfig(**options))
 
 
@@ -331,6 +337,19 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--seed", type=int, default=0, help="the training run's seed")
     sub.add_argument("--val-fraction", type=float, help="files: the held-out part")
 
+    sub = commands.add_parser(
+        "shapeworld-data", formatter_class=formatter,
+        help="write a folder of captioned ShapeWorld scenes to train on",
+        description="Write ShapeWorld scenes as PNGs, each with a .txt of two captions in "
+        "everyday words: a folder as `vlm train --data` reads one, to try training on before "
+        "using your own images",
+    )  # fmt: skip
+    sub.set_defaults(func=cmd_shapeworld_data)
+    sub.add_argument("out", help="the folder to write")
+    sub.add_argument("--n", type=int, default=300, help="how many scenes")
+    sub.add_argument("--seed", type=int, default=0, help="which scenes")
+    sub.add_argument("--size", type=int, default=64, choices=[32, 64, 128], help="pixels a side")
+
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     sub = commands.add_parser(
         "train", help="train a model (stages clip, lm, prefix)", formatter_class=formatter,
@@ -395,10 +414,6 @@ def main(argv: list[str] | None = None) -> None:
                        help="transformer mapper: also read the task prompt (the frozen LM's "
                        "hidden states of 'Caption:' or the question), InstructBLIP-style "
                        "(default: on for --size small, the bundle's; off otherwise)")  # fmt: skip
-    parts.add_argument("--writes-words", action=argparse.BooleanOptionalAction,
-                       help="mapper: each prefix vector is a soft word, a softmax over the LM's "
-                       "vocabulary times its input embeddings (default: off; "
-                       "docs/shapeworld.md measures it)")  # fmt: skip
     parts.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute the LM's activations (less memory for big LMs)")  # fmt: skip
     parts.add_argument("--push-to-hub", help="hub repo id to upload the final pipeline to")
@@ -451,10 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--out", help="write scores and every prediction here as JSON")
 
     args = parser.parse_args(argv)
-    from .images import ImageError
-    from .search import IndexLoadError
+    from .errors import VLMError
 
     try:
         args.func(args)
-    except (ImageError, IndexLoadError, FileNotFoundError, ValueError) as error:
+    except (VLMError, FileNotFoundError) as error:  # the user's to fix; anything else is a bug
         _fail(str(error))

@@ -102,19 +102,6 @@ def teacher_lines(scene: sw.Scene, texts: list[str]) -> dict[str, str]:
     return lines
 
 
-def key_lines(scene: sw.Scene, rng: random.Random) -> list[str]:
-    """The scene's caption, then a line of a k-shot list in a *seen* format: "<key><separator>
-    <value>" for each attribute the scene has one value of (one object: colour, shape, size,
-    name and count; more: count). A named key says which attribute it asks for."""
-    kinds = sw.FEW_SHOT_ATTRIBUTES if len(scene.objects) == 1 else ("count",)
-    caption = f"{CAPTION_PROMPT} {sw.describe(scene)}"
-    return [
-        f"{caption}\n{rng.choice(sw.FEW_SHOT_KEYS[kind])}{rng.choice(sw.SEPARATORS)}"
-        f"{sw.attribute(scene, kind)}"
-        for kind in kinds
-    ]
-
-
 class ImagePool(torch.utils.data.Dataset):
     """Rendered images kept in memory as uint8 tensors, each with its candidate texts.
 
@@ -160,18 +147,11 @@ class ShapeWorld:
     few_shot_share: float = 0.3  # of the LM's documents: k-shot lists (Frozen's few-shot)
     # Of the CLIP stage's scenes: colourless views (sw.GREYS) captioned without colour words,
     # so the encoder learns shapes apart from colours. Without them it read the shape of a
-    # held-out combination as the seen shape of the same colour (held_out_probe.py in docs).
+    # held-out combination as the seen shape of the same colour (experiments/held_out_probe.py).
     colourless_share: float = 0.4
     # Of the prefix stage's batches: two (image, text) items a row, so the frozen LM reads a
     # prefix after other text, as in a k-shot list (TrainConfig.prefix_context).
     prefix_context: float = 0.5
-    # Of the prefix stage's images: colourless views (sw.GREYS), captioned without colour words
-    # and asked nothing, so the mapper reads shape apart from colour too (0: none).
-    prefix_colourless_share: float = 0.0
-    # Of the prefix stage's (coloured) images: key lines instead of their texts (`key_lines`),
-    # so the LM after a prefix and its caption reads a k-shot list's format, as a described
-    # k-shot list asks, not a caption's (0: none).
-    prefix_key_lines: float = 0.0
     # Weight of the prefix stage's text teacher (`TrainConfig.prefix_text_teacher`, where the
     # run does not set it): before a question about one object the teacher reads that object's
     # caption alone (`teacher_lines`), so the mapper, which reads the question, learns to show
@@ -248,26 +228,12 @@ class ShapeWorld:
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
         caption half of the time, else one of the scene's Q/A pairs (seen forms only), with
-        the text teacher's line for each question about one object (`teacher_lines`). A share
-        (`prefix_colourless_share`) are colourless views with their colourless caption, another
-        (`prefix_key_lines`) has caption and k-shot lines (`key_lines`)."""
+        the text teacher's line for each question about one object (`teacher_lines`)."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
         texts = [prefix_texts(scene, rng) for scene in scenes]
-        greys: list[int | None] = [None] * n
-        if self.prefix_colourless_share:  # its own draws: the coloured items stay as they were
-            greying = random.Random(f"prefix-grey-{seed}")
-            for i, scene in enumerate(scenes):
-                if greying.random() < self.prefix_colourless_share:
-                    greys[i] = greying.randint(*sw.GREYS)
-                    texts[i] = [f"{CAPTION_PROMPT} {sw.describe(scene, colour=False)}"]
-        if self.prefix_key_lines:  # its own draws too
-            keying = random.Random(f"prefix-keys-{seed}")
-            for i, scene in enumerate(scenes):
-                if keying.random() < self.prefix_key_lines and greys[i] is None:
-                    texts[i] = key_lines(scene, keying)
         teacher = [teacher_lines(s, t) for s, t in zip(scenes, texts, strict=True)]
-        return self._pool(scenes, texts, rng, greys, teacher)
+        return self._pool(scenes, texts, rng, [None] * n, teacher)
 
     def calibration_examples(self, n: int, seed: int) -> list[CalibrationExample]:
         """Held-out training-distribution scenes for a model's calibration (`vlm.calibration`):

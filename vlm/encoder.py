@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .device import autocast, autocast_to
+from .errors import InputError
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
@@ -166,7 +166,7 @@ class Encoder:
         allows them (the CLIP stage trains through this)."""
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
-            raise ValueError("image tokens need a ViT image encoder")
+            raise InputError("image tokens need a ViT image encoder")
         with self._visual_lock:  # open_clip gives tokens only through this shared switch
             visual.output_tokens = True
             try:
@@ -187,13 +187,3 @@ class Encoder:
             features = self.model.encode_text(tokens)
         features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
-
-    @torch.inference_mode()
-    def patch_similarity(self, image: Image.Image, text: str) -> np.ndarray:
-        """Cosine similarity of each ViT patch (projected into the joint space) with `text`,
-        as a [grid, grid] array: a coarse map of where the text matches the image."""
-        _, tokens = self.pooled_and_patches(self.pixels([image]).to(self.device))
-        patches = F.normalize(tokens[0], dim=-1)
-        similarity = patches @ self.encode_text([text])[0]
-        grid = int(round(similarity.numel() ** 0.5))
-        return similarity.reshape(grid, grid).cpu().numpy()

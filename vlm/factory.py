@@ -6,7 +6,6 @@ The trainer starts from these, and the tests build their tiny models with them.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 
 import torch
@@ -75,21 +74,15 @@ def build_lm(
     n_positions: int = 96,
     embedding_std: float = 0.1,
     dropout: float = 0.0,
-    sinusoid_positions: bool = False,
 ) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2-architecture LM sized for `tokenizer`.
 
     Token embeddings start at std `embedding_std`, not GPT-2's 0.02: words that only context can
     tell apart (ShapeWorld's "small" and "large") otherwise drift together before the LM learns
     to copy them, and then it never can (cosine 0.996, each size 50% even right after the same
-    caption; with 0.1, cosine 0.675 and 63-85%: docs/experiments/word_probabilities.py).
+    caption; with 0.1, cosine 0.675 and 63-85%: experiments/word_probabilities.py).
     No dropout by default, as nanoGPT pretrains: with GPT-2's 0.1 the ShapeWorld LM answers
-    relation questions from the caption 0.87 of the time, without it 0.97.
-    `sinusoid_positions`: the position embeddings (still learned) start as sinusoids of the
-    same std (Vaswani et al. 2017), in which one linear map takes every position to the one
-    before it, instead of GPT-2's random 0.02: in ShapeWorld trainings the induction lookup
-    (which shape follows "red"?) then formed 3 times in 3, against about 1 in 3 (docs/
-    shapeworld.md, "Positions that start as sinusoids"; not the bundle's recipe)."""
+    relation questions from the caption 0.87 of the time, without it 0.97."""
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -97,21 +90,7 @@ def build_lm(
     )  # fmt: skip
     lm = GPT2LMHeadModel(config)
     torch.nn.init.normal_(lm.get_input_embeddings().weight, std=embedding_std)  # tied: lm_head too
-    if sinusoid_positions:
-        with torch.no_grad():
-            lm.transformer.wpe.weight.copy_(sinusoids(n_positions, n_embd) * embedding_std)
     return lm
-
-
-def sinusoids(n_positions: int, width: int) -> torch.Tensor:
-    """[n_positions, width] sine and cosine waves of geometric frequencies (Vaswani et al.
-    2017, sines in even and cosines in odd columns), scaled to std 1."""
-    position = torch.arange(n_positions, dtype=torch.float32)[:, None]
-    rates = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
-    waves = torch.zeros(n_positions, width)
-    waves[:, 0::2] = torch.sin(position * rates)
-    waves[:, 1::2] = torch.cos(position * rates)[:, : width // 2]
-    return waves / waves.std()
 
 
 def build_pipeline(
@@ -119,17 +98,11 @@ def build_pipeline(
 ) -> Pipeline:
     """A pipeline around existing encoder and LM with a new mapper between them; `mapper`
     holds PrefixMapper options (kind, prefix_length, …), sized to the encoder and the LM;
-    `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt;
-    `writes_words=True` makes each prefix vector a soft word of the LM's vocabulary."""
+    `reads_prompt=True` sizes it to read the LM's hidden states of the task prompt."""
     options = {"kind": "mlp", "prefix_length": 8, "normalize_input": True, **(mapper or {})}
-    words = lm.get_input_embeddings()
-    lm_dim = words.embedding_dim  # not always hidden_size (OPT-350m)
+    lm_dim = lm.get_input_embeddings().embedding_dim  # not always hidden_size (OPT-350m)
     if options.pop("reads_prompt", False):  # the mapper reads the LM's last hidden states
         options["prompt_dim"] = lm.config.hidden_size
-    if options.pop("writes_words", False):
-        options["vocab_size"] = words.num_embeddings
     mapper = PrefixMapper(clip_dim=encoder.embed_dim, lm_dim=lm_dim, **options)
-    if mapper.writes_words:
-        mapper.set_word_embeddings(words.weight)
     pipeline_config = PipelineConfig(encoder=encoder.spec, mapper=mapper.config, **config)
     return Pipeline(encoder, lm, tokenizer, mapper, pipeline_config, device=device)

@@ -17,9 +17,9 @@ Q-Former does (Dai et al. 2023): the frozen LM's own hidden states of the text t
 the prefix ("Caption:", "Question: what color is the star? Answer:") join the image tokens, so
 the prefix can carry what that task needs. The LM reads them; it is not changed.
 
-And it can write *words* (`vocab_size` > 0): each prefix vector becomes a softmax over the LM's
-vocabulary times a frozen copy of its input embeddings (`word_embeddings`), a soft word the LM
-reads as it reads text.
+Options that were tried and removed are listed in `RETIRED_OPTIONS` at their "off" value: a saved
+config may still name them there (`PrefixMapper.from_config` drops them), and one that sets
+them to anything else needs the older vlm that had the option.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .errors import ConfigError, InputError
+
 MAPPER_KINDS = ("mlp", "transformer")
+
+# Removed options, each at the value that turned it off (what older saved configs hold):
+# `vocab_size` (> 0: each prefix vector a soft word of the LM's vocabulary).
+RETIRED_OPTIONS = {"vocab_size": 0}
 
 
 class _Attention(nn.Module):
@@ -108,30 +114,28 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
         input: str = "embedding",
         num_tokens: int = 0,
         prompt_dim: int = 0,
-        vocab_size: int = 0,
     ):
         super().__init__()
         if kind not in MAPPER_KINDS:
-            raise ValueError(f"unknown mapper kind {kind!r}; expected one of {MAPPER_KINDS}")
+            raise ConfigError(f"unknown mapper kind {kind!r}; expected one of {MAPPER_KINDS}")
         self.config = dict(
             kind=kind, clip_dim=clip_dim, lm_dim=lm_dim, prefix_length=prefix_length,
             hidden_dim=hidden_dim, clip_length=clip_length, num_layers=num_layers,
             num_heads=num_heads, mlp_ratio=mlp_ratio, normalize_input=normalize_input,
-            input=input, num_tokens=num_tokens, prompt_dim=prompt_dim, vocab_size=vocab_size,
+            input=input, num_tokens=num_tokens, prompt_dim=prompt_dim,
         )  # fmt: skip
         if input not in ("embedding", "tokens") or (input == "tokens" and kind != "transformer"):
-            raise ValueError("input='tokens' needs kind='transformer'; else input='embedding'")
+            raise ConfigError("input='tokens' needs kind='transformer'; else input='embedding'")
         if input == "tokens" and num_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"input='tokens' needs num_tokens ≥ 1 (a pipeline's encoder gives its pooled "
                 f"embedding and a grid × grid of patch tokens: 1 + grid²), not {num_tokens}"
             )
         if prompt_dim and kind != "transformer":
-            raise ValueError("prompt_dim > 0 (reading the task prompt) needs kind='transformer'")
+            raise ConfigError("prompt_dim > 0 (reading the task prompt) needs kind='transformer'")
         self.input = input
         self.kind = kind
         self.prompt_dim = prompt_dim
-        self.vocab_size = vocab_size
         self.prefix_length = prefix_length
         self.lm_dim = lm_dim
         self.clip_length = clip_length
@@ -151,23 +155,28 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             if prompt_dim:  # the LM's hidden states of the task prompt, in the mapper's width
                 self.prompt_linear = nn.Linear(prompt_dim, lm_dim)
             self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
-        if vocab_size:  # soft words: a distribution over the vocabulary, times its embeddings
-            self.to_words = nn.Linear(lm_dim, vocab_size)
-            self.register_buffer("word_embeddings", torch.zeros(vocab_size, lm_dim))
+
+    @classmethod
+    def from_config(cls, config: dict) -> PrefixMapper:
+        """The mapper a saved config describes (`self.config`, as `save_pretrained` writes it).
+        A retired option (`RETIRED_OPTIONS`) at its "off" value is dropped; at any other value
+        it is refused (ConfigError), since this vlm cannot build that mapper."""
+        options = dict(config)
+        for key, off in RETIRED_OPTIONS.items():
+            if key not in options:
+                continue
+            value = options.pop(key)
+            if value != off:
+                raise ConfigError(
+                    f"mapper option {key!r} = {value!r}: this option was removed; the model "
+                    f"needs an older vlm (this one reads only {key!r} = {off!r})"
+                )
+        return cls(**options)
 
     @property
     def reads_prompt(self) -> bool:
         """Whether the prefix depends on the task prompt (`prompt_dim` > 0)."""
         return self.prompt_dim > 0
-
-    @property
-    def writes_words(self) -> bool:
-        """Whether each prefix vector is a soft word of the LM's vocabulary (`vocab_size` > 0)."""
-        return self.vocab_size > 0
-
-    def set_word_embeddings(self, embeddings: torch.Tensor) -> None:
-        """Copy the LM's input embeddings [vocab_size, lm_dim], which the soft words mix."""
-        self.word_embeddings.copy_(embeddings.detach())
 
     def forward(
         self,
@@ -179,24 +188,8 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
 
         A mapper that `reads_prompt` also takes the LM's hidden states of each task prompt,
         `prompt` [B, T, prompt_dim], right-padded, with `prompt_mask` [B, T] (True: a token)."""
-        if not self.writes_words:
-            return self._prefix(embedding, prompt, prompt_mask)
-        words = self.word_weights(embedding, prompt, prompt_mask)
-        return words @ self.word_embeddings.to(words.dtype)
-
-    def word_weights(
-        self,
-        embedding: torch.Tensor,
-        prompt: torch.Tensor | None = None,
-        prompt_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A mapper that `writes_words`: each prefix vector's distribution over the LM's
-        vocabulary [B, k, vocab_size], what the prefix says in words."""
-        return self.to_words(self._prefix(embedding, prompt, prompt_mask)).softmax(dim=-1)
-
-    def _prefix(self, embedding, prompt, prompt_mask) -> torch.Tensor:
         if self.reads_prompt and prompt is None:
-            raise ValueError("this mapper reads the task prompt: give prompt (and prompt_mask)")
+            raise InputError("this mapper reads the task prompt: give prompt (and prompt_mask)")
         if self.normalize_input:
             embedding = F.normalize(embedding, dim=-1)
         if self.kind == "mlp":

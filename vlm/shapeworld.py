@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -537,3 +538,42 @@ def few_shot_document(rng: random.Random, caption_prompt: str, split: str = "any
         text = describe(scene) if rng.random() < 0.7 else paraphrase(scene, rng)
         lines += [f"{caption_prompt} {text}", f"{key}{separator}{attribute(scene, kind)}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- a folder of captioned scenes
+
+_HOW_MANY = {1: "one shape", 2: "two shapes", 3: "three shapes"}
+_EVERYDAY_SIZE = {"small": "little", "large": "big"}
+
+
+def everyday_captions(scene: Scene, rng: random.Random) -> list[str]:
+    """Two captions of a scene as someone might write them (not ShapeWorld's canonical
+    sentence), true of it, objects left to right."""
+    things = [f"a {_EVERYDAY_SIZE[o.size]} {o.color} {o.shape}" for o in scene.objects]
+    listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    styles = [
+        f"The picture has {_HOW_MANY[len(things)]}: {listed}.",
+        f"From left to right: {listed}.",
+        f"I drew {listed} on black.",
+        f"{listed[0].upper()}{listed[1:]}, nothing else.",
+    ]
+    return rng.sample(styles, 2)
+
+
+def write_captioned_folder(
+    folder: str | Path, n: int, seed: int = 0, size: int = 64
+) -> list[tuple[Path, Scene]]:
+    """Write `n` scenes as `<i>.png` with a sidecar `<i>.txt` of two `everyday_captions`: a
+    folder as `vlm train --data` reads one, to try training on before your own images.
+    Returns each image's path and scene."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    written = []
+    for i in range(n):
+        scene = sample_scene(rng)
+        path = folder / f"{i:04d}.png"
+        render(scene, size).save(path)
+        path.with_suffix(".txt").write_text("\n".join(everyday_captions(scene, rng)) + "\n")
+        written.append((path, scene))
+    return written

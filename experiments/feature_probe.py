@@ -6,7 +6,7 @@ A small transformer (3 layers, width 96, 9 query tokens) learns to read object k
 time: the tokens the bundle's mapper reads (pooled embedding + its patch grid), or the ViT's full
 8×8 grid after a given block. Accuracy on held-back scenes says what a reader can get out.
 
-    PYTHONPATH=. python docs/experiments/feature_probe.py --features mapper,block4,block2  # ~12 min
+    PYTHONPATH=. python experiments/feature_probe.py --features mapper,block4,block2  # ~12 min
 
 Measured 2026-11-28 on the encoder then shipped, trained without the captioning loss, whose
 mapper read a 4×4 grid (12,000 scenes, 1,500 steps; 64-px renders and block

@@ -6,7 +6,7 @@ the prefix stage for the same steps on the same data:
 
     vlm train shapeworld --out runs/frozen --stages prefix --prefix-steps 1200
     vlm train shapeworld --out runs/tuned --stages prefix --prefix-steps 1200 --finetune-lm
-    PYTHONPATH=. python docs/experiments/frozen_vs_finetuned.py \
+    PYTHONPATH=. python experiments/frozen_vs_finetuned.py \
         runs/frozen/pipeline runs/tuned/pipeline --n 300
 """
 

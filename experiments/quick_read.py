@@ -5,7 +5,7 @@ seen-form question per seen scene and one never-paired phrasing (300 scenes), an
 About 3 minutes a bundle on one core; it put the shipped bundle within 0.4-4 points of its
 `eval shapeworld --n 1000` figures.
 
-    PYTHONPATH=. python docs/experiments/quick_read.py assets/shapeworld runs/x/bundle
+    PYTHONPATH=. python experiments/quick_read.py assets/shapeworld runs/x/bundle
 
 Results: docs/shapeworld.md, "Colourless views and k-shot lines in the prefix stage"."""
 

@@ -9,7 +9,7 @@ word of the true caption (its first token), teacher-forced, in three settings:
 
 Also the cosine similarity of the LM's embeddings of " small" and " large".
 
-    PYTHONPATH=. python docs/experiments/word_probabilities.py        # ~1 min on 2 CPU cores
+    PYTHONPATH=. python experiments/word_probabilities.py        # ~1 min on 2 CPU cores
 
 Measured 2026-11-29 (200 scenes). On the bundle shipped before, whose LM had GPT-2's embedding
 init (std 0.02): with the prefix, colour 0.95-0.98, shape 0.37-0.54, size 0.50 at every

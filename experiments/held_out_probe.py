@@ -11,7 +11,7 @@ the encoder itself entangles them.
 `--prefix` probes the visual prefix instead (the mapper's output, what the frozen LM reads): if
 it names held-out shapes while the captions do not, what fails is the LM's reading of it.
 
-    PYTHONPATH=. python docs/experiments/held_out_probe.py --model runs/shapeworld/pipeline
+    PYTHONPATH=. python experiments/held_out_probe.py --model runs/shapeworld/pipeline
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ every other answer of its type (all colours, all shapes, one/two/three, yes/no, 
 - `caption before`: "Caption: <describe(scene)>\\nQuestion: … Answer:";
 - `no context`: "Question: … Answer:" alone (the LM's prior; chance for most types).
 
-    PYTHONPATH=. python docs/experiments/text_answers.py --lm assets/shapeworld/lm   # ~1 min
+    PYTHONPATH=. python experiments/text_answers.py --lm assets/shapeworld/lm   # ~1 min
 
 Measured 2026-11-29 (400 scenes, 4 questions each). The LM shipped before, with the caption
 before: colour 0.73, shape 0.81, count 1.00, existence 0.51, size 0.86, relation 0.87; split by

@@ -7,7 +7,7 @@ trained with the encoder instead of after it: its greedy captions, exact-matched
 with `describe` on fresh scenes, say roughly how much a mapper could get out of that encoder.
 Given a bundle too, its captions of the same scenes are scored beside.
 
-    PYTHONPATH=. python docs/experiments/coca_ceiling.py --run runs/shapeworld \\
+    PYTHONPATH=. python experiments/coca_ceiling.py --run runs/shapeworld \\
         --bundle assets/shapeworld                        # ~2 min on 2 CPU cores
 
 Measured 2026-11-29 (600 scenes, seed 4321; one-layer decoder). With the captioning loss at

@@ -12,14 +12,15 @@ On two-object scenes whose objects differ in colour, shape and size, as text (no
   paraphrase after a caption asks for, right when the true word beats the other four
   shapes / nine colours.
 
-    PYTHONPATH=. python docs/experiments/lookups.py --lm assets/shapeworld/lm   # ~20 s
+    PYTHONPATH=. python experiments/lookups.py --lm assets/shapeworld/lm   # ~20 s
 
 Measured 2026-12-01 (seed 7, 200 scenes) on the bundle's LM and on the LM-stage trainings of
-`lm_variants.py` (docs/shapeworld.md, "Why the lookups do not form"): the bundle's LM binds
-colour 0.73 / 0.28 and shape 0.73 / 0.28 (first / second object), that is by position, not
-by lookup, and copies neither (0.54, 0.54). Shape binding read 1.00 / 1.00 in exactly the two
-trainings that copied the shape (0.99-1.00); no training bound colour. Only a document mask
-made copying the colour dependable (1.00 in both GPT-2 trainings, 0.51-0.55 without it).
+the retired `lm_variants.py` (experiments/README.md; results: docs/shapeworld-lab.md, "Why
+the lookups do not form"): the bundle's LM binds colour 0.73 / 0.28 and shape 0.73 / 0.28
+(first / second object), that is by position, not by lookup, and copies neither (0.54,
+0.54). Shape binding read 1.00 / 1.00 in exactly the two trainings that copied the shape
+(0.99-1.00); no training bound colour. Only a document mask made copying the colour
+dependable (1.00 in both GPT-2 trainings, 0.51-0.55 without it).
 """
 
 from __future__ import annotations

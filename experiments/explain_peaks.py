@@ -4,10 +4,10 @@ On fresh ShapeWorld scenes of two or three objects, each object gets up to three
 name it alone in its scene: its colour and shape ("red circle"), its shape ("the star") or its
 colour ("something red"). A map "hits" when the object whose centre is nearest its peak cell is
 the named one (chance: 1/2 or 1/3). Compares the patch–text cosine the demo showed before
-(`Encoder.patch_similarity`), the map of covered windows shown next, and the map of each
-window alone it shows now (`Pipeline.explain`).
+(`patch_cosine` here: each ViT patch token against the text), the map of covered windows shown
+next, and the map of each window alone it shows now (`Pipeline.explain`).
 
-    PYTHONPATH=. python docs/experiments/explain_peaks.py --n 200 --seed 7
+    PYTHONPATH=. python experiments/explain_peaks.py --n 200 --seed 7
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
@@ -35,7 +36,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     scenes = [sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(args.n)]
     methods = {
-        "patch-text cosine (first)": pipeline.encoder.patch_similarity,
+        "patch-text cosine (first)": partial(patch_cosine, pipeline.encoder),
         "windows covered (second)": partial(pipeline.explain, keep=False),
         "each window alone (now)": pipeline.explain,
     }
@@ -46,6 +47,16 @@ def main() -> None:
     print("one object, its shape picked from texts of every shape (what the map can show):")
     print(f"  'the <shape>' {shape_text_accuracy(pipeline, alone, 'the {}'):.1%}", end="  ")
     print(f"'<colour> <shape>', best colour {shape_text_accuracy(pipeline, alone, None):.1%}")
+
+
+@torch.inference_mode()
+def patch_cosine(encoder, image, text: str) -> np.ndarray:
+    """The first map the demo showed: the cosine of each ViT patch token (projected into the
+    joint space) with the text's embedding, as a [grid, grid] array."""
+    _, tokens = encoder.pooled_and_patches(encoder.pixels([image]).to(encoder.device))
+    similarity = F.normalize(tokens[0], dim=-1) @ encoder.encode_text([text])[0]
+    grid = int(round(similarity.numel() ** 0.5))
+    return similarity.reshape(grid, grid).cpu().numpy()
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ the trainer runs it: the LM is frozen, only the text after the task prompt is sc
 oracle's captions are far better than the bundle's, the encoder's features are what limits the
 bundle; if they are as poor, the LM is.
 
-    PYTHONPATH=. python docs/experiments/oracle_prefix.py --steps 3000     # ~9 min on 2 CPU cores
+    PYTHONPATH=. python experiments/oracle_prefix.py --steps 3000     # ~9 min on 2 CPU cores
 
 Measured 2026-11-28 with the shipped LM (3,000 steps, 300 fresh scenes): captions 94.0% exact
 (one object 100%, two 100%, three 80.9%), VQA 77.7%, against 45.3% / 68.8% for the shipped
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import random
 
 import torch
@@ -29,9 +30,17 @@ from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
 from vlm.prompts import question_prompt
 from vlm.text_batches import split_prompt, texts_tensor
-from vlm.train import _schedule, prefix_loss
+from vlm.train import prefix_loss
 
 FEATURES = len(sw.SHAPES) + len(sw.COLORS) + len(sw.SIZES) + 2  # one-hots, then x and y
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The trainer's learning-rate factor: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def scene_tokens(scene: sw.Scene) -> torch.Tensor:
@@ -56,7 +65,7 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
     mapper = PrefixMapper(**options)
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=1e-3, weight_decay=0.05)
     warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
     rng = random.Random(f"oracle-{seed}")
     for step in range(steps):
         scenes = [sw.sample_scene(rng) for _ in range(batch_size)]
@@ -77,10 +86,11 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
 
 def greedy(pipeline: Pipeline, prefix: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
     """What the frozen LM writes after the prefix and the prompt: the pipeline's own decoding
-    (greedy, up to its stop string), normalised as `eval shapeworld` does."""
+    (greedy, up to its stop string; a prefix tensor is read as a part of the sequence, as
+    `describe_images` leaves them), normalised as `eval shapeworld` does."""
     with torch.no_grad():
-        sequence = pipeline._embed_parts([prefix[0], prompt])
-    return normalize_caption(pipeline._generate([sequence], max_new_tokens=max_new_tokens)[0])
+        written = pipeline.continue_sequence([prefix[0], prompt], max_new_tokens=max_new_tokens)
+    return normalize_caption(written)
 
 
 def evaluate_oracle(pipeline: Pipeline, mapper: PrefixMapper, n: int = 300) -> dict:
