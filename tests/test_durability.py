@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_app import pinned_env
 
 from vlm.search import MANIFEST, IndexLoadError, SearchIndex
 
@@ -84,8 +85,7 @@ def test_a_save_killed_midway_leaves_a_loadable_index(trained, saved_pipeline, s
     folder, before = saved_index
     old_files = set(snapshot(folder))
     ready = tmp_path / "ready"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VLM_DEVICE": "cpu",
-           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # fmt: skip
+    env = pinned_env(tmp_path, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(saved_pipeline), str(folder), str(ready), point],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

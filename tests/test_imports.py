@@ -70,3 +70,29 @@ def test_find_cycle_finds_a_deep_circle():
 def test_no_module_in_vlm_imports_one_that_imports_it_back():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_importing_the_library_changes_nothing_process_wide():
+    """`import vlm` and every module in it leave Pillow's global limit, the warning filters
+    and the torch thread count as the application had them (the libraries it builds on are
+    imported first: what they change on import is theirs)."""
+    import subprocess
+    import sys
+
+    modules = sorted(MODULES)
+    child = (
+        "import warnings, torch, transformers, open_clip, faiss, accelerate, safetensors\n"
+        "import scipy.special, scipy.sparse\n"
+        "from PIL import Image\n"
+        "Image.MAX_IMAGE_PIXELS = 123\n"
+        "before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters), torch.get_num_threads())\n"
+        f"for name in {modules!r}:\n"
+        "    __import__('vlm.' + name)\n"
+        "after = (Image.MAX_IMAGE_PIXELS, list(warnings.filters), torch.get_num_threads())\n"
+        "print(before == after, before[0], after[0], after[2])\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(VLM.parent), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                            env=env, cwd=VLM.parent, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "True", result.stdout

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import CAPTIONS, COLOR_QUESTION
 from gradio_client import Client, handle_file
-from test_app import start_app
+from test_app import pinned_env, start_app
 from test_data import scenes, write_dataset
 
 from vlm import Pipeline
@@ -350,9 +350,9 @@ def test_accelerate_launch_two_processes_on_cpu(coco, saved_pipeline, tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm",
         *train_args(coco, out, saved_pipeline, "--prefix-steps", "6"),
     ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "VLM_DEVICE": "cpu"}
+    env = pinned_env(tmp_path, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**__import__("os").environ, **env})  # fmt: skip
+                            env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = log_rows(out)
     assert [r["step"] for r in rows] == [0, 5] and all(r["processes"] == 2 for r in rows)

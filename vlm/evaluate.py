@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import random
 import sys
 from collections import defaultdict
@@ -27,9 +28,12 @@ from PIL import Image, ImageDraw
 from . import shapeworld as sw
 from .calibration import expected_calibration_error, right_words
 from .data import BadRows, group_by_image
+from .errors import InputError, SequenceTooLong
 from .images import ImageError
 from .metrics import caption_scores, normalize_answer, recall_at_k
 from .visualize import peak_centre
+
+log = logging.getLogger("vlm.evaluate")
 
 PERTURBATIONS = ("clean", "jpeg50", "resize224")
 # the generalisation issue's targets (fresh scenes, --n 1000)
@@ -413,6 +417,7 @@ def peak_hits(explain, images, scenes: list[sw.Scene]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- few-shot
 
 FEW_SHOT_EVAL = ("color", "shape", "size")
+ATTRIBUTE_VALUES = {"color": set(sw.COLORS), "shape": set(sw.SHAPES), "size": set(sw.SIZES)}
 # the formats measured: a seen key with ": ", and a key never read in training (with a
 # separator also never read, half of the time)
 HELD_OUT_FORMAT_KEYS = {"color": "Hue", "shape": "Form", "size": "Scale"}
@@ -454,6 +459,9 @@ def evaluate_few_shot(
     `few_shot_described_*`: the same lists with each image followed by the model's own caption
     (`describe=True`); `few_shot_text_*`: each scene written as its true caption line instead
     of its image — the gaps to it are how well the prefix stands in for words.
+    `few_shot_blind_<format>_<k>shot`: what a guesser that never looks at an image scores on
+    the same lists, picking at random among the values the examples don't show (the query's
+    value is never among them): the floor any of the above must beat to have read the image.
     `contexts`: which of the three to run (the text lists do not change with `perturbation`);
     `shots`: which k."""
     if "caption" not in getattr(pipeline, "tasks", {"caption"}):  # nothing to describe with
@@ -464,7 +472,10 @@ def evaluate_few_shot(
         by_k[task[2]].append(i)
     batches = [group[s : s + batch_size] for group in by_k.values()
                for s in range(0, len(group), batch_size)]  # fmt: skip
-    hits: dict[str, list[bool]] = defaultdict(list)
+    hits: dict[str, list[float]] = defaultdict(list)
+    for attribute, fmt, k, examples, _, _, _ in tasks:
+        unshown = ATTRIBUTE_VALUES[attribute] - {sw.attribute(e, attribute) for e in examples}
+        hits[f"few_shot_blind_{fmt}_{k}shot"].append(1 / len(unshown))
     for context in contexts:
         lists = []
         for attribute, _, _, examples, query, key, separator in tasks:
@@ -483,7 +494,9 @@ def evaluate_few_shot(
                 outputs = pipeline.continue_sequences(
                     [lists[i] for i in chunk], max_new_tokens=4, describe=context == "described"
                 )
-            except ValueError:  # longer than the LM reads (k too large for it): not measured
+            except SequenceTooLong:  # longer than the LM reads (k too large for it): not measured
+                log.warning("few-shot %s lists of %d shots are too long for this LM: not measured",
+                            context, tasks[chunk[0]][2])  # fmt: skip
                 continue
             for i, output in zip(chunk, outputs, strict=True):
                 attribute, fmt, k, _, query, _, _ = tasks[i]
@@ -569,7 +582,7 @@ def evaluate_captions(
         print(bad.report(), file=sys.stderr)
     examples = kept
     if not examples:
-        raise ValueError("no readable image with captions to evaluate on")
+        raise InputError("no readable image with captions to evaluate on")
     references = {str(i): e.captions for i, e in enumerate(examples)}
     scores, notes = caption_scores(references, predictions)
     cut = hit_limit(pipeline, list(predictions.values()), max_new_tokens)
@@ -607,7 +620,7 @@ def evaluate_zeroshot(pipeline, folder, batch_size: int = 64) -> dict:
     items = [(path, label) for c, label in zip(classes, labels, strict=True)
              for path in list_images([c])]  # fmt: skip
     if len(labels) < 2 or not items:
-        raise ValueError(f"{folder}: expected one subfolder of images per class (two or more)")
+        raise InputError(f"{folder}: expected one subfolder of images per class (two or more)")
     per_class: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -640,7 +653,7 @@ def evaluate_vqa(
     if bad:
         print(bad.report(len(rows) + len(bad)), file=sys.stderr)
     if not rows:
-        raise ValueError("no readable image with a question to evaluate on")
+        raise InputError("no readable image with a question to evaluate on")
     notes = []
     cut = hit_limit(pipeline, [row["answer"] for row in rows], max_new_tokens)
     if cut:

@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
+
 # Refuse images whose header claims more pixels than this before decoding them (decompression
-# bombs). 64 MP covers any camera photo; override with VLM_MAX_IMAGE_PIXELS.
+# bombs). 64 MP covers any camera photo; override with VLM_MAX_IMAGE_PIXELS. Pillow's own guard
+# (`Image.MAX_IMAGE_PIXELS`, a process-wide setting left as the application set it) stays a
+# second line of defence: it refuses what claims more than twice its limit as it opens.
 MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own guard, as a second line of defence
 
 # The most any task needs of an image: the encoders read at most 448 px and Explain's overlay
 # is shown at about 1024. An image whose shorter side is at least twice this is reduced by a
@@ -35,7 +38,7 @@ HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An input that is not a usable image; the message says why, for the user."""
 
 
