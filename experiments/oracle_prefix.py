@@ -29,8 +29,8 @@ from vlm.datasets import prefix_texts
 from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
 from vlm.prompts import question_prompt
-from vlm.text_batches import split_prompt, texts_tensor
-from vlm.train import prefix_loss
+from vlm.sequences import prefix_loss
+from vlm.text_batches import split_prompt
 
 FEATURES = len(sw.SHAPES) + len(sw.COLORS) + len(sw.SIZES) + 2  # one-hots, then x and y
 
@@ -71,7 +71,7 @@ def train_oracle(pipeline: Pipeline, steps: int, batch_size: int = 128, seed: in
         scenes = [sw.sample_scene(rng) for _ in range(batch_size)]
         texts = [split_prompt(rng.choice(prefix_texts(s, rng)), pipeline.config) for s in scenes]
         prompts, targets = [p for p, _ in texts], [t for _, t in texts]
-        tokens, labels = texts_tensor(pipeline.tokenizer, targets, "cpu", prompts)
+        tokens, labels = pipeline.sequences.training_rows(targets, prompts, device="cpu")
         loss = prefix_loss(pipeline.lm, mapper(torch.stack([scene_tokens(s) for s in scenes])),
                            tokens, labels)  # fmt: skip
         optimizer.zero_grad()

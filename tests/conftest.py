@@ -21,8 +21,9 @@ from accelerate import Accelerator  # noqa: E402
 
 from vlm import shapeworld as sw  # noqa: E402
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer  # noqa: E402
-from vlm.text_batches import pack_texts, texts_tensor  # noqa: E402
-from vlm.train import SIZES, TrainConfig, prefix_loss, run_stage  # noqa: E402
+from vlm.sequences import prefix_loss  # noqa: E402
+from vlm.text_batches import pack_texts  # noqa: E402
+from vlm.train import SIZES, TrainConfig, run_stage  # noqa: E402
 
 # Three scenes the tiny models learn to tell apart, with their captions and Q/A.
 SCENES = {
@@ -97,7 +98,7 @@ def trained(tmp_path_factory, images):
     features = encoder.encode_images(list(images.values()))
     pairs = [(i, t) for i, c in enumerate(CAPTIONS) for t in (caption_text(c), qa_text(c))]
     rows = torch.tensor([i for i, _ in pairs])
-    p_tokens, p_labels = texts_tensor(tokenizer, [t for _, t in pairs], "cpu")
+    p_tokens, p_labels = pipeline.sequences.training_rows([t for _, t in pairs], device="cpu")
     pipeline.mapper = run_stage(
         "prefix", pipeline.mapper.requires_grad_(True),
         lambda m, _: prefix_loss(pipeline.lm, m(features[rows]), p_tokens, p_labels),

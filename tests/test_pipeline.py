@@ -10,6 +10,7 @@ from conftest import CAPTIONS, COLOR_QUESTION
 
 from vlm import Pipeline
 from vlm.mapper import PrefixMapper
+from vlm.sequences import Sequences
 
 
 def test_prefix_shape(trained, images):
@@ -119,15 +120,15 @@ def test_describing_writes_only_the_caption_lines_that_fit(trained, images, monk
     with room for none the list is read bare; too long even bare is the usual error."""
     names = list(images)
     parts = [images[names[0]], "Shape: circle\n", images[names[1]], "Shape:"]
-    bare = len(trained._embed_parts(parts))
+    bare = len(trained.embed(parts))
     lines = [p for p in trained.describe_images([parts])[0] if str(p).startswith("Caption:")]
     query_line = len(trained._token_ids(lines[1]))
     for limit, kept in ((bare + 1, []), (bare + 1 + query_line, [lines[1]])):
-        monkeypatch.setattr(Pipeline, "max_positions", property(lambda self, n=limit: n))
+        monkeypatch.setattr(Sequences, "max_positions", property(lambda self, n=limit: n))
         described = trained.describe_images([parts], fit=True)[0]
         assert [p for p in described if isinstance(p, str) and p.startswith("Caption:")] == kept
         trained.continue_sequence(parts, max_new_tokens=1, describe=True)  # fits: no error
-    monkeypatch.setattr(Pipeline, "max_positions", property(lambda self: bare))
+    monkeypatch.setattr(Sequences, "max_positions", property(lambda self: bare))
     with pytest.raises(ValueError, match="too long"):
         trained.continue_sequence(parts, max_new_tokens=1, describe=True)
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import vlm.train
-from vlm.text_batches import texts_tensor
-from vlm.train import TrainConfig, prefix_loss, train
+from vlm.sequences import prefix_loss
+from vlm.train import TrainConfig, train
 
 
 def tiny_lm() -> GPT2LMHeadModel:
@@ -56,8 +56,9 @@ def test_context_rows_are_one_unpadded_sequence_scored_on_both_items():
 def test_a_context_item_ends_its_line_without_eos(saved_pipeline):
     from vlm import Pipeline
 
-    tokenizer = Pipeline.from_pretrained(saved_pipeline, device="cpu").tokenizer
-    tokens, labels = texts_tensor(tokenizer, [" a red square\n"], "cpu", ["Caption:"], eos=False)
+    pipeline = Pipeline.from_pretrained(saved_pipeline, device="cpu")
+    tokenizer = pipeline.tokenizer
+    tokens, labels = pipeline.sequences.training_rows([" a red square\n"], ["Caption:"], eos=False)
     ids = tokenizer("Caption: a red square\n", add_special_tokens=False)["input_ids"]
     assert tokens[0].tolist() == ids and tokenizer.eos_token_id not in labels[0].tolist()
     scored = [i for i in labels[0].tolist() if i != -100]

@@ -87,7 +87,7 @@ def lm_probabilities(pipeline, image, token_ids) -> torch.Tensor:
     """The LM's own next-token distributions [n, V] along a caption: the prefix, the prompt,
     then each token, read by one forward pass."""
     prefix = pipeline.prefix([image])[0]
-    sequence = pipeline._embed_parts([prefix, pipeline.config.caption_prompt])
+    sequence = pipeline.embed([prefix, pipeline.config.caption_prompt])
     table = pipeline.lm.get_input_embeddings()
     embeds = torch.cat([sequence, table(torch.tensor(token_ids))])[None]
     with torch.inference_mode():

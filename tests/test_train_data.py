@@ -296,13 +296,13 @@ def sw_image():
 def test_gradient_checkpointing_gives_the_same_gradients(trained):
     from transformers import AutoModelForCausalLM
 
-    from vlm.text_batches import texts_tensor
-    from vlm.train import _checkpoint_layers, prefix_loss
+    from vlm.sequences import prefix_loss
+    from vlm.train import _checkpoint_layers
 
     pipeline = trained
     lm = AutoModelForCausalLM.from_config(pipeline.lm.config).eval().requires_grad_(False)
     lm.load_state_dict(pipeline.lm.state_dict())
-    tokens, labels = texts_tensor(pipeline.tokenizer, ["a large red square"], "cpu", ["Caption:"])
+    tokens, labels = pipeline.sequences.training_rows(["a large red square"], ["Caption:"])
     features = pipeline.image_features([sw_image()])
 
     def gradients(model):

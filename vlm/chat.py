@@ -105,7 +105,7 @@ def conversation(pipeline, messages: Sequence[dict], max_new_tokens: int) -> Con
             parts.append(prompt)
             if turn.reply is not None:
                 parts.append(f" {turn.reply}\n")
-        length = len(pipeline._embed_parts(parts))
+        length = len(pipeline.embed(parts))
         if length + max_new_tokens <= pipeline.max_positions:
             return Conversation(parts, dropped)
     raise ChatError(

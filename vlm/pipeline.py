@@ -34,7 +34,7 @@ from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
-from .errors import ConfigError, InputError, SequenceTooLong
+from .errors import ConfigError, InputError
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
@@ -43,6 +43,7 @@ from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
 from .prompts import question_prompt
 from .search import SearchIndex
+from .sequences import Sequences
 from .streaming import Generated, TextStream, token_ends, word_spans
 from .tasks import UnsupportedTaskError, task_set
 
@@ -236,79 +237,33 @@ class Pipeline:
         """The frozen LM's last hidden states of each prompt on its own [B, T, d] (float,
         right-padded) and which are tokens [B, T]: what a mapper that `reads_prompt` takes in.
         Without autograd, not inference mode, so the prefix stage can train on them."""
-        ids = [self._token_ids(p.strip()) or [self.tokenizer.eos_token_id] for p in prompts]
-        length = max(len(i) for i in ids)
-        self._room(length, need=0)  # past the LM's positions: a clear error, not an IndexError
-        tokens = torch.zeros(len(ids), length, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(ids), length, dtype=torch.bool, device=self.device)
-        for row, i in enumerate(ids):
-            tokens[row, : len(i)] = torch.tensor(i, device=self.device)
-            mask[row, : len(i)] = True
+        tokens, mask = self.sequences.prompt_tokens(prompts)
         out = self.lm(input_ids=tokens, attention_mask=mask.long(), output_hidden_states=True)
         return out.hidden_states[-1].float(), mask
 
     # ------------------------------------------------------------------ text through the LM
 
+    @property
+    def sequences(self) -> Sequences:
+        """How this pipeline's LM reads prefixes and text (`vlm.sequences`), shared with the
+        trainer."""
+        return Sequences(self.lm, self.tokenizer, self.config.bos_after_image)
+
     def _token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.sequences.token_ids(text)
 
-    def _embed_parts(self, parts: Sequence[Part | torch.Tensor]) -> torch.Tensor:
-        """One sequence of LM input embeddings [L, d] from images, prefixes and text.
-
-        With `config.bos_after_image` (BLIP-2), the text right after an image is tokenized
-        with the tokenizer's special tokens, as `Blip2Processor` writes it (OPT's tokenizer
-        starts it with BOS, another may not), and an image with no text after it is followed
-        by the LM's BOS, as `Blip2ForConditionalGeneration.generate` starts a caption."""
-        table = self.lm.get_input_embeddings()
-        special = self.config.bos_after_image
-        bos = getattr(self.lm.config, "bos_token_id", None)
-        bos = self.tokenizer.bos_token_id if bos is None else bos
-        pieces, after_image = [], False
-        for part in parts:
-            if isinstance(part, str):
-                if part:
-                    marked = special and after_image
-                    ids = self.tokenizer(part, add_special_tokens=marked)["input_ids"]
-                    pieces.append(table(torch.tensor(ids, device=self.device)))
-                    after_image = False
-                continue
-            if special and after_image:  # two images in a row: the first one's BOS
-                pieces.append(table(torch.tensor([bos], device=self.device)))
-            if isinstance(part, torch.Tensor):
-                pieces.append(part.to(self.device, table.weight.dtype))
-            else:
-                pieces.append(self.prefix([part])[0].to(table.weight.dtype))
-            after_image = True
-        if special and after_image:
-            pieces.append(table(torch.tensor([bos], device=self.device)))
-        return torch.cat(pieces)
-
-    def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack [L_i, d] embeddings into [B, L, d] padded on the left, plus attention mask."""
-        length = max(s.shape[0] for s in sequences)
-        embeds = sequences[0].new_zeros(len(sequences), length, sequences[0].shape[1])
-        mask = torch.zeros(len(sequences), length, dtype=torch.long, device=self.device)
-        for i, s in enumerate(sequences):
-            embeds[i, length - s.shape[0] :] = s
-            mask[i, length - s.shape[0] :] = 1
-        return embeds, mask
+    def embed(self, parts: Sequence[Part | torch.Tensor]) -> torch.Tensor:
+        """One sequence of LM input embeddings [L, d] from images, prefixes [k, d] and text,
+        in order (see `vlm.sequences.Sequences.embed`)."""
+        return self.sequences.embed(parts, lambda image: self.prefix([image])[0])
 
     @property
     def max_positions(self) -> int:
         """How many positions the LM reads (the size of its position table; 2**30 if none)."""
-        return getattr(self.lm.config, "max_position_embeddings", None) or 1 << 30
+        return self.sequences.max_positions
 
     def _room(self, length: int, need: int = 1) -> int:
-        """How many more tokens the LM can read after `length` (`max_positions`), or a clear
-        error if fewer than `need`. Going past it fails with an IndexError, on a GPU with a
-        device-side assert that breaks every later request."""
-        limit = self.max_positions
-        if length + need > limit:
-            raise SequenceTooLong(
-                f"the text is too long for this model: {length} tokens with the image prefix; "
-                f"it reads at most {limit}"
-            )
-        return limit - length
+        return self.sequences.room(length, need)
 
     def _trim(self, text: str) -> str:
         for stop in self.config.stop:  # keep the stop string itself, as ClipCap does
@@ -348,7 +303,7 @@ class Pipeline:
         top_p: float = 1.0,
     ) -> dict:
         """`lm.generate`'s arguments, the same whether the text is streamed or not."""
-        embeds, mask = self._left_pad(sequences)
+        embeds, mask = self.sequences.left_pad(sequences)
         max_new_tokens = min(max_new_tokens, self._room(embeds.shape[1]))
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
         return dict(
@@ -373,33 +328,13 @@ class Pipeline:
     def _continuation_logits(
         self, sequences: list[torch.Tensor], ids: list[list[int]]
     ) -> list[torch.Tensor]:
-        """Teacher-forced: each sequence followed by its token ids through the LM at once;
-        for each, the LM's logits [n_i, V] (float) at each of those tokens (the position
-        before a token predicts it)."""
-        table = self.lm.get_input_embeddings()
-        full = [
-            torch.cat([s, table(torch.tensor(i, dtype=torch.long, device=self.device))])
-            for s, i in zip(sequences, ids, strict=True)
-        ]
-        embeds, mask = self._left_pad(full)
-        self._room(embeds.shape[1], need=0)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self._decode_autocast():
-            logits = self.lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions
-            ).logits
-        length = logits.shape[1]
-        return [logits[row, length - len(i) - 1 : length - 1].float() for row, i in enumerate(ids)]
+        """The LM's logits at each of `ids` after its sequence (`Sequences.continuation_logits`)."""
+        return self.sequences.continuation_logits(sequences, ids, self._decode_autocast)
 
     @torch.inference_mode()
     def _score(self, sequences: list[torch.Tensor], continuations: list[str]) -> torch.Tensor:
         """Sum of the LM's log-probabilities of each continuation after its sequence."""
-        ids = [self._token_ids(c) for c in continuations]
-        scores = []
-        for logits, token_ids in zip(self._continuation_logits(sequences, ids), ids, strict=True):
-            target = torch.tensor(token_ids, device=self.device)
-            scores.append(logits.log_softmax(-1).gather(1, target[:, None]).sum())
-        return torch.stack(scores)
+        return self.sequences.score(sequences, continuations, self._decode_autocast)
 
     # ------------------------------------------------------------------ how sure it is
 
@@ -503,7 +438,7 @@ class Pipeline:
         for start in range(0, len(images), batch_size):
             pixels = self.encoder.pixels(images[start : start + batch_size])
             prefixes = self._prefix_from_pixels(pixels, [prompt] * len(pixels))
-            sequences = [self._embed_parts([p, prompt]) for p in prefixes]
+            sequences = [self.embed([p, prompt]) for p in prefixes]
             ids = [self._token_ids(space + t) for t in texts[start : start + batch_size]]
             rows = self._read(sequences, ids, self._check_embeddings(pixels, check), str.strip)
             readings += [words for _, words, _ in rows]
@@ -574,7 +509,7 @@ class Pipeline:
                 captions += self._caption_prefixes(self.prefix(chunk), batch_size, **decoding)
                 continue
             pixels = self.encoder.pixels(chunk)
-            sequences = [self._embed_parts([p, self.config.caption_prompt])
+            sequences = [self.embed([p, self.config.caption_prompt])
                          for p in self._prefix_from_pixels(pixels)]  # fmt: skip
             ids = self._generate_ids(sequences, **decoding)
             embeddings = self._check_embeddings(pixels, calibration)
@@ -588,7 +523,7 @@ class Pipeline:
         captions: list[str] = []
         for start in range(0, len(prefixes), batch_size):
             chunk = prefixes[start : start + batch_size]
-            sequences = [self._embed_parts([p, self.config.caption_prompt]) for p in chunk]
+            sequences = [self.embed([p, self.config.caption_prompt]) for p in chunk]
             captions += self._generate(sequences, **decoding)
         return captions
 
@@ -598,7 +533,7 @@ class Pipeline:
         `caption([image], **decoding)[0]`. The image is encoded before this returns; the LM
         then runs in a background thread."""
         pixels = self.encoder.pixels(self._images(image))
-        sequence = self._embed_parts([self._prefix_from_pixels(pixels)[0],
+        sequence = self.embed([self._prefix_from_pixels(pixels)[0],
                                       self.config.caption_prompt])  # fmt: skip
         calibration = self._calibration(OWN)
         confidence = self._confidence(
@@ -642,7 +577,7 @@ class Pipeline:
         talk = messages
         if not isinstance(talk, Conversation):
             talk = conversation(self, messages, max_new_tokens)
-        sequence = self._embed_parts(talk.parts)
+        sequence = self.embed(talk.parts)
         confidence = self._confidence(sequence, None, self._calibration(OWN), "answer")
         return self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
 
@@ -656,7 +591,7 @@ class Pipeline:
         for prompt in prompts:  # before any image is encoded or prompt read
             self._room(self.mapper.prefix_length + len(self._token_ids(prompt)))
         prefixes = self.prefix(images, prompts)
-        return [self._embed_parts([p, q]) for p, q in zip(prefixes, prompts, strict=True)]
+        return [self.embed([p, q]) for p, q in zip(prefixes, prompts, strict=True)]
 
     def answer(
         self,
@@ -746,7 +681,7 @@ class Pipeline:
         for parts, indices in zip(sequences, wanted, strict=True):
             lines = {i: f"{prompt}{next(captions)}\n" for i in indices}
             if fit:
-                room = self.max_positions - 1 - len(self._embed_parts(parts))
+                room = self.max_positions - 1 - len(self.embed(parts))
                 for i in sorted(lines, reverse=True):
                     room -= len(self._token_ids(lines[i]))
                     if room < 0:  # this line and every earlier one are left out
@@ -765,11 +700,11 @@ class Pipeline:
         return [[next(prefixes) if _is_image(p) else p for p in parts] for parts in sequences]
 
     def _embed_sequences(self, sequences, describe: bool) -> list[torch.Tensor]:
-        """`_embed_parts` of each interleaved sequence, with `describe` described first as far
+        """`embed` of each interleaved sequence, with `describe` described first as far
         as the LM's positions leave room."""
         if describe:
             sequences = self.describe_images(sequences, fit=True)
-        return [self._embed_parts(parts) for parts in sequences]
+        return [self.embed(parts) for parts in sequences]
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's

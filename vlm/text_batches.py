@@ -1,6 +1,6 @@
 """Text as the trainer feeds it to the LM: documents packed into blocks with their answer
-tokens marked (the LM stage), and (prompt, target) rows after a visual prefix (the prefix
-stage), where only the target is scored."""
+tokens marked (the LM stage), and the (prompt, target) split of a prefix-stage text (whose
+rows `vlm.sequences.Sequences.training_rows` builds)."""
 
 from __future__ import annotations
 
@@ -21,25 +21,6 @@ def split_prompt(text: str, config) -> tuple[str, str]:
         cut = text.rindex(cue) + len(cue)
         return text[:cut], text[cut:]
     return "", text
-
-
-def texts_tensor(
-    tokenizer, texts: list[str], device, prompts: list[str] | None = None, eos: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of `prompt + text + eos`, right-padded, and labels that score only the text
-    and its eos (the prompt is given at inference, so it is not learned). `eos=False`: the
-    text is not the end (more follows it in the row), so no eos is added."""
-    end = [tokenizer.eos_token_id] if eos else []
-    prompts = prompts or [""] * len(texts)
-    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    rows = [(encode(p), encode(t) + end) for p, t in zip(prompts, texts, strict=True)]
-    length = max(len(p) + len(t) for p, t in rows)
-    tokens = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (prompt, target) in enumerate(rows):
-        tokens[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
-    return tokens.to(device), labels.to(device)
 
 
 def pack_texts(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ from .familiarity import profile_from_data
 from .features import FeatureCache, features_in_memory
 from .pipeline import PipelineConfig
 from .prompts import answer_cue
-from .text_batches import answer_mask, pack_texts, split_prompt, texts_tensor
+from .sequences import prefix_loss, prefixed, scored_ends
+from .text_batches import answer_mask, pack_texts, split_prompt
 
 STAGES = ("clip", "lm", "prefix")
 CAPTION_LAYERS = 1  # CoCa decoder depth in the CLIP stage (2 layers: 11% more time a step)
@@ -495,41 +496,6 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     return stage(f"lm-{best}", candidate(best), resume=True), tokenizer
 
 
-def _prefixed(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
-    """(LM input embeddings, labels) of visual prefixes followed by their tokens."""
-    table = lm.get_input_embeddings()
-    inputs = torch.cat([prefix.to(table.weight.dtype), table(tokens)], dim=1)
-    ignore = labels.new_full((labels.shape[0], prefix.shape[1]), -100)
-    return inputs, torch.cat([ignore, labels], dim=1)
-
-
-def scored_ends(labels: torch.Tensor) -> list[int]:
-    """Where each row's scored text ends (one past its last label that is not -100; 0 if none):
-    what comes after is padding."""
-    positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
-    return torch.where(labels != -100, positions, 0).amax(1).tolist()
-
-
-def prefix_loss(lm, prefix: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                context: tuple[torch.Tensor, ...] | None = None):  # fmt: skip
-    """The LM's next-token loss on the text after the visual prefix (none on the prefix).
-
-    `context`: (prefix, tokens, labels) of an item that each row reads first, up to its last
-    scored token (no padding between the two), and is scored on too: a prefix read after
-    other text, as in a k-shot list."""
-    inputs, targets = _prefixed(lm, prefix, tokens, labels)
-    if context is not None:
-        before, before_targets = _prefixed(lm, *context)
-        ends = scored_ends(before_targets)
-        cut = [(before[i, :end], before_targets[i, :end]) for i, end in enumerate(ends)]
-        rows = zip(cut, inputs, targets, strict=True)
-        inputs, targets = zip(*[(torch.cat([b, x]), torch.cat([t, y])) for (b, t), x, y in rows],
-                              strict=True)  # fmt: skip
-        inputs = pad_sequence(list(inputs), batch_first=True)
-        targets = pad_sequence(list(targets), batch_first=True, padding_value=-100)
-    return lm(inputs_embeds=inputs, labels=targets, use_cache=False).loss
-
-
 def text_teacher_loss(
     lm, logits: torch.Tensor, prefix_length: int, teacher: tuple[torch.Tensor, ...]
 ):
@@ -639,7 +605,8 @@ def train_prefix(
         With the text teacher (`taught`, rows of one only), also the teacher's input."""
         pairs = [split_prompt(rng.choice(texts[i]), pipeline.config) for i in indices]
         prompts, targets = [p for p, _ in pairs], [t + "\n" * context for _, t in pairs]
-        tokens = texts_tensor(tokenizer, targets, accelerator.device, prompts, eos=not context)
+        tokens = pipeline.sequences.training_rows(targets, prompts, eos=not context,
+                                                  device=accelerator.device)  # fmt: skip
         item = (mapper_inputs(lookup(indices), prompts), *tokens)
         if config.prefix_text_teacher and taught and not context:
             item += (teacher_rows(indices, prompts, *tokens),)
@@ -693,7 +660,7 @@ def train_prefix(
             context = (mapper(*context[0]), *context[1:])
         if not teacher or context is not None:
             return prefix_loss(lm, mapper(*inputs), tokens, labels, context)
-        embeds, targets = _prefixed(lm, mapper(*inputs), tokens, labels)
+        embeds, targets = prefixed(lm, mapper(*inputs), tokens, labels)
         out = lm(inputs_embeds=embeds, labels=targets, use_cache=False)
         taught = text_teacher_loss(lm, out.logits, prefix_length, *teacher)
         return out.loss + config.prefix_text_teacher * taught
@@ -715,7 +682,9 @@ def train_prefix(
                 chunk = val_pairs[start : start + batch_size]
                 prompts, targets = [p for _, (p, _) in chunk], [t for _, (_, t) in chunk]
                 inputs = mapper_inputs(val_lookup([i for i, _ in chunk]), prompts)
-                tokens, labels = texts_tensor(tokenizer, targets, accelerator.device, prompts)
+                tokens, labels = pipeline.sequences.training_rows(
+                    targets, prompts, device=accelerator.device
+                )
                 loss = prefix_loss(lm, mapper(*inputs), tokens, labels)
                 losses.append(loss.item())
             return float(sum(losses) / len(losses))
