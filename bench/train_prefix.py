@@ -2,7 +2,7 @@
 
 `python -m bench.train_prefix [--device cuda] [--tiny] [--out FILE]` builds open_clip ViT-B-32
 and GPT-2 124M with random weights (speed does not depend on the weights), writes a folder of
-synthetic photos with sidecar captions, and runs the real trainer (`vlm.train.train`, the
+synthetic photos with sidecar captions, and runs the real trainer (`vlm.training.train`, the
 `python -m vlm train --data … --encoder … --lm …` path) on it:
 
 1. feature caching: images/s of decoding + the frozen encoder into the disk cache;
@@ -68,7 +68,7 @@ def steady_rate(log: Path, stage: str = "prefix") -> tuple[float, int]:
 def run(device: str, tiny: bool, steps: int, images: int) -> dict:
     from vlm.data import FileDataset
     from vlm.features import FeatureCache
-    from vlm.train import TrainConfig, train
+    from vlm.training import TrainConfig, train
 
     os.environ["VLM_DEVICE"] = device
     build = tiny_pipeline if tiny else full_pipeline

@@ -22,8 +22,9 @@ from accelerate import Accelerator  # noqa: E402
 from vlm import shapeworld as sw  # noqa: E402
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer  # noqa: E402
 from vlm.sequences import prefix_loss  # noqa: E402
-from vlm.text_batches import pack_texts  # noqa: E402
-from vlm.train import SIZES, TrainConfig, run_stage  # noqa: E402
+from vlm.training import SIZES, TrainConfig
+from vlm.training.loop import run_stage  # noqa: E402
+from vlm.training.text_batches import pack_texts  # noqa: E402
 
 # Three scenes the tiny models learn to tell apart, with their captions and Q/A.
 SCENES = {

@@ -238,7 +238,7 @@ def random_parts(tmp_path_factory):
 
     from vlm.factory import build_encoder
     from vlm.presets import SHAPEWORLD_DIR
-    from vlm.train import SIZES
+    from vlm.training import SIZES
 
     root = tmp_path_factory.mktemp("clipcap-random")
     torch.manual_seed(0)

@@ -7,30 +7,60 @@ import ast
 from pathlib import Path
 
 VLM = Path(__file__).resolve().parent.parent / "vlm"
-MODULES = {p.stem for p in VLM.glob("*.py")} - {"__init__", "__main__"}
 
 
-def vlm_imports(source: str, modules: set[str] = MODULES) -> set[str]:
+def module_name(path: Path) -> str:
+    """A file's module under vlm, dotted ("pipeline", "training.run"; a package's __init__
+    is the package: "training")."""
+    parts = path.relative_to(VLM).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p) for p in VLM.rglob("*.py") if p.name != "__main__.py"} - {""}
+
+
+def vlm_imports(source: str, modules: set[str] = MODULES, package: str = "") -> set[str]:
     """The vlm modules a module's `source` imports anywhere in it: `from .x import y`,
-    `from . import x`, `import vlm.x`, `from vlm.x import y`, `from vlm import x`."""
+    `from ..x import y`, `from . import x`, `import vlm.x`, `from vlm.x import y`,
+    `from vlm import x`; `package`: the sub-package the module is in ("" at the top)."""
     found = set()
+
+    def add(dotted: str, names=()) -> None:
+        for name in names:  # `from p import m`: the module p.m where there is one
+            if f"{dotted}.{name}".strip(".") in modules:
+                found.add(f"{dotted}.{name}".strip("."))
+                continue
+            found.add(dotted)
+        if not names:
+            found.add(dotted)
+
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vlm.")}
+            for alias in node.names:
+                if alias.name.startswith("vlm."):
+                    add(alias.name.removeprefix("vlm."))
         elif isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if node.level == 0 and parts[0] != "vlm":
-                continue  # another package
-            path = parts[1:] if node.level == 0 else parts
-            if path and path[0]:
-                found.add(path[0])
-            else:  # from . import x, y
-                found |= {a.name for a in node.names}
-    return found & modules
+            if node.level == 0:
+                if node.module != "vlm" and not (node.module or "").startswith("vlm."):
+                    continue  # another package
+                base = (node.module or "").removeprefix("vlm").lstrip(".")
+            else:
+                up = package.split(".") if package else []
+                up = up[: len(up) - (node.level - 1)]
+                base = ".".join([*up, *([node.module] if node.module else [])])
+            add(base, [a.name for a in node.names])
+    return {m for m in found if m} & modules
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {name: vlm_imports((VLM / f"{name}.py").read_text()) - {name} for name in MODULES}
+    graph = {}
+    for path in VLM.rglob("*.py"):
+        if path.name == "__main__.py":
+            continue
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = vlm_imports(path.read_text(), MODULES, package) - {name}
+    return graph
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -65,6 +95,22 @@ def test_find_cycle_finds_a_deep_circle():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+
+
+def test_the_walk_resolves_imports_inside_sub_packages():
+    modules = {"errors", "training", "training.run", "training.loop", "shapeworld"}
+    source = (
+        "from ..errors import E\nfrom .loop import run_stage\nfrom . import run\n"
+        "from vlm.training import train\nfrom .. import shapeworld\n"
+    )
+    assert vlm_imports(source, modules, package="training") == {
+        "errors",
+        "training.loop",
+        "training.run",
+        "training",
+        "shapeworld",
+    }
+    assert {"training", "training.run", "training.jobs"} <= MODULES
 
 
 def test_no_module_in_vlm_imports_one_that_imports_it_back():

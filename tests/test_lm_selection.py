@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from vlm.train import TrainConfig, train
+from vlm.training import TrainConfig, train
 
 TINY = dict(size="tiny", batch_size=32, clip_examples=256, lm_examples=400, lm_lr=3e-3,
             checkpoint_every=100, val_every=0)  # fmt: skip
@@ -65,7 +65,7 @@ def test_the_lm_stage_resumes_after_the_clip_stage_ran_in_the_same_process(tmp_p
 
 
 def test_selection_without_held_out_text_is_refused(tmp_path, monkeypatch):
-    from vlm.datasets import ShapeWorld
+    from vlm.shapeworld.recipe import ShapeWorld
 
     monkeypatch.delattr(ShapeWorld, "selection_texts")
     config = TrainConfig(out=tmp_path, stages=("lm",), lm_steps=4, lm_candidates=2, **TINY)

@@ -16,13 +16,14 @@ import torch
 from accelerate import Accelerator
 from test_data import write_images
 
-import vlm.train as train_module
+import vlm.training.loop as train_module
 from vlm import Pipeline, PrefixMapper
 from vlm import shapeworld as sw
 from vlm.cli import main as cli
 from vlm.data import FileDataset
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
-from vlm.train import SIZES, TrainConfig, run_stage
+from vlm.training import SIZES, TrainConfig
+from vlm.training.loop import run_stage
 
 # how this user writes captions: not ShapeWorld's canonical sentence
 STYLES = [

@@ -16,7 +16,7 @@ from vlm import shapeworld as sw
 from vlm.errors import ConfigError
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
 from vlm.mapper import RETIRED_OPTIONS, PrefixMapper
-from vlm.train import SIZES
+from vlm.training import SIZES
 
 
 @pytest.fixture(scope="module")

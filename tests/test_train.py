@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.encoder import Encoder
-from vlm.train import TrainConfig, train
+from vlm.training import TrainConfig, train
 
 SMALL = dict(
     size="tiny", batch_size=32, clip_examples=256, lm_examples=400, prefix_examples=256,
@@ -188,7 +188,7 @@ def test_clip_stage_with_captioning_loss_trains_and_saves_a_plain_open_clip(tmp_
 def test_answer_mask_marks_only_the_answers_in_packed_text(run):
     from transformers import AutoTokenizer
 
-    from vlm.text_batches import answer_mask, pack_texts
+    from vlm.training.text_batches import answer_mask, pack_texts
 
     tokenizer = AutoTokenizer.from_pretrained(run[0] / "lm")
     documents = [
@@ -209,7 +209,7 @@ def test_answer_mask_marks_only_the_answers_in_packed_text(run):
 def test_answer_mask_reads_many_cues_as_each_cue_alone(run):
     from transformers import AutoTokenizer
 
-    from vlm.text_batches import answer_mask, pack_texts
+    from vlm.training.text_batches import answer_mask, pack_texts
 
     tokenizer = AutoTokenizer.from_pretrained(run[0] / "lm")
     documents = [
@@ -231,7 +231,7 @@ def test_answer_mask_reads_many_cues_as_each_cue_alone(run):
 
 @pytest.mark.parametrize("base, length", [(5, 3), (7, 20), (400, 9), (50257, 5), (3, 30)])
 def test_windows_are_found_exactly_whatever_their_length(base, length):
-    from vlm.text_batches import _rows_in
+    from vlm.training.text_batches import _rows_in
 
     generator = torch.Generator().manual_seed(base)
     windows = torch.randint(0, base, (50, 200), generator=generator).unfold(1, length, 1)
@@ -246,7 +246,7 @@ def test_the_trainer_reports_its_progress_in_order_and_stops_when_asked(tmp_path
     the prefix stage learns, and a stop that leaves a checkpoint a resumed run goes on from."""
     import threading
 
-    from vlm.train import Progress
+    from vlm.training import Progress
 
     events, stop = [], threading.Event()
 

@@ -297,7 +297,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(trained):
     from transformers import AutoModelForCausalLM
 
     from vlm.sequences import prefix_loss
-    from vlm.train import _checkpoint_layers
+    from vlm.training.loop import checkpoint_layers
 
     pipeline = trained
     lm = AutoModelForCausalLM.from_config(pipeline.lm.config).eval().requires_grad_(False)
@@ -316,7 +316,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(trained):
 
     plain = gradients(lm)
     calls = []
-    _checkpoint_layers(lm)
+    checkpoint_layers(lm)
     lm.transformer.h[0]._gradient_checkpointing_func = _recording(calls)
     checkpointed = gradients(lm)
     assert calls, "the layers were checkpointed"

@@ -203,7 +203,7 @@ def test_a_finished_model_is_pushed_with_the_visitors_token(tmp_path, monkeypatc
     import huggingface_hub
 
     from vlm.serve import Models, RequestError, Service
-    from vlm.training_jobs import Job, TrainingJobs
+    from vlm.training.jobs import Job, TrainingJobs
 
     jobs = TrainingJobs(tmp_path / "jobs")
     try:

@@ -42,6 +42,7 @@ from .calibration import CalibrationExample
 from .errors import InputError
 from .images import is_image_path, load_image
 from .prompts import qa_text
+from .training.data import TrainingData
 
 FORMATS = ("karpathy", "coco", "csv", "tsv", "folder", "webdataset", "qa")
 
@@ -339,12 +340,14 @@ class Concat:
             yield from source
 
 
-class FileDataset:
-    """Example files as a training dataset for `vlm.train` (the interface of
-    `vlm.datasets`): captions and Q/A lines after the prefix, captions for the LM and CLIP
-    stages when those are trained too. A validation part is held out of all of them:
+class FileDataset(TrainingData):
+    """Example files as a training dataset for `vlm.training` (a `TrainingData`): captions
+    and Q/A lines after the prefix, captions for the LM and CLIP stages when those are
+    trained too. A validation part is held out of all of them:
     `val_data`, or else Karpathy's `val` split, or else `val_fraction` of the images (0.1 when
     not given; 0: none). Bad rows are skipped and counted in `bad` (`strict`: raise)."""
+
+    from_files = True
 
     def __init__(
         self,

@@ -135,7 +135,7 @@ def profile_from_data(encoder, dataset, n: int = 3000, seed: int = 0) -> Familia
     reference from their held-out part when they have one, else from the last quarter of
     their training images, which are then not fitted."""
     fit_items = dataset.clip_data(n, seed=seed + 7001)
-    if hasattr(dataset, "val_examples"):  # files: the same images whatever the seed
+    if dataset.from_files:  # the same images whatever the seed
         held = [e.load() for e in itertools.islice(dataset.val_examples(), n // 3)]
         images = [fit_items[i][0] for i in range(min(n, len(fit_items)))]
         if len(held) < 20:

@@ -42,7 +42,7 @@ from .pretrained import check_confined
 from .search import MANIFEST, Hit, SearchIndex
 from .streaming import TextStream
 from .tasks import TASKS, UnsupportedTaskError
-from .training_jobs import BASES, TrainingJobs
+from .training.jobs import BASES, TrainingJobs
 from .uploads import (
     Skipped,
     check_length,
@@ -116,7 +116,7 @@ class Models:
         self._loaded: dict[str, Pipeline] = {}
         self._turns: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
-        # models trained here (vlm.training_jobs), by name: each name holds its job's random id
+        # models trained here (vlm.training.jobs), by name: each name holds its job's random id
         self.trained: Callable[[], dict[str, Path]] = dict
         self._runnable = runnable_presets(hub=hub)
         try:
@@ -573,6 +573,11 @@ class Service:
     def label_sets(self, model: str | None = None) -> list[LabelSet]:
         """The label sets `model` is offered with (see `label_sets`)."""
         return label_sets(self.models.get(self.models.pick(model, self.model_dirs)))
+
+    def caption_prompt(self, model: str | None = None) -> str:
+        """The text `model` writes a caption after ("Caption:" for the bundle, none for ClipCap
+        and BLIP-2): what a few-shot list's query is followed by to be described."""
+        return self.models.get(self.models.pick(model, self.model_dirs)).config.caption_prompt
 
     def legend(self, kind: str, model: str | None = None) -> str:
         """What the shading of a `kind` of text means for `model` (see `confidence_legend`)."""

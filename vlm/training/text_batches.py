@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .prompts import answer_cue
+from ..prompts import answer_cue
 
 
 def split_prompt(text: str, config) -> tuple[str, str]:

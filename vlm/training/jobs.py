@@ -29,11 +29,11 @@ import zipfile
 from collections import deque
 from pathlib import Path
 
-from .data import FileDataset
-from .errors import InputError
-from .inputs import number
-from .paths import ASSETS
-from .uploads import UploadError, extract_training_zip
+from ..data import FileDataset
+from ..errors import InputError
+from ..inputs import number
+from ..paths import ASSETS
+from ..uploads import UploadError, extract_training_zip
 
 log = logging.getLogger("vlm.training_jobs")
 
@@ -387,7 +387,7 @@ def run_job(config: dict, folder: str) -> None:
     `<folder>/events.jsonl`, stopping when `<folder>/stop` appears."""
     import torch
 
-    from .train import Progress, TrainConfig, train
+    from . import Progress, TrainConfig, train
 
     os.nice(10)
     torch.set_num_threads(TRAIN_THREADS)
