@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.caption_head import CaptionHead, caption_vocabulary
-from vlm.evaluate import normalize_caption
 from vlm.factory import build_encoder
-from vlm.train import CAPTION_LAYERS, SIZES
+from vlm.shapeworld.evaluation import normalize_caption
+from vlm.training.config import CAPTION_LAYERS, SIZES
 
 
 def load_caption_head(run: Path, size: str = "small", layers: int = CAPTION_LAYERS):

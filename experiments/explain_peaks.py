@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
-from vlm.evaluate import peak_hits  # the measure `eval shapeworld` reports
+from vlm.shapeworld.evaluation import peak_hits  # the measure `eval shapeworld` reports
 
 
 def main() -> None:

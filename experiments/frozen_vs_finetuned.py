@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from vlm import Pipeline
-from vlm.evaluate import evaluate_shapeworld
+from vlm.shapeworld.evaluation import evaluate_shapeworld
 
 ROWS = ("caption_exact", "held_out_caption_exact", "held_out_caption_exact_1obj",
         "vqa_overall", "held_out_vqa_overall", "phrasing_vqa_overall")  # fmt: skip

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
-from vlm.evaluate import normalize_caption
+from vlm.shapeworld.evaluation import normalize_caption
 
 
 @torch.no_grad()

@@ -25,12 +25,12 @@ import torch
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
-from vlm.datasets import prefix_texts
-from vlm.evaluate import normalize_caption
 from vlm.mapper import PrefixMapper
 from vlm.prompts import question_prompt
 from vlm.sequences import prefix_loss
-from vlm.text_batches import split_prompt
+from vlm.shapeworld.evaluation import normalize_caption
+from vlm.shapeworld.recipe import prefix_texts
+from vlm.training.text_batches import split_prompt
 
 FEATURES = len(sw.SHAPES) + len(sw.COLORS) + len(sw.SIZES) + 2  # one-hots, then x and y
 

@@ -15,8 +15,8 @@ import random
 import sys
 
 from vlm import shapeworld as sw
-from vlm.evaluate import answer_scores, evaluate_few_shot, exact_caption_scores
 from vlm.pipeline import Pipeline
+from vlm.shapeworld.evaluation import answer_scores, evaluate_few_shot, exact_caption_scores
 
 
 def main(bundles: list[str]) -> None:

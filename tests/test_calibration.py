@@ -23,7 +23,7 @@ from vlm.calibration import (
     fit_experts,
     right_words,
 )
-from vlm.datasets import ShapeWorld
+from vlm.shapeworld.recipe import ShapeWorld
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from test_app import serve
 
 from vlm import shapeworld as sw
 from vlm.chat import ChatError, turns
-from vlm.evaluate import chat_scores, normalize_caption
 from vlm.examples import shapeworld_examples
+from vlm.shapeworld.evaluation import chat_scores, normalize_caption
 
 
 def user(*blocks) -> dict:

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from vlm import shapeworld as sw
-from vlm.datasets import CAPTION_PROMPT, ShapeWorld
+from vlm.shapeworld.recipe import CAPTION_PROMPT, ShapeWorld
 
 HELD_NAMES = [f"{c} {s}" for c, s in sw.HELD_OUT]
 
@@ -135,7 +135,7 @@ def test_prefix_stage_teacher_lines_caption_the_one_object_a_question_is_about(p
 
 def _forms_of(question: str) -> set[str]:
     return {form for forms in sw.QUESTION_FORMS.values() for form in forms
-            if sw._form_pattern(form).fullmatch(question)}  # fmt: skip
+            if sw.form_pattern(form).fullmatch(question)}  # fmt: skip
 
 
 def test_the_lm_reads_every_combination_every_form_and_k_shot_lists(lm_texts):
@@ -186,7 +186,7 @@ def test_few_shot_documents_hide_the_query_value_in_about_half():
 
 def test_the_lm_weighs_k_shot_values_as_answers(data, lm_texts):
     from vlm.factory import train_tokenizer
-    from vlm.text_batches import answer_mask, pack_texts
+    from vlm.training.text_batches import answer_mask, pack_texts
 
     tokenizer = train_tokenizer(lm_texts[:1000], 400)
     document = "Caption: a small red circle\nHue: red\nCaption: a large blue star\nTag -> star"

@@ -90,7 +90,7 @@ def test_the_map_points_at_the_object_every_kind_of_text_names(pipeline):
     often than the patch cosine shown first (docs/explain.md: 94.4% against 43.2% on 60 scenes;
     the covering map reads 94.6% with this encoder, 77.7% with the one before), and a shape
     named alone ("the star") is found too."""
-    from vlm.evaluate import peak_hits
+    from vlm.shapeworld.evaluation import peak_hits
 
     rng = random.Random(4243)
     scenes = [sw.sample_scene(rng, rng.choice([2, 3]), split="any") for _ in range(20)]

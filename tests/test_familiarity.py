@@ -12,12 +12,12 @@ from conftest import shapeworld_pipeline
 from PIL import Image
 from test_app import ROOT, pinned_env
 
-from vlm import evaluate
 from vlm import shapeworld as sw
 from vlm.examples import photo_examples, shapeworld_examples
 from vlm.familiarity import PROFILE_NAME, UNKNOWN, FamiliarityProfile
 from vlm.pipeline import Pipeline
 from vlm.serve import familiarity_notice
+from vlm.shapeworld import evaluation as evaluate
 
 SEED = 5151  # the tests' own scenes: neither the profile's seeds (7001, 7002) nor an eval seed
 

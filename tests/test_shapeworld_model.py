@@ -10,8 +10,8 @@ import torch
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
-from vlm.evaluate import evaluate_shapeworld, one_change_captions
 from vlm.presets import SHAPEWORLD_DIR
+from vlm.shapeworld.evaluation import evaluate_shapeworld, one_change_captions
 
 # Well under what the shipped bundle measures on 1,000 scenes per slice (docs/shapeworld.md:
 # captions exact 99%, held-out combinations 95%, VQA 94% / held-out 92% / held-out phrasings
@@ -213,7 +213,7 @@ def test_feature_probe_experiment_reads_features_and_runs():
 def test_coca_ceiling_experiment_reads_the_clip_checkpoint(tmp_path):
     """experiments/coca_ceiling.py still runs: it rebuilds the CLIP stage's captioning
     decoder from a run's checkpoint (vocabulary included) and scores its greedy captions."""
-    from vlm.train import TrainConfig, train
+    from vlm.training import TrainConfig, train
 
     experiment = _experiment("coca_ceiling")
     train(TrainConfig(out=tmp_path, size="tiny", stages=("clip",), clip_steps=2, batch_size=16,

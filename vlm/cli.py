@@ -138,9 +138,9 @@ def cmd_shapeworld_data(args) -> None:
 def cmd_profile(args) -> None:
     from .calibration import calibration_from_data
     from .data import FileDataset
-    from .datasets import DATASETS
     from .familiarity import profile_from_data
     from .pipeline import Pipeline
+    from .shapeworld.recipe import DATASETS
 
     folder = Path(args.model)
     if not folder.is_dir():
@@ -161,7 +161,8 @@ def cmd_profile(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import CLIPCAP_MAPPER, SIZES, STAGES, TrainConfig, train
+    from .training import SIZES, STAGES, TrainConfig, train
+    from .training.config import CLIPCAP_MAPPER
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -193,10 +194,12 @@ def cmd_eval(args) -> None:
 
     pipeline = _model(args)
     if args.dataset == "shapeworld":
-        results = evaluate.evaluate_shapeworld(pipeline, n=args.n, seed=args.seed)
+        from .shapeworld.evaluation import evaluate_shapeworld, format_table
+
+        results = evaluate_shapeworld(pipeline, n=args.n, seed=args.seed)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
+        print(json.dumps(results, indent=2) if args.json else format_table(results))
         return
     if not args.data:
         _fail(f"eval {args.dataset} needs --data")
@@ -282,7 +285,7 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from .data import FORMATS
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     formatter = _Help
     description = __doc__.replace("`python -m vlm …`", "vlm (or python -m vlm)")

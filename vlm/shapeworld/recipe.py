@@ -1,4 +1,4 @@
-"""Training data for the three stages.
+"""ShapeWorld's training data for the three stages (`ShapeWorld`, a `TrainingData`).
 
 A dataset gives: image-caption pairs for the contrastive CLIP stage (`clip_data`), text
 documents for the LM stage (`texts`), and images with the texts the frozen LM must read after
@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import shapeworld as sw
-from .calibration import CalibrationExample
-from .prompts import QUESTION_TEMPLATE, qa_text
+from ..calibration import CalibrationExample
+from ..prompts import QUESTION_TEMPLATE, qa_text
+from ..training.data import TrainingData
+from . import world as sw
 
 # The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
 # and "Question: … Answer:" for an answer, so one frozen LM and one mapper do both.
@@ -34,7 +35,7 @@ def _valid(scene: sw.Scene) -> bool:
         r = o.radius * sw.BOUND
         if not (r + sw.PAD <= o.x <= 1 - r - sw.PAD and r + sw.PAD <= o.y <= 1 - r - sw.PAD):
             return False
-        if not sw._fits(o.x, o.y, r, placed):
+        if not sw.fits(o.x, o.y, r, placed):
             return False
         placed.append((o.x, o.y, r))
     return True
@@ -137,7 +138,7 @@ def _augment(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 @dataclasses.dataclass
-class ShapeWorld:
+class ShapeWorld(TrainingData):
     """ShapeWorld training data in the real setting's regimes: the LM's text covers the whole
     language (every colour-shape combination, every question form, k-shot lists), while no
     image of the CLIP or prefix stage shows a HELD_OUT combination, and the prefix stage asks

@@ -22,7 +22,56 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .prompts import qa_text
+from ..prompts import qa_text
+
+__all__ = [
+    "SHAPES",
+    "COLORS",
+    "SIZES",
+    "GREYS",
+    "RADIUS",
+    "HELD_OUT",
+    "SPLITS",
+    "QUESTION_TYPES",
+    "TEMPLATES",
+    "NUMBER_WORDS",
+    "BOUND",
+    "MARGIN",
+    "PAD",
+    "MIN_DX",
+    "MAX_TRIES",
+    "labels",
+    "Obj",
+    "Scene",
+    "fits",
+    "sample_scene",
+    "render",
+    "describe",
+    "PARTIAL_KEEPS",
+    "partial_description",
+    "paraphrase",
+    "QUESTION_FORMS",
+    "HELD_OUT_FORMS",
+    "FORM_POOLS",
+    "form_pattern",
+    "questions",
+    "parse_question",
+    "question_type",
+    "referents",
+    "is_held_out_form",
+    "corpus",
+    "FEW_SHOT_ATTRIBUTES",
+    "FEW_SHOT_KEYS",
+    "GENERIC_KEYS",
+    "SEPARATORS",
+    "HELD_OUT_KEYS",
+    "HELD_OUT_SEPARATORS",
+    "attribute",
+    "few_shot_document",
+    "everyday_captions",
+    "write_captioned_folder",
+]
+
 
 # -----------------------------------------------------------------------------
 # the world's vocabulary
@@ -115,7 +164,7 @@ class Scene:
         object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: o.x)))
 
 
-def _fits(x: float, y: float, r: float, placed: list[tuple[float, float, float]]) -> bool:
+def fits(x: float, y: float, r: float, placed: list[tuple[float, float, float]]) -> bool:
     """Whether a bounding circle (x, y, r) keeps clear of all placed ones, in x and in space."""
     for px, py, pr in placed:
         if abs(x - px) < MIN_DX or math.hypot(x - px, y - py) < r + pr + MARGIN:
@@ -130,7 +179,7 @@ def _layout(rng: random.Random, radii: list[float]) -> list[tuple[float, float]]
         for r in radii:
             lo, hi = r + PAD, 1.0 - r - PAD
             x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
-            if not _fits(x, y, r, placed):
+            if not fits(x, y, r, placed):
                 break  # start the whole layout again, keeping things simple and unbiased
             placed.append((x, y, r))
         else:
@@ -301,7 +350,7 @@ FORM_POOLS = ("canonical", "seen", "held_out", "all")
 _RELATION_KINDS = {"left": "relation", "right": "relation"}
 
 
-def _form_pattern(form: str) -> re.Pattern:
+def form_pattern(form: str) -> re.Pattern:
     words = {"{shape}": r"(?P<shape>\w+)", "{color}": r"(?P<color>\w+)",
              "{name}": r"(?P<name>\w+ \w+)"}  # fmt: skip
     pattern = re.escape(form)
@@ -310,7 +359,7 @@ def _form_pattern(form: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-_PATTERNS = [(kind, form, _form_pattern(form)) for kind, forms in QUESTION_FORMS.items()
+_PATTERNS = [(kind, form, form_pattern(form)) for kind, forms in QUESTION_FORMS.items()
              for form in forms]  # fmt: skip
 
 
