@@ -67,3 +67,28 @@ def test_available_cores_follows_the_affinity(monkeypatch):
     assert device.available_cores() == 3
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(), raising=False)
     assert device.available_cores() == 1  # never zero
+
+
+def test_vlm_precision_has_one_vocabulary_and_refuses_the_rest(monkeypatch):
+    """The decode (`mixed`), the encoder's autocast and BLIP-2's weights read the same values;
+    a typo is named, not silently read as the default."""
+    import torch
+
+    from vlm.blip2 import weights_dtype
+    from vlm.device import PRECISION_SETTINGS, decode_dtype, half_dtype, requested_precision
+    from vlm.errors import ConfigError
+
+    gpu = torch.device("cuda")  # a device type only: nothing runs on it
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for value in PRECISION_SETTINGS:
+        monkeypatch.setenv("VLM_PRECISION", value.upper())
+        assert requested_precision() == value
+        assert weights_dtype(gpu) == expected.get(value, torch.float16)
+        assert weights_dtype(torch.device("cpu")) == torch.float32
+        if value in ("bf16", "fp16"):
+            assert half_dtype(gpu) == expected[value]
+        assert decode_dtype(torch.device("cpu"), "mixed") is None  # nothing to autocast on a CPU
+    for typo in ("float16", "bfloat16", "half", "mixd"):
+        monkeypatch.setenv("VLM_PRECISION", typo)
+        with pytest.raises(ConfigError, match=f"VLM_PRECISION={typo}: choose one of auto, fp32"):
+            requested_precision()

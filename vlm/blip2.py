@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from .config import Parts, PipelineConfig
-from .device import default_device
+from .device import default_device, requested_precision
 from .tasks import PREFIX_LM_TASKS, UnsupportedTaskError
 
 MODEL_TYPE = "blip-2"
@@ -47,11 +47,11 @@ def is_blip2_config(config: dict) -> bool:
 
 def weights_dtype(device: torch.device) -> torch.dtype:
     """The dtype BLIP-2's weights load in: fp16 on a GPU, as its authors ran the frozen ViT and
-    OPT (VLM_PRECISION=bf16 or fp32 asks for another), fp32 on a CPU. The Q-Former stays in
-    fp32 either way (transformers keeps it there)."""
+    OPT (VLM_PRECISION=bf16 or fp32 asks for another, see `vlm.device`), fp32 on a CPU. The
+    Q-Former stays in fp32 either way (transformers keeps it there)."""
     if torch.device(device).type != "cuda":
         return torch.float32
-    requested = os.environ.get("VLM_PRECISION", "").lower()
+    requested = requested_precision()
     return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(requested, torch.float16)
 
 

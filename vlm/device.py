@@ -10,7 +10,9 @@ Two precisions, two uses:
   ran it). Mixed precision for the decode is an opt-in: `precision="mixed"` in a pipeline's
   config or `VLM_PRECISION=mixed`.
 
-`VLM_PRECISION=fp32` turns autocast off everywhere.
+`VLM_PRECISION` is read here alone, with one vocabulary (`PRECISION_SETTINGS`): `auto` (the
+above), `fp32` (no autocast anywhere, BLIP-2 loaded in fp32), `mixed` (the decode under
+autocast too), `bf16` / `fp16` (the 16-bit type GPU work uses: autocast and BLIP-2's weights).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 PRECISIONS = ("fp32", "mixed")  # the decode: weights' own dtype, or autocast (opt-in)
+PRECISION_SETTINGS = ("auto", "fp32", "mixed", "bf16", "fp16")  # VLM_PRECISION's values
 
 
 def default_device() -> torch.device:
@@ -37,14 +42,22 @@ def available_cores() -> int:
     return max(1, cores or 1)
 
 
-def _requested_precision() -> str:
-    return os.environ.get("VLM_PRECISION", "auto").lower()
+def requested_precision() -> str:
+    """VLM_PRECISION (default "auto"), refused (ConfigError) if not one of PRECISION_SETTINGS."""
+    value = os.environ.get("VLM_PRECISION", "").strip().lower() or "auto"
+    if value not in PRECISION_SETTINGS:
+        raise ConfigError(f"VLM_PRECISION={value}: choose one of {', '.join(PRECISION_SETTINGS)}")
+    return value
 
 
 def half_dtype(device: torch.device) -> torch.dtype | None:
-    """The 16-bit float a GPU runs best (bf16 where supported, else fp16); None on a CPU."""
+    """The 16-bit float GPU work uses: VLM_PRECISION's bf16 or fp16, else the one the GPU runs
+    best (bf16 where supported, else fp16); None on a CPU."""
     if torch.device(device).type != "cuda":
         return None
+    chosen = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(requested_precision())
+    if chosen is not None:
+        return chosen
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
@@ -57,7 +70,7 @@ def training_precision(device: torch.device) -> str:
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The encoder's autocast dtype: 16-bit on GPUs, none (fp32) on CPU or when
     VLM_PRECISION=fp32 asks for full precision."""
-    if _requested_precision() == "fp32":
+    if requested_precision() == "fp32":
         return None
     return half_dtype(device)
 
@@ -65,7 +78,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def decode_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype | None:
     """The decode's autocast dtype: None (each weight in its loaded dtype, as published) unless
     `precision` (a pipeline's config) or VLM_PRECISION asks for "mixed"."""
-    requested = _requested_precision()
+    requested = requested_precision()
     if requested == "fp32" or "mixed" not in (precision, requested):
         return None
     return half_dtype(device)
