@@ -57,7 +57,7 @@ from vlm.serve import (
     index_folder,
     write_captions_csv,
 )
-from vlm.training_jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, JobError, TrainingJobs
+from vlm.training.jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, JobError, TrainingJobs
 from vlm.uploads import ScratchFolder
 
 __all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
@@ -507,7 +507,7 @@ def make_handlers(
     Every server path a request names (an image or file given as a string) must lie under
     `allowed_dirs`, Gradio's upload folder or the bundled examples; a model folder, under
     `allowed_dirs` only. `shared_index`: one search gallery for everyone (see vlm.serve.Indexes).
-    `training`: visitors may train models (vlm.training_jobs). The service is
+    `training`: visitors may train models (vlm.training.jobs). The service is
     `handlers["service"]`."""
     indexes = Indexes(index_root, shared_index, TEMP_MAX_AGE, MAX_SESSIONS)
     jobs = None
@@ -529,6 +529,7 @@ def make_handlers(
         notice=friendly(service.notice),
         search_plan=friendly(service.search_plan),
         legend=friendly(service.legend),
+        caption_prompt=friendly(service.caption_prompt),
         service=service,
     )
 
@@ -768,7 +769,10 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[
                 shots += [shot_image, shot_text]
         with gr.Column():
             fs_query = image_input("Query image", height=160)
-            fs_prompt = gr.Textbox("Caption:", label="Prompt after the query")
+            fs_prompt = gr.Textbox(
+                handlers["caption_prompt"](None), label="Prompt after the query",
+                info="The model's own caption prompt until you change it",
+            )  # fmt: skip
     with gr.Row():
         fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
         fs_describe = gr.Checkbox(
@@ -783,6 +787,7 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[
         familiarity_notice(handlers, fs_button, [*shots[::2], fs_query], model)
         fs_output = gr.Textbox(label="The LM continues", elem_id="few-shot-output")
         fs_words = confidence_output(handlers, model, "few_shot", "few-shot-words")
+    model.change(handlers["caption_prompt"], model, fs_prompt, api_name=False)
     fs_inputs = [*shots, fs_query, fs_prompt, fs_tokens, model, fs_describe]
     fs_button.click(handlers["few_shot_words"], fs_inputs, [fs_output, fs_words],
                     api_name="few_shot_words")  # fmt: skip

@@ -123,3 +123,18 @@ def test_search_shows_the_name_an_image_was_added_under():
 
     assert original_name("/x/images/0123456789abcdef-my cat.png") == "my cat.png"
     assert original_name("/x/sw-01-a-red-star.png") == "sw-01-a-red-star.png"
+
+
+def test_the_few_shot_prompt_is_the_models_own_caption_prompt(service, saved_pipeline, tmp_path):
+    """The bundle writes a caption after "Caption:"; a model saved with none (as ClipCap and
+    BLIP-2 are) gets an empty prompt, not the bundle's."""
+    import json
+    import shutil
+
+    assert service.caption_prompt() == "Caption:"
+    folder = tmp_path / "no-prompt"
+    shutil.copytree(saved_pipeline, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "caption_prompt": ""}))
+    other = Service(Models(str(folder)), tmp_path / "indexes", None)
+    assert other.caption_prompt() == ""
