@@ -27,6 +27,15 @@ CAPTION = re.compile(rf"{OBJECT}( left of {OBJECT}){{0,2}}")  # ShapeWorld's cap
 ARTIFACTS = Path(os.environ.get("VLM_TEST_ARTIFACTS", ROOT / "artifacts"))
 
 
+def launch_chromium(playwright):
+    """Debian's chromium through Playwright, headless, with nothing it would fetch."""
+    return playwright.chromium.launch(
+        executable_path=shutil.which("chromium"),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"],
+    )  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,11 +204,7 @@ def test_drop_an_image_in_a_real_browser(app, one_object):
     path, truth = one_object
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.wait_for_selector("#caption-image")

@@ -14,7 +14,7 @@ import gradio as gr
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from test_app import serve
+from test_app import launch_chromium, serve
 
 from vlm.examples import shapeworld_examples
 
@@ -112,11 +112,7 @@ def test_the_page_writes_the_caption_word_by_word(app, two_objects):
     path, truth = two_objects
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.add_init_script(RECORD_CAPTION_VALUES)
         page.goto(app)

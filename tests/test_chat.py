@@ -5,12 +5,11 @@ history trimmed to the LM's length, and a two-turn chat in a real browser."""
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 from conftest import shapeworld_pipeline
 from gradio_client import Client
-from test_app import serve
+from test_app import launch_chromium, serve
 
 from vlm import shapeworld as sw
 from vlm.chat import ChatError, turns
@@ -123,11 +122,7 @@ def test_a_two_turn_chat_in_a_browser(app):
     path, truth = next((p, t) for p, t in shapeworld_examples() if t["n_objects"] == 1)
     thing = truth["objects"][0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(app)
         page.wait_for_selector("#caption-image")

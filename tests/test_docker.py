@@ -18,22 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from test_dockerfile import instructions
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(KEYWORD, arguments) for each instruction, continuation lines joined."""
-    steps, current = [], ""
-    for raw in (ROOT / "Dockerfile").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        current += line.removesuffix("\\").strip() + " "
-        if not line.endswith("\\"):
-            keyword, _, rest = current.strip().partition(" ")
-            steps.append((keyword.upper(), rest.strip()))
-            current = ""
-    return steps
 
 
 def only(keyword: str) -> str:

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) for each instruction, continuation lines joined."""
     lines, current = [], ""
     for raw in (ROOT / "Dockerfile").read_text().splitlines():
         line = raw.strip()
@@ -16,7 +17,7 @@ def instructions() -> list[tuple[str, str]]:
         current += line.removesuffix("\\").strip() + " "
         if not line.endswith("\\"):
             keyword, _, rest = current.strip().partition(" ")
-            lines.append((keyword.upper(), rest))
+            lines.append((keyword.upper(), rest.strip()))
             current = ""
     return lines
 

@@ -5,10 +5,9 @@ shading has an unsure band, says what it means, and shows a guess as unsure."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 
 import pytest
-from test_app import ARTIFACTS, serve
+from test_app import ARTIFACTS, launch_chromium, serve
 
 from vlm.examples import photo_examples, shapeworld_examples
 
@@ -34,11 +33,7 @@ def page(app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(app)
         page.wait_for_selector("#caption-image")

@@ -5,14 +5,13 @@ before any work. Through gradio_client and in a real browser (Playwright + Chrom
 from __future__ import annotations
 
 import random
-import shutil
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from test_app import ARTIFACTS, serve
+from test_app import ARTIFACTS, launch_chromium, serve
 
 from vlm import Pipeline
 from vlm import shapeworld as sw
@@ -143,11 +142,7 @@ def test_the_train_tab_in_a_browser(app, data, tmp_path):
     pairs, archive = data
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
         page.goto(app)
         page.wait_for_selector("#caption-image")
