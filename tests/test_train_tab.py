@@ -9,6 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from test_app import ARTIFACTS, launch_chromium, serve
@@ -229,7 +230,8 @@ def test_a_finished_model_is_pushed_with_the_visitors_token(tmp_path, monkeypatc
             service.train_push("abc", "someone/mine", "hf_secret", "s2")
 
         def refused(self, repo_id, folder_path, **kw):
-            raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: no write access")
+            response = httpx.Response(403, request=httpx.Request("POST", hub + repo_id))
+            raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=response)
 
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refused)
         with pytest.raises(RequestError, match="The hub refused the upload: HfHubHTTPError: 403"):

@@ -70,6 +70,8 @@ __all__ = [
     "few_shot_document",
     "everyday_captions",
     "write_captioned_folder",
+    "MADE_UP_KEYS",
+    "MADE_UP_SEPARATORS",
 ]
 
 

@@ -28,7 +28,8 @@ class TrainingData:
     # ------------------------------------------------------------------ required
 
     def clip_data(self, n: int, seed: int) -> Sequence[tuple[Image.Image, list[str]]]:
-        """(image, captions) pairs for the CLIP stage (and a familiarity profile)."""
+        """(image, captions) pairs for the CLIP stage (and a familiarity profile). `n` and
+        `seed`, here and below, say what rendered data draws; files give what they hold."""
         raise NotImplementedError
 
     def texts(self, n: int, seed: int) -> list[str]:

@@ -1,6 +1,6 @@
 """Training jobs a server runs for its visitors: one at a time, each in a process of its own.
 
-A job is a `vlm.train` run (`train(config, Progress(...))`, the call the CLI makes) started
+A job is a `vlm.training` run (`train(config, Progress(...))`, the call the CLI makes) started
 from the page (the Train tab) or its API: its data is a zip of captioned images, checked by
 the same gate as any upload (`vlm.uploads.extract_training_zip`), or a ShapeWorld set of a
 chosen size; its base is the bundled encoder (with the bundled LM, or a small LM learned on
@@ -72,7 +72,7 @@ class Job:
     name: str
     session: str | None
     folder: Path
-    config: dict  # vlm.train.TrainConfig's fields (as JSON)
+    config: dict  # vlm.training.TrainConfig's fields (as JSON)
     images: int  # training images (data) or scenes (ShapeWorld)
     state: str = "queued"
     error: str = ""
@@ -373,7 +373,7 @@ def _count_captioned(data: Path) -> int:
 
 def _serve_one_job(connection) -> None:
     """A spare child: torch and the trainer imported ahead, then the one job it is sent."""
-    import vlm.train  # noqa: F401  (the imports: most of a job's start-up)
+    import vlm.training.run  # noqa: F401  (the imports: most of a job's start-up)
 
     try:
         config, folder = connection.recv()
