@@ -125,9 +125,24 @@ def test_csv_in_own_words_trains_validates_evaluates_and_serves(own_csv, parts,
     (caption,) = pipeline.caption(sorted(held)[0])
     assert caption.strip() and pipeline.tokenizer.vocab_size <= 300  # its own small LM
     # the user's own eval command on the held-out part gives the scores the run logged
-    cli(["eval", "captions", "--data", str(own_csv), "--model", str(out / "pipeline"),
+    held_csv = tmp_path / "held.csv"
+    with held_csv.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("image_path", "caption")] + [
+            (str(e.image), c) for e in dataset.val_examples() for c in e.captions
+        ])  # fmt: skip
+    cli(["eval", "captions", "--data", str(held_csv), "--model", str(out / "pipeline"),
          "--json", "--max-new-tokens", "60"])  # fmt: skip
-    assert "BLEU-4" in json.loads(capsys.readouterr().out)["scores"]
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    (logged,) = [r["scores"] for r in log_rows(out) if r.get("stage") == "eval"]
+    assert scores == pytest.approx(logged, abs=1e-6)
+    for name, value in scores.items():  # numbers, each in its metric's range
+        assert isinstance(value, float) and 0 <= value <= (10 if name == "CIDEr" else 1), name
+    # and they measure what was learned: the untrained parts score lower on the same images
+    cli(["eval", "captions", "--data", str(held_csv), "--model", str(parts), "--json",
+         "--max-new-tokens", "20"])  # fmt: skip
+    untrained = json.loads(capsys.readouterr().out)["scores"]
+    assert scores["CIDEr"] > untrained["CIDEr"] + 0.1, (scores, untrained)
+    assert scores["BLEU-1"] > untrained["BLEU-1"] and scores["ROUGE-L"] > untrained["ROUGE-L"]
     # captions cut by the token limit are said to be, not silently scored
     cli(["eval", "captions", "--data", str(own_csv), "--model", str(out / "pipeline"),
          "--max-new-tokens", "2"])  # fmt: skip
