@@ -24,11 +24,14 @@ them to anything else needs the older vlm that had the option.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .config import check_keys
 from .errors import ConfigError, InputError
 
 MAPPER_KINDS = ("mlp", "transformer")
@@ -157,10 +160,12 @@ class PrefixMapper(nn.Module, PyTorchModelHubMixin, library_name="vlm", tags=["c
             self.transformer = _Transformer(lm_dim, num_heads, num_layers, mlp_ratio)
 
     @classmethod
-    def from_config(cls, config: dict) -> PrefixMapper:
+    def from_config(cls, config: dict, where: str = "mapper") -> PrefixMapper:
         """The mapper a saved config describes (`self.config`, as `save_pretrained` writes it).
-        A retired option (`RETIRED_OPTIONS`) at its "off" value is dropped; at any other value
-        it is refused (ConfigError), since this vlm cannot build that mapper."""
+        A key it does not know is refused by name (`where` says whose config); a retired
+        option (`RETIRED_OPTIONS`) at its "off" value is dropped; at any other value it is
+        refused (ConfigError), since this vlm cannot build that mapper."""
+        check_keys(config, [*inspect.signature(cls).parameters, *RETIRED_OPTIONS], where)
         options = dict(config)
         for key, off in RETIRED_OPTIONS.items():
             if key not in options:

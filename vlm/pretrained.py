@@ -8,7 +8,6 @@ builds the pipeline from the parts read here; nothing here imports `vlm.pipeline
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -23,11 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .blip2 import is_blip2_config, read_blip2
 from .calibration import Calibration
 from .clipcap import read_clipcap
-from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig, check_keys
+from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .encoder import Encoder
 from .errors import InputError, ModelLoadError, VLMError, one_line
 from .familiarity import FamiliarityProfile
-from .mapper import RETIRED_OPTIONS, PrefixMapper
+from .mapper import PrefixMapper
 from .presets import PRESETS, Preset, models_for
 
 
@@ -111,9 +110,7 @@ def folder_parts(folder: Path, config: PipelineConfig) -> Parts:
     lm_source = folder / config.lm if (folder / config.lm).is_dir() else config.lm
     lm = AutoModelForCausalLM.from_pretrained(lm_source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(lm_source)
-    known = [*inspect.signature(PrefixMapper).parameters, *RETIRED_OPTIONS]
-    check_keys(config.mapper, known, f"{CONFIG_NAME} mapper")
-    mapper = PrefixMapper.from_config(config.mapper)  # drops retired options left off
+    mapper = PrefixMapper.from_config(config.mapper, f"{CONFIG_NAME} mapper")
     mapper.load_state_dict(load_file(folder / MAPPER_WEIGHTS))
     return Parts(
         encoder,
