@@ -44,38 +44,23 @@ from vlm.examples import (
     shapeworld_examples,
 )
 from vlm.inputs import is_url, url_refused
+from vlm.limits import Limits, current
 from vlm.search import original_name
 from vlm.serve import (
-    MAX_BODY_SIZE,
-    MAX_NEW_TOKENS,
-    MAX_PENDING,
-    MAX_UPLOAD_FILES,
-    UPLOAD_QUOTA,
     Indexes,
     Models,
     Service,
     index_folder,
     write_captions_csv,
 )
-from vlm.training.jobs import BASES, MAPPERS, MAX_TRAIN_STEPS, JobError, TrainingJobs
+from vlm.training.jobs import BASES, MAPPERS, JobError, TrainingJobs
 from vlm.uploads import ScratchFolder
 
-__all__ = ["MAX_UPLOAD_FILES", "Models", "build_demo", "make_handlers"]  # what tests use
+__all__ = ["Models", "build_demo", "make_handlers"]  # what tests use
 
 log = logging.getLogger("vlm.app")
 
-MAX_FILE_SIZE = inputs.MAX_FILE_SIZE_TEXT  # uploads, paths and data URLs alike
-# every file the app writes or takes in (uploads, the caption CSV, the pictures it shows,
-# private galleries) is removed this many seconds after it was written or last used
-TEMP_MAX_AGE = float(os.environ.get("VLM_TEMP_MAX_AGE", 600))
 QUEUE_SIZE = 64  # requests waiting or running in all; the heavy group may take half
-# Gradio keeps a copy of the page's configuration for every session (about 0.3 MB each here)
-# until it has this many; API clients never close theirs, so without a bound memory grows
-# with every new visitor. The app keeps nothing per session, so forgetting the oldest is free.
-MAX_SESSIONS = int(os.environ.get("VLM_MAX_SESSIONS", 256))
-INDEX_ROOT = Path(os.environ.get("VLM_INDEX_DIR", Path.home() / ".cache" / "vlm" / "indexes"))
-# a training job's folder and model are deleted this long after the job ended
-TRAIN_MAX_AGE = float(os.environ.get("VLM_TRAIN_MAX_AGE", 3600))
 
 try:  # ZeroGPU on Hugging Face Spaces: GPU work runs inside @spaces.GPU
     import spaces
@@ -99,7 +84,8 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server-name", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--auth", default=env("VLM_AUTH"), help="user:password")
-    parser.add_argument("--index-dir", type=Path, default=INDEX_ROOT)
+    index_dir = env("VLM_INDEX_DIR") or Path.home() / ".cache" / "vlm" / "indexes"
+    parser.add_argument("--index-dir", type=Path, default=Path(index_dir))
     parser.add_argument(
         "--shared-index",
         action="store_true",
@@ -133,6 +119,7 @@ def parse_settings(argv: list[str]) -> argparse.Namespace:
     if settings.allowed_dirs is None:
         dirs = env("VLM_ALLOWED_DIRS", "").split(os.pathsep)
         settings.allowed_dirs = [Path(d) for d in dirs if d.strip()]
+    settings.limits = Limits.from_env()  # every VLM_MAX_* … bound, read once (vlm.limits)
     return settings
 
 
@@ -500,22 +487,24 @@ def job_summary(status: dict) -> str:
 
 def make_handlers(
     models: Models, index_root: Path, allowed_dirs=(), shared_index: bool = False,
-    training: bool = False,
+    training: bool = False, limits: Limits | None = None,
 ) -> dict:  # fmt: skip
     """The functions behind the page's buttons (and its API), over the models.
 
     Every server path a request names (an image or file given as a string) must lie under
     `allowed_dirs`, Gradio's upload folder or the bundled examples; a model folder, under
     `allowed_dirs` only. `shared_index`: one search gallery for everyone (see vlm.serve.Indexes).
-    `training`: visitors may train models (vlm.training.jobs). The service is
+    `training`: visitors may train models (vlm.training.jobs). Every request is checked
+    against `limits` (default: the environment's, `vlm.limits.current()`). The service is
     `handlers["service"]`."""
-    indexes = Indexes(index_root, shared_index, TEMP_MAX_AGE, MAX_SESSIONS)
+    limits = limits or current()
+    indexes = Indexes(index_root, shared_index, limits)
     jobs = None
     if training:
-        jobs = TrainingJobs(Path(tempfile.mkdtemp(prefix="vlm-train-")), TRAIN_MAX_AGE)
+        jobs = TrainingJobs(Path(tempfile.mkdtemp(prefix="vlm-train-")), limits)
     service = Service(models, index_root, PathGuard(allowed_dirs),
-                      inputs.PathGuard(allowed_dirs), indexes, jobs)  # fmt: skip
-    scratch = ScratchFolder("vlm-captions-", TEMP_MAX_AGE)  # the CSVs to download
+                      inputs.PathGuard(allowed_dirs), indexes, jobs, limits)  # fmt: skip
+    scratch = ScratchFolder("vlm-captions-", limits.temp_max_age)  # the CSVs to download
     streams = _writers(service)
     return dict(
         # the tabs' buttons: (text, its words with their probabilities[, choice scores])
@@ -636,7 +625,9 @@ def caption_tab(handlers: dict, model: gr.Dropdown, examples: tuple) -> None:
                 beams = gr.Slider(1, 8, value=3, step=1, label="Beams")
                 top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
-                max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=30, step=1, label="Max length")
+                max_tokens = gr.Slider(
+                    1, limits_of(handlers).max_new_tokens, value=30, step=1, label="Max length"
+                )
             cap_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
         with gr.Column(elem_classes="vlm-result"):
             familiarity_notice(handlers, cap_button, [cap_image], model, "familiarity")
@@ -774,7 +765,9 @@ def few_shot_tab(handlers: dict, model: gr.Dropdown, examples: tuple[list, list[
                 info="The model's own caption prompt until you change it",
             )  # fmt: skip
     with gr.Row():
-        fs_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+        fs_tokens = gr.Slider(
+            1, limits_of(handlers).max_new_tokens, value=20, step=1, label="Max length"
+        )
         fs_describe = gr.Checkbox(
             True, label="Describe each image first",
             info="Writes the model's caption after each image before the LM reads the list, "
@@ -831,7 +824,9 @@ def chat_tab(handlers: dict, model: gr.Dropdown) -> None:
                 retry = gr.Button("Retry", elem_id="chat-retry")
                 clear = gr.Button("Clear", elem_id="chat-clear")
         with gr.Column(scale=1):
-            length = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="Max length")
+            length = gr.Slider(
+                1, limits_of(handlers).max_new_tokens, value=20, step=1, label="Max length"
+            )
             trimmed = gr.Markdown(elem_id="chat-trimmed")
             words = confidence_output(handlers, model, "answer", "chat-words")
 
@@ -914,7 +909,7 @@ def train_tab(handlers: dict, model: gr.Dropdown, kept: gr.BrowserState,
             base = gr.Dropdown(service.train_bases(None), value=next(iter(BASES)),
                                label="Start from")  # fmt: skip
             mapper = gr.Radio(list(MAPPERS), value=next(iter(MAPPERS)), label="Mapper")
-            steps = gr.Slider(10, MAX_TRAIN_STEPS, value=400, step=10,
+            steps = gr.Slider(10, limits_of(handlers).train_max_steps, value=400, step=10,
                               label="Steps of the mapper's training")  # fmt: skip
             name = gr.Textbox("my-model", label="Name")
             with gr.Row():
@@ -1088,6 +1083,11 @@ def checked_examples(handlers: dict, tasks) -> dict[str, tuple[list, list[str]]]
     return checked
 
 
+def limits_of(handlers: dict) -> Limits:
+    """The limits the handlers check requests against (the sliders' bounds come from them)."""
+    return handlers["service"].limits
+
+
 def _first(result):
     return result[0] if isinstance(result, tuple) else result
 
@@ -1096,20 +1096,26 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
     models = Models(settings.model)
     shared = getattr(settings, "shared_index", False)
     training = getattr(settings, "allow_training", False) or bool(getattr(settings, "auth", None))
-    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared, training)
+    limits = getattr(settings, "limits", None) or current()
+    handlers = make_handlers(models, settings.index_dir, settings.allowed_dirs, shared, training,
+                             limits)  # fmt: skip
     indexes = handlers["service"].indexes
     pipeline = models.get(None)
     sw_paths = [str(p) for p, _ in shapeworld_examples()]
     photos = [str(p) for p in photo_examples()]
     examples = checked_examples(handlers, pipeline.tasks)
+    if shared and "search" in pipeline.tasks:  # a damaged saved gallery: said from the start
+        indexes.get(models.default, pipeline)
 
-    # uploads and what the app hands Gradio to serve are deleted after TEMP_MAX_AGE
-    sweep = max(1, min(60, int(TEMP_MAX_AGE // 4)))
+    # every file the app writes or takes in (uploads, the caption CSV, the pictures it shows,
+    # private galleries) is removed this long after it was written or last used
+    age = limits.temp_max_age
+    sweep = max(1, min(60, int(age // 4)))
     with gr.Blocks(title="vlm — teach a frozen LM to see",
-                   delete_cache=(sweep, max(1, int(TEMP_MAX_AGE)))) as demo:  # fmt: skip
+                   delete_cache=(sweep, max(1, int(age)))) as demo:  # fmt: skip
         gr.Markdown("# vlm · teach a frozen language model to see")
         with gr.Row():
-            notice = gr.Markdown(models.notice(), elem_id="model-notice")
+            notice = gr.Markdown(handlers["notice"](None), elem_id="model-notice")
             model = gr.Dropdown(
                 models.choices(), value=models.default, label="Model", scale=0,
                 min_width=220, visible=len(models.choices()) > 1 or training,
@@ -1148,13 +1154,14 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
             mcp_endpoints(handlers, demo)
         demo.load(handlers["show_index"], model, indexed, api_name=False)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
-    fair = FairQueue(MAX_PENDING, HEAVY["concurrency_id"], QUEUE_SIZE // 2,
+    fair = FairQueue(limits.max_pending, HEAVY["concurrency_id"], QUEUE_SIZE // 2,
                      getattr(settings, "trusted_proxy", False))  # fmt: skip
     fair.install(demo._queue)
     bound_session_inputs(gr.state_holder.SessionState)
+    demo.vlm_limits = limits
     demo.vlm_served_paths = served_paths(settings.index_dir, models.choices(), indexes)
-    demo.vlm_limits = Middleware(
-        RequestLimits, max_body=MAX_BODY_SIZE, upload_quota=UPLOAD_QUOTA,
+    demo.vlm_middleware = Middleware(
+        RequestLimits, max_body=limits.max_body_size, upload_quota=limits.upload_quota,
         upload_usage=lambda: app_bytes(demo, indexes),
     )  # fmt: skip
     return demo
@@ -1189,9 +1196,13 @@ def launch(demo: gr.Blocks, settings: argparse.Namespace) -> None:
         auth = (user, password)
     demo.launch(
         server_name=settings.server_name, server_port=settings.port, share=settings.share,
-        auth=auth, max_file_size=MAX_FILE_SIZE, css=CSS, footer_links=["api"],
-        allowed_paths=demo.vlm_served_paths, state_session_capacity=MAX_SESSIONS,
-        app_kwargs={"middleware": [demo.vlm_limits]}, mcp_server=settings.mcp,
+        auth=auth, max_file_size=demo.vlm_limits.max_file_size, css=CSS, footer_links=["api"],
+        allowed_paths=demo.vlm_served_paths,
+        # Gradio keeps a copy of the page's configuration for every session (about 0.3 MB
+        # each) until it has this many; API clients never close theirs. The app keeps nothing
+        # per session, so forgetting the oldest is free.
+        state_session_capacity=demo.vlm_limits.max_sessions,
+        app_kwargs={"middleware": [demo.vlm_middleware]}, mcp_server=settings.mcp,
     )  # fmt: skip
 
 

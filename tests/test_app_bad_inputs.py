@@ -357,9 +357,9 @@ def test_file_lists_check_every_path(handlers, folders):
     assert not list((root / "indexes").rglob("secret.png"))  # nothing was copied in
 
 
-def test_too_many_files_at_once_are_refused(app_module, handlers, folders):
+def test_too_many_files_at_once_are_refused(handlers, folders):
     _, allowed, _ = folders
-    many = [str(allowed / "sub" / "scene.png")] * (app_module.MAX_UPLOAD_FILES + 1)
+    many = [str(allowed / "sub" / "scene.png")] * (handlers["service"].limits.max_upload_files + 1)
     refused(lambda: handlers["caption_files"](many), "At most 500 images at once")
     refused(lambda: handlers["index_add"](many, progress=lambda *a, **k: None),
             "At most 500 files at once")  # fmt: skip

@@ -20,7 +20,8 @@ from PIL import Image
 from test_app import pinned_env
 
 from vlm import Pipeline
-from vlm.images import MAX_IMAGE_PIXELS, ImageError, load_image
+from vlm.images import ImageError, load_image
+from vlm.limits import Limits
 from vlm.uploads import UploadError, clean_question, parse_labels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,12 +311,13 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
 def test_just_over_the_pixel_limit_is_refused_by_our_own_check(tmp_path):
     """Under Pillow's own limit (a process-wide setting vlm leaves alone: 89 MP by default)
     and just over ours, our header check refuses it, naming the size and the limit."""
-    side = int(MAX_IMAGE_PIXELS**0.5) + 1
+    most = Limits().max_image_pixels  # the default (the tests run without VLM_* set)
+    side = int(most**0.5) + 1
     assert side * side < Image.MAX_IMAGE_PIXELS
     path = bomb_png(tmp_path / "big.png", side)
     with pytest.raises(ImageError) as error:
         load_image(path)
-    assert f"{side}×{side}" in str(error.value) and f"{MAX_IMAGE_PIXELS:,}" in str(error.value)
+    assert f"{side}×{side}" in str(error.value) and f"{most:,}" in str(error.value)
 
 
 # ----------------------------------------------------------------------------- labels

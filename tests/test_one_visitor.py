@@ -132,8 +132,9 @@ def test_caption_all_and_explain_of_8000_pixel_images_stay_within_memory(tmp_pat
     assert max(report["overlay"]) <= 1024
 
 
-def test_caption_all_past_the_pixel_budget_warns_for_the_rest(monkeypatch, tmp_path, scene):
+def test_caption_all_past_the_pixel_budget_warns_for_the_rest(tmp_path, scene):
     from vlm import inputs, serve
+    from vlm.limits import Limits
 
     names = []
     for i in range(3):
@@ -141,8 +142,9 @@ def test_caption_all_past_the_pixel_budget_warns_for_the_rest(monkeypatch, tmp_p
         Image.open(scene[0]).rotate(90 * i).save(target)
         names.append(str(target))
     width, height = Image.open(scene[0]).size
-    monkeypatch.setattr(serve, "MAX_REQUEST_PIXELS", 2 * width * height)  # two of three
-    service = serve.Service(serve.Models("shapeworld"), tmp_path, inputs.PathGuard([tmp_path]))
+    limits = Limits(max_request_pixels=2 * width * height)  # two of three
+    service = serve.Service(serve.Models("shapeworld"), tmp_path, inputs.PathGuard([tmp_path]),
+                            limits=limits)  # fmt: skip
     rows = service.caption_files(names)
     assert [name for name, _ in rows] == ["scene-0.png", "scene-1.png", "scene-2.png"]
     assert rows[0][1] == scene[1] and not rows[1][1].startswith("⚠")

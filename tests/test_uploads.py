@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from vlm.images import ImageError
-from vlm.inputs import ImageGate, InputRefused, PathGuard, data_url_bytes, number, parse_size
+from vlm.inputs import ImageGate, InputRefused, PathGuard, data_url_bytes, number
+from vlm.limits import parse_size
 from vlm.uploads import (
     ScratchFolder,
     UploadError,

@@ -14,12 +14,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .limits import current
 
-# Refuse images whose header claims more pixels than this before decoding them (decompression
-# bombs). 64 MP covers any camera photo; override with VLM_MAX_IMAGE_PIXELS. Pillow's own guard
-# (`Image.MAX_IMAGE_PIXELS`, a process-wide setting left as the application set it) stays a
-# second line of defence: it refuses what claims more than twice its limit as it opens.
-MAX_IMAGE_PIXELS = int(os.environ.get("VLM_MAX_IMAGE_PIXELS", 64_000_000))
+# Images whose header claims more pixels than `Limits.max_image_pixels` (64 MP: any camera
+# photo; VLM_MAX_IMAGE_PIXELS) are refused before decoding (decompression bombs). Pillow's own
+# guard (`Image.MAX_IMAGE_PIXELS`, a process-wide setting left as the application set it)
+# stays a second line of defence: it refuses what claims more than twice its limit as it opens.
 
 # The most any task needs of an image: the encoders read at most 448 px and Explain's overlay
 # is shown at about 1024. An image whose shorter side is at least twice this is reduced by a
@@ -85,13 +85,14 @@ def _image_array(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _claimed(error: Image.DecompressionBombError) -> str:
+def _claimed(error: Image.DecompressionBombError, max_pixels: int) -> str:
     """The pixel count in Pillow's refusal ("Image size (N pixels) exceeds …"), formatted."""
     match = re.search(r"\((\d+) pixels\)", str(error))
-    return f"{int(match.group(1)):,}" if match else f"more than {2 * MAX_IMAGE_PIXELS:,}"
+    return f"{int(match.group(1)):,}" if match else f"more than {2 * max_pixels:,}"
 
 
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
+    max_pixels = current().max_image_pixels
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: the file is empty")
@@ -107,8 +108,8 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
         image = Image.open(stream)
     except Image.DecompressionBombError as error:  # over twice the limit: Pillow refused it
         raise ImageError(
-            f"{name}: the image is too large ({_claimed(error)} pixels; "
-            f"the limit is {MAX_IMAGE_PIXELS:,} pixels)"
+            f"{name}: the image is too large ({_claimed(error, max_pixels)} pixels; "
+            f"the limit is {max_pixels:,} pixels)"
         ) from None
     except UnidentifiedImageError:
         head = stream.getvalue()[:12]
@@ -120,10 +121,10 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
             ) from None
         raise ImageError(f"{name}: not an image Pillow can read") from None
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > max_pixels:
         raise ImageError(
             f"{name}: the image is too large ({width}×{height} pixels; "
-            f"the limit is {MAX_IMAGE_PIXELS:,} pixels)"
+            f"the limit is {max_pixels:,} pixels)"
         )
     return image
 

@@ -9,9 +9,9 @@ PIL image, an array or bytes, which are already in memory) and:
   (no existence oracle);
 - never fetches a URL;
 - refuses a `data:` URL longer than the byte limit allows *before* decoding its base64;
-- applies the same byte limit (`VLM_MAX_FILE_SIZE`, as Gradio's uploads) to files and data
+- applies the same byte limit (`Limits.max_file_size`, as Gradio's uploads) to files and data
   URLs, then decodes with `vlm.images.load_image`, which checks the pixel count from the
-  header before decoding (`VLM_MAX_IMAGE_PIXELS`).
+  header before decoding (`Limits.max_image_pixels`).
 """
 
 from __future__ import annotations
@@ -28,25 +28,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .images import ImageError, PixelBudget, load_image
-
-UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}  # as Gradio's
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes from "50mb", "1 GB", "2048" (Gradio's `max_file_size` syntax, 1024-based)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", size)
-    unit = (match.group(2) or "B").upper() if match else ""
-    if not match or unit not in UNITS:
-        raise ConfigError(f"not a size: {size!r} (e.g. 50mb)")
-    return int(match.group(1)) * UNITS[unit]
-
-
-MAX_FILE_SIZE_TEXT = os.environ.get("VLM_MAX_FILE_SIZE", "50mb")
-MAX_FILE_SIZE = parse_size(MAX_FILE_SIZE_TEXT)
+from .limits import current
 
 
 class InputRefused(ImageError):
@@ -118,9 +102,10 @@ def is_url(text: str) -> bool:
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text))
 
 
-def data_url_bytes(url: str, max_bytes: int = MAX_FILE_SIZE, name: str = "data URL") -> bytes:
+def data_url_bytes(url: str, max_bytes: int | None = None, name: str = "data URL") -> bytes:
     """The bytes of a `data:` URL, refused by its encoded length before anything is decoded
-    when they could exceed `max_bytes`."""
+    when they could exceed `max_bytes` (None: the file limit, `Limits.max_file_size`)."""
+    max_bytes = current().max_file_size if max_bytes is None else max_bytes
     header, comma, payload = url.partition(",")
     if not comma or not header.lower().startswith("data:"):
         raise ImageError(f"{name}: not a valid data URL")
@@ -158,9 +143,9 @@ class ImageGate:
     """Opens an image a request names, whatever its form, within the guard's roots and the
     byte and pixel limits; see the module's docstring."""
 
-    def __init__(self, guard: PathGuard, max_bytes: int = MAX_FILE_SIZE):
+    def __init__(self, guard: PathGuard, max_bytes: int | None = None):
         self.guard = guard
-        self.max_bytes = max_bytes
+        self.max_bytes = current().max_file_size if max_bytes is None else max_bytes
 
     def read_path(self, path: str | os.PathLike) -> Path:
         """A path inside the roots, a regular file within the byte limit."""

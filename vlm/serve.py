@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import functools
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -35,11 +34,12 @@ from .chat import conversation
 from .errors import InputError, ModelLoadError, VLMError, one_line
 from .examples import all_example_images
 from .images import ImageError, PixelBudget
-from .inputs import MAX_FILE_SIZE, ImageGate, PathGuard, number, parse_size
+from .inputs import ImageGate, PathGuard, number
+from .limits import Limits, current
 from .pipeline import Pipeline
 from .presets import PRESETS, choose_default_model, hub_reachable, models_for_task, runnable_presets
 from .pretrained import check_confined
-from .search import MANIFEST, Hit, SearchIndex
+from .search import MANIFEST, Hit, IndexLoadError, SearchIndex
 from .streaming import TextStream
 from .tasks import TASKS, UnsupportedTaskError
 from .training.jobs import BASES, TrainingJobs
@@ -55,46 +55,6 @@ from .uploads import (
 from .visualize import overlay_heatmap
 
 log = logging.getLogger("vlm.serve")
-
-MAX_NEW_TOKENS = int(os.environ.get("VLM_MAX_NEW_TOKENS", 60))
-MAX_LABELS = int(os.environ.get("VLM_MAX_LABELS", 2000))
-MAX_QUESTION_CHARS = int(os.environ.get("VLM_MAX_QUESTION_CHARS", 500))
-MAX_UPLOAD_FILES = int(os.environ.get("VLM_MAX_UPLOAD_FILES", 500))
-# Text limits, checked before any tokenising: labels (also the explain phrase and a search
-# text), zero-shot templates (count, length, and labels × templates: the cost of /classify),
-# few-shot texts and prompt.
-MAX_LABEL_CHARS = int(os.environ.get("VLM_MAX_LABEL_CHARS", 300))
-MAX_TEMPLATES = int(os.environ.get("VLM_MAX_TEMPLATES", 100))
-MAX_TEMPLATE_CHARS = int(os.environ.get("VLM_MAX_TEMPLATE_CHARS", 200))
-MAX_CLASSIFY_TEXTS = int(os.environ.get("VLM_MAX_CLASSIFY_TEXTS", 20_000))
-MAX_FEW_SHOT_CHARS = int(os.environ.get("VLM_MAX_FEW_SHOT_CHARS", 1000))
-MAX_CHOICES = 50
-MAX_CHAT_MESSAGES = int(os.environ.get("VLM_MAX_CHAT_MESSAGES", 40))  # a conversation's
-MAX_CHAT_IMAGES = int(os.environ.get("VLM_MAX_CHAT_IMAGES", 8))  # … and its images
-# Pixels one request may decode in all ("Caption all", indexing), a JPEG counted at the
-# scale it is decoded at (see vlm.images.PixelBudget): about eight of the largest images.
-MAX_REQUEST_PIXELS = int(os.environ.get("VLM_MAX_REQUEST_PIXELS", 500_000_000))
-# Requests one client may have waiting or running at once (see vlm.admission.FairQueue).
-MAX_PENDING = int(os.environ.get("VLM_MAX_PENDING", 4))
-# Bytes the app's files (uploads, outputs, private galleries) may take on disk at once.
-UPLOAD_QUOTA = parse_size(os.environ.get("VLM_UPLOAD_QUOTA", "2gb"))
-
-
-def largest_request_bytes() -> int:
-    """The largest body a legitimate request sends: one image inline as a data URL at the
-    file limit (base64: 4 bytes for 3) beside the longest texts the limits allow, each
-    character escaped in JSON at worst as 6 bytes, plus 1 MB for the rest. Several large
-    images go through the upload route, one file at a time."""
-    texts = (
-        MAX_LABELS * (MAX_LABEL_CHARS + 4)
-        + MAX_TEMPLATES * (MAX_TEMPLATE_CHARS + 2)
-        + 5 * MAX_FEW_SHOT_CHARS
-        + MAX_QUESTION_CHARS
-    )
-    return MAX_FILE_SIZE * 4 // 3 + 6 * texts + (1 << 20)
-
-
-MAX_BODY_SIZE = parse_size(os.environ.get("VLM_MAX_BODY_SIZE", str(largest_request_bytes())))
 
 
 class RequestError(InputError):
@@ -227,12 +187,12 @@ class Indexes:
     gallery is forgotten, files and all, `max_age` seconds after its last use, and at most
     `max_sessions` are kept (the least recently used goes first)."""
 
-    def __init__(
-        self, root: Path, shared: bool = False, max_age: float = 600, max_sessions: int = 256
-    ):
+    def __init__(self, root: Path, shared: bool = False, limits: Limits | None = None):
         self.root, self.shared = Path(root), shared
-        self.max_age, self.max_sessions = max_age, max_sessions
+        self.limits = limits or current()
+        self.max_age, self.max_sessions = self.limits.temp_max_age, self.limits.max_sessions
         self._open: dict[str, SearchIndex] = {}
+        self.damaged: dict[str, str] = {}  # model -> why its saved index could not be read
         self._private: OrderedDict[tuple[str, str], _Private] = OrderedDict()
         self._private_root: Path | None = None
         self._lock = threading.Lock()
@@ -240,18 +200,34 @@ class Indexes:
     def folder(self, model: str) -> Path:
         return index_folder(self.root, model)
 
+    def damage(self, model: str) -> str:
+        """What the page says of `model`'s saved index when it could not be read ("" if it
+        could, or has not been opened yet)."""
+        why = self.damaged.get(model)
+        if why is None:
+            return ""
+        return (f"The saved search gallery could not be read ({why}); only the bundled "
+                "examples are searched.")  # fmt: skip
+
     def private_root(self) -> Path:
         """Where private galleries keep their files (made on first use, removed at exit)."""
         with self._lock:
             return self._private_root_unlocked()
 
     def _base(self, model: str, pipeline: Pipeline) -> SearchIndex:
-        """The model's index that every visitor sees (call with the lock held)."""
+        """The model's index that every visitor sees (call with the lock held). A saved
+        index that cannot be read is left as it is and named in `damaged`; meanwhile the
+        bundled examples are searched and nothing is added."""
         if model not in self._open:
             if self.shared:
                 folder = self.folder(model)
-                index = open_index(folder, pipeline, all_example_images())
-                if not (folder / MANIFEST).exists():
+                try:
+                    index = open_index(folder, pipeline, all_example_images())
+                except IndexLoadError as error:
+                    log.warning("shared index of %s unreadable: %s", model, one_line(error))
+                    self.damaged[model] = one_line(error)
+                    index = pipeline.build_index(all_example_images())
+                if model not in self.damaged and not (folder / MANIFEST).exists():
                     index.save(folder)
             else:  # the bundled examples only, whatever an earlier shared run saved
                 index = pipeline.build_index(all_example_images())
@@ -313,19 +289,22 @@ class Indexes:
         skipped and why). Our own copies are kept (the uploads and the unpacked zip are
         temporary); what the index does not take is removed. `progress(done, of)`."""
         self.get(model, pipeline, session)  # the base exists, expired galleries are gone
+        if model in self.damaged:
+            raise RequestError(f"{self.damage(model)} Nothing is added to it until it is "
+                               "repaired or removed.")  # fmt: skip
         if self.shared:
             index, folder = self._open[model], self.folder(model) / "images"
         else:
             private = self._make_private(model, session)
             index, folder = private.index, private.folder
-        budget = PixelBudget(MAX_REQUEST_PIXELS)
+        budget, most = PixelBudget(self.limits.max_request_pixels), self.limits.max_upload_files
         with tempfile.TemporaryDirectory(prefix="vlm-unpack-") as unpacked:
             paths, skipped = collect_uploads(
-                [str(f) for f in uploads], Path(unpacked), max_files=MAX_UPLOAD_FILES
+                [str(f) for f in uploads], Path(unpacked), max_files=most
             )
-            if not self.shared and len(index) + len(paths) > MAX_UPLOAD_FILES:
+            if not self.shared and len(index) + len(paths) > most:
                 raise RequestError(
-                    f"A private gallery holds at most {MAX_UPLOAD_FILES} images; this one has "
+                    f"A private gallery holds at most {most} images; this one has "
                     f"{len(index)} and {len(paths)} more were sent."
                 )
             if progress:
@@ -350,14 +329,16 @@ class _Private:
 # ---------------------------------------------------------------------------- the requests
 
 
-def max_tokens(value) -> int:
-    return int(number(value, "Max length", 1, MAX_NEW_TOKENS, " tokens"))
+def max_tokens(value, limits: Limits) -> int:
+    return int(number(value, "Max length", 1, limits.max_new_tokens, " tokens"))
 
 
-def decoding(mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_length=30) -> dict:
+def decoding(
+    limits: Limits, mode="greedy", beams=3, top_p=0.9, temperature=1.0, max_length=30
+) -> dict:
     """A request's decoding ("greedy", "beam search" or "nucleus sampling", and its numbers),
-    checked, as `generate` options."""
-    options = dict(max_new_tokens=max_tokens(max_length))
+    checked against `limits`, as `generate` options."""
+    options = dict(max_new_tokens=max_tokens(max_length, limits))
     if mode == "beam search":
         options["num_beams"] = int(number(beams, "Beams", 1, 8))
     elif mode == "nucleus sampling":
@@ -492,11 +473,13 @@ class Service:
         model_dirs: PathGuard | None = None,
         indexes: Indexes | None = None,
         jobs: TrainingJobs | None = None,
+        limits: Limits | None = None,
     ):
         self.models, self.guard = models, guard
+        self.limits = limits = limits or current()
         self.model_dirs = model_dirs or PathGuard()  # where model folders may come from
-        self.gate = ImageGate(guard)  # every image a request names passes it
-        self.indexes = indexes or Indexes(index_root)
+        self.gate = ImageGate(guard, limits.max_file_size)  # every image a request names
+        self.indexes = indexes or Indexes(index_root, limits=limits)
         self.jobs = jobs  # training from the page: None where the server does not allow it
         if jobs is not None:
             models.trained = jobs.models
@@ -568,7 +551,10 @@ class Service:
         return [self.gate.read_path(getattr(f, "path", None) or f) for f in files]
 
     def notice(self, model: str | None = None) -> str:
-        return self.models.notice(self.models.pick(model, self.model_dirs))
+        """The model's line above the tabs, and what is wrong with its saved search gallery."""
+        name = self.models.pick(model, self.model_dirs)
+        damage = self.indexes.damage(name)
+        return self.models.notice(name) + (f" ⚠ {damage}" if damage else "")
 
     def label_sets(self, model: str | None = None) -> list[LabelSet]:
         """The label sets `model` is offered with (see `label_sets`)."""
@@ -599,7 +585,7 @@ class Service:
 
     def caption(self, image, fields: Sequence = (), model: str | None = None) -> TextStream:
         """A stream of the caption; `fields`: the request's `decoding` fields."""
-        options, picture = decoding(*fields), self.image(image)
+        options, picture = decoding(self.limits, *fields), self.image(image)
         with self.using(model) as pipeline:
             return pipeline.stream_caption(picture, **options)
 
@@ -610,9 +596,9 @@ class Service:
         file named twice is captioned once. Images are decoded a batch at a time, reduced as
         they are (see vlm.images.load_image), within the request's budget of decoded pixels,
         and the model's turn is held for one batch at a time, so other requests go between."""
-        _count(files, MAX_UPLOAD_FILES, "images", "Please add one or more image files.")
-        options, paths = decoding(*fields), list(dict.fromkeys(self.files(files)))
-        budget, rows, warnings = PixelBudget(MAX_REQUEST_PIXELS), [], []
+        _count(files, self.limits.max_upload_files, "images", "Please add one or more image files.")
+        options, paths = decoding(self.limits, *fields), list(dict.fromkeys(self.files(files)))
+        budget, rows, warnings = PixelBudget(self.limits.max_request_pixels), [], []
         for start in range(0, len(paths), batch_size):
             good = []
             for path in paths[start : start + batch_size]:
@@ -629,10 +615,11 @@ class Service:
     def answer(self, image, question: str = "", choices_text: str = "", model=None):
         """A stream of the answer, or with choices (comma-separated) the chosen one and every
         choice's score: (stream, None) or (None, (best, scores))."""
-        question = clean_question(question or "", max_chars=MAX_QUESTION_CHARS)
+        question = clean_question(question or "", max_chars=self.limits.max_question_chars)
         choices = None
         if (choices_text or "").strip():
-            choices = parse_labels(choices_text, MAX_CHOICES, MAX_LABEL_CHARS)
+            most, chars = self.limits.max_choices, self.limits.max_label_chars
+            choices = parse_labels(choices_text, most, chars)
         picture = self.image(image)
         with self.using(model) as pipeline:
             if choices:  # scored, not written
@@ -645,9 +632,10 @@ class Service:
         oldest turns were left out for the rest to fit the LM."""
         if not isinstance(messages, list) or not messages:
             raise RequestError("Give a conversation: a list of messages, the last one yours.")
-        if len(messages) > MAX_CHAT_MESSAGES:
-            raise RequestError(f"At most {MAX_CHAT_MESSAGES} messages in a conversation.")
-        length = number(length, "Max length", 1, MAX_NEW_TOKENS, " tokens")
+        limits = self.limits
+        if len(messages) > limits.max_chat_messages:
+            raise RequestError(f"At most {limits.max_chat_messages} messages in a conversation.")
+        length = number(length, "Max length", 1, limits.max_new_tokens, " tokens")
         checked, images = [], 0
         for number_, message in enumerate(messages, 1):
             content = message.get("content") if isinstance(message, dict) else None
@@ -659,12 +647,14 @@ class Service:
                 block = dict(block) if isinstance(block, dict) else {"type": None}
                 if block.get("type") == "image":
                     images += 1
-                    if images > MAX_CHAT_IMAGES:
-                        raise RequestError(f"At most {MAX_CHAT_IMAGES} images in a conversation.")
+                    if images > limits.max_chat_images:
+                        raise RequestError(
+                            f"At most {limits.max_chat_images} images in a conversation."
+                        )
                     block["image"] = self.image(block.get("image"))
                 elif block.get("type") == "text":
                     check_length(str(block.get("text") or ""), f"message {number_}",
-                                 MAX_QUESTION_CHARS)  # fmt: skip
+                                 limits.max_question_chars)  # fmt: skip
                 kept.append(block)
             checked.append({**message, "content": kept})
         with self.using(model) as pipeline:
@@ -678,9 +668,9 @@ class Service:
         """The LM's continuation of (image, text) examples, then the query image and `prompt`;
         with `describe`, each image's caption is written after it first."""
         for number_, (_, text) in enumerate(examples, 1):
-            check_length(text, f"Text {number_}", MAX_FEW_SHOT_CHARS)
-        check_length(prompt, "the prompt", MAX_FEW_SHOT_CHARS)
-        length = max_tokens(length)
+            check_length(text, f"Text {number_}", self.limits.max_few_shot_chars)
+        check_length(prompt, "the prompt", self.limits.max_few_shot_chars)
+        length = max_tokens(length, self.limits)
         parts: list = []
         for image, text in examples:
             if image is not None and (text or "").strip():
@@ -697,10 +687,13 @@ class Service:
 
     def classify(self, image, labels_text: str = "", templates_text: str = "", model=None):
         """Each label's probability, best first."""
-        labels = parse_labels(labels_text or "", MAX_LABELS, MAX_LABEL_CHARS)
-        templates = parse_templates(templates_text, MAX_TEMPLATES, MAX_TEMPLATE_CHARS)
+        limits = self.limits
+        labels = parse_labels(labels_text or "", limits.max_labels, limits.max_label_chars)
+        templates = parse_templates(templates_text, limits.max_templates,
+                                    limits.max_template_chars)  # fmt: skip
         pipeline = self.pipeline(model)
-        check_prompt_count(len(labels), len(templates or pipeline.templates()), MAX_CLASSIFY_TEXTS)
+        count = len(templates or pipeline.templates())
+        check_prompt_count(len(labels), count, limits.max_classify_texts)
         picture = self.image(image)
         # the label texts are encoded (and cached) outside the model's turn, which only the
         # image side needs: a caption does not wait for thousands of texts
@@ -712,7 +705,7 @@ class Service:
         """The image with a heatmap of where `text` matches it."""
         if not (text or "").strip():
             raise RequestError("Type a label or a phrase to look for.")
-        check_length(text, "the phrase", MAX_LABEL_CHARS)
+        check_length(text, "the phrase", self.limits.max_label_chars)
         picture = self.image(image)
         with self.using(model) as pipeline:
             grid = pipeline.explain(picture, text.strip())
@@ -733,7 +726,7 @@ class Service:
         kind = search_kind(query_text, query_image)
         text = ""
         if kind != "image":
-            text = check_length(query_text, "the text query", MAX_LABEL_CHARS).strip()
+            text = check_length(query_text, "the text query", self.limits.max_label_chars).strip()
         picture = self.image(query_image) if kind != "text" else None
         weight = number(text_weight, "Text weight", 0, 1) if kind == "both" else 1.0
         with self.using(model) as pipeline:
@@ -750,7 +743,12 @@ class Service:
             kind = search_kind(query_text, query_image)
         except RequestError:
             return ""
-        pipeline = self.models.get(self.models.pick(model, self.model_dirs))
+        name = self.models.pick(model, self.model_dirs)
+        pipeline, damage = self.models.get(name), self.indexes.damage(name)
+        return " ".join(filter(None, [self._plan(kind, text_weight, pipeline), damage]))
+
+    @staticmethod
+    def _plan(kind: str, text_weight, pipeline: Pipeline) -> str:
         calibrated = pipeline.calibration is not None and pipeline.calibration.matches
         if kind == "both":
             weight = float(text_weight or 0)
@@ -772,7 +770,8 @@ class Service:
         self, files, model=None, progress=None, session=None
     ) -> tuple[SearchIndex, int, Skipped]:
         """Add image files and zips of images to the index `session` sees (see `Indexes`)."""
-        _count(files, MAX_UPLOAD_FILES, "files", "Drop images or a .zip of images to add.")
+        most = self.limits.max_upload_files
+        _count(files, most, "files", "Drop images or a .zip of images to add.")
         uploads = self.files(files)
         with self.using(model) as pipeline:
             name = self._searchable(model)

@@ -32,17 +32,12 @@ from pathlib import Path
 from ..data import FileDataset
 from ..errors import InputError
 from ..inputs import number
+from ..limits import Limits, current
 from ..paths import ASSETS
 from ..uploads import UploadError, extract_training_zip
 
 log = logging.getLogger("vlm.training_jobs")
 
-MAX_TRAIN_IMAGES = int(os.environ.get("VLM_TRAIN_MAX_IMAGES", 2000))
-MAX_TRAIN_STEPS = int(os.environ.get("VLM_TRAIN_MAX_STEPS", 2000))
-MAX_TRAIN_SECONDS = float(os.environ.get("VLM_TRAIN_MAX_SECONDS", 900))
-MAX_TRAIN_ZIP = 200_000_000  # bytes unpacked
-TRAIN_THREADS = int(os.environ.get("VLM_TRAIN_THREADS", 1))
-MAX_QUEUED = 8
 SAMPLE_EVERY = 25  # steps between the held-out captions a job shows
 BUNDLE = ASSETS / "shapeworld"
 # the bases a job can start from (a model trained earlier here is one too, by its name)
@@ -100,12 +95,14 @@ def _slug(text: str) -> str:
 
 class TrainingJobs:
     """The server's training jobs (see the module): `start`, `status`, `stop`, the models of
-    finished jobs (`models`: name -> folder), deleted `max_age` seconds after they end."""
+    finished jobs (`models`: name -> folder), deleted `limits.train_max_age` seconds after
+    they end; every request checked against `limits` (the `train_*` ones)."""
 
-    def __init__(self, root: Path, max_age: float = 3600.0):
+    def __init__(self, root: Path, limits: Limits | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.max_age = max_age
+        self.limits = limits or current()
+        self.max_age = self.limits.train_max_age
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
         self._lock = threading.Lock()
@@ -145,12 +142,13 @@ class TrainingJobs:
         """Check a request and queue its job (JobError or UploadError, before any work, for
         a bad one). `files`: a zip (a list holding one); else `shapeworld_images` scenes are
         generated. `models`: the models trained earlier that may serve as a base."""
-        steps = int(number(steps, "Steps", 10, MAX_TRAIN_STEPS))
+        steps = int(number(steps, "Steps", 10, self.limits.train_max_steps))
         if mapper not in MAPPERS:
             raise JobError(f"Choose a mapper: {', '.join(MAPPERS)}.")
         with self._lock:
-            if sum(j.state == "queued" for j in self._jobs.values()) >= MAX_QUEUED:
-                raise JobError(f"{MAX_QUEUED} training jobs are waiting already; try later.")
+            most = self.limits.train_max_queued
+            if sum(j.state == "queued" for j in self._jobs.values()) >= most:
+                raise JobError(f"{most} training jobs are waiting already; try later.")
         job_id = uuid.uuid4().hex[:10]
         folder = self.root / job_id
         folder.mkdir(parents=True)
@@ -177,10 +175,10 @@ class TrainingJobs:
             files = files if isinstance(files, list | tuple) else [files]
             if len(files) != 1 or not str(files[0]).lower().endswith(".zip"):
                 raise JobError("Upload one .zip of images with their captions.")
-            data, _ = extract_training_zip(files[0], folder / "data",
-                                           max_files=2 * MAX_TRAIN_IMAGES + 2,
-                                           max_total_bytes=MAX_TRAIN_ZIP)  # fmt: skip
-            count = _count_captioned(data)
+            most = self.limits.train_max_images
+            data, _ = extract_training_zip(files[0], folder / "data", max_files=2 * most + 2,
+                                           max_total_bytes=self.limits.train_max_zip)  # fmt: skip
+            count = _count_captioned(data, most)
             config.update(data=[str(data)], val_fraction=0.1, prefix_batch_size=32,
                           val_every=25, early_stopping=0)  # fmt: skip
         else:
@@ -302,17 +300,19 @@ class TrainingJobs:
 
     def _run(self, job: Job) -> None:
         job.process, connection = self._spare
+        message = (job.config, str(job.folder), self.limits.train_threads)
         try:
-            connection.send((job.config, str(job.folder)))
+            connection.send(message)
         except OSError:  # the spare died: a new one, now
             job.process, connection = self._new_process()
-            connection.send((job.config, str(job.folder)))
-        deadline = time.time() + MAX_TRAIN_SECONDS
+            connection.send(message)
+        seconds = self.limits.train_max_seconds
+        deadline = time.time() + seconds
         while job.process.is_alive():
             job.process.join(timeout=1)
             if time.time() > deadline and not (job.folder / "stop").exists():
                 (job.folder / "stop").touch()  # over its time: stopped as if asked
-                job.error = f"stopped after the server's limit of {MAX_TRAIN_SECONDS:.0f} s"
+                job.error = f"stopped after the server's limit of {seconds:.0f} s"
             if (job.folder / "stop").exists() and time.time() > deadline + 120:
                 job.process.kill()  # it did not stop: not even a checkpoint
         with self._lock:
@@ -354,9 +354,9 @@ class TrainingJobs:
             shutil.rmtree(job.folder, ignore_errors=True)
 
 
-def _count_captioned(data: Path) -> int:
+def _count_captioned(data: Path, most: int) -> int:
     """How many images of extracted training data have a caption (JobError: none, or more
-    than MAX_TRAIN_IMAGES), read as `vlm train --data` reads them."""
+    than `most`), read as `vlm train --data` reads them."""
     dataset = FileDataset([str(data)], val_fraction=0.0)
     count = sum(1 for example in dataset.examples() if example.captions)
     if not count:
@@ -364,8 +364,8 @@ def _count_captioned(data: Path) -> int:
             "No image in the zip has a caption: put a .txt beside each image "
             "(a caption a line) or a captions.csv (image_path, caption)."
         )
-    if count > MAX_TRAIN_IMAGES:
-        raise JobError(f"{count} captioned images; the limit is {MAX_TRAIN_IMAGES}.")
+    if count > most:
+        raise JobError(f"{count} captioned images; the limit is {most}.")
     if count < 10:
         raise JobError(f"{count} captioned images are too few to learn from; give at least 10.")
     return count
@@ -376,21 +376,21 @@ def _serve_one_job(connection) -> None:
     import vlm.training.run  # noqa: F401  (the imports: most of a job's start-up)
 
     try:
-        config, folder = connection.recv()
+        config, folder, threads = connection.recv()
     except EOFError:  # the server went away
         return
-    run_job(config, folder)
+    run_job(config, folder, threads)
 
 
-def run_job(config: dict, folder: str) -> None:
-    """The child process: train as `vlm train` does, its events appended to
-    `<folder>/events.jsonl`, stopping when `<folder>/stop` appears."""
+def run_job(config: dict, folder: str, threads: int = 1) -> None:
+    """The child process: train as `vlm train` does on `threads` CPU threads, its events
+    appended to `<folder>/events.jsonl`, stopping when `<folder>/stop` appears."""
     import torch
 
     from . import Progress, TrainConfig, train
 
     os.nice(10)
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(threads)
     folder = Path(folder)
     stop = threading.Event()
     parent = os.getppid()
