@@ -11,18 +11,16 @@ from PIL import Image
 
 from vlm import shapeworld as sw
 from vlm.examples import (
-    CAPTIONS_FILE,
     EXAMPLES_DIR,
     PHOTO_SIDE,
     PHOTOS,
-    PLAN,
     all_example_images,
     photo_examples,
-    scene_from_entry,
     shapeworld_examples,
     write_examples,
 )
 from vlm.images import load_image
+from vlm.shapeworld.examples import CAPTIONS_FILE, PLAN, scene_from_entry
 
 SCENES = shapeworld_examples()
 

@@ -9,8 +9,19 @@ contrastive text tower, so it cannot rank labels or texts against an image.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from .errors import ConfigError, InputError
+
+
+class Case(NamedTuple):
+    """One example of a task, as a tab shows it: its inputs (a row of gr.Examples), what its
+    label says it shows, and the output the model should give (None: no single right one)."""
+
+    row: list
+    label: str
+    expected: str | None
+
 
 # task -> what it means, in the words an error message uses
 TASKS: dict[str, str] = {
