@@ -179,3 +179,17 @@ def test_the_validation_split_does_not_move_with_the_data(tmp_path, fmt):
         dataset = FileDataset([data], val_fraction=0.25)
         splits.append(sorted(Path(e.image).name for e in dataset.val_examples()))
     assert splits[0] == splits[1] and 0 < len(splits[0]) < 40
+
+
+def test_file_texts_are_all_the_training_texts_or_n_of_them(tmp_path):
+    """FileDataset.texts(n, seed): every caption of the training part when they are at most
+    `n` (the held-out part never), else `n` of them drawn with `seed`."""
+    path = write_dataset(tmp_path, "folder", scenes(20))
+    dataset = FileDataset([str(path)], val_fraction=0.25)
+    every = [text for example in dataset.examples() for text in example.texts()]
+    training, held = list(dataset.examples()), list(dataset.val_examples())
+    assert held and len(training) + len(held) == 20 and len(every) == 2 * len(training)
+    assert dataset.texts(1000, 0) == every
+    drawn = dataset.texts(10, seed=3)
+    assert len(drawn) == 10 and set(drawn) <= set(every)
+    assert dataset.texts(10, seed=3) == drawn != dataset.texts(10, seed=4)

@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -412,8 +413,10 @@ class FileDataset(TrainingData):
             yield from self.val_bad.usable(e for e in self.source if self.held_out(e))
 
     def texts(self, n: int, seed: int) -> list[str]:
-        """Every caption and Q/A line, for the LM stage (`n` is ignored: all of them)."""
-        return [text for example in self.examples() for text in example.texts()]
+        """The captions and Q/A lines of the training part, for the LM stage: all of them
+        when they are at most `n`, else `n` of them drawn with `seed`."""
+        texts = [text for example in self.examples() for text in example.texts()]
+        return texts if len(texts) <= n else random.Random(seed).sample(texts, n)
 
     def val_texts(self) -> list[str]:
         """The held-out captions and Q/A lines (for the LM stage's validation loss)."""

@@ -29,11 +29,12 @@ class TrainingData:
 
     def clip_data(self, n: int, seed: int) -> Sequence[tuple[Image.Image, list[str]]]:
         """(image, captions) pairs for the CLIP stage (and a familiarity profile). `n` and
-        `seed`, here and below, say what rendered data draws; files give what they hold."""
+        `seed`, here and below, say what rendered data draws; files give what they hold
+        (the LM stage's texts: at most `n`)."""
         raise NotImplementedError
 
     def texts(self, n: int, seed: int) -> list[str]:
-        """The LM stage's documents."""
+        """The LM stage's documents: `n` of them (files: all they hold, if fewer)."""
         raise NotImplementedError
 
     def calibration_examples(self, n: int, seed: int) -> list:
