@@ -32,9 +32,9 @@ def run(ctx: Context) -> dict:
     cache = "built"
     if ctx.device.type == "cpu" and sizes.model == "full":
         cache = "seeded"
-        key = (tuple(dict.fromkeys(label.strip() for label in labels)), tuple(templates))
-        weights = F.normalize(torch.randn(pipe.encoder.embed_dim, len(key[0])), dim=0)
-        pipe._class_weights[key] = weights.to(pipe.device)
+        kept = list(dict.fromkeys(label.strip() for label in labels))  # as classify keeps them
+        weights = F.normalize(torch.randn(pipe.encoder.embed_dim, len(kept)), dim=0)
+        pipe.label_weights.put(kept, templates, weights.to(pipe.device))
     pipe.classify(images[:1], labels, templates)  # builds (or finds) the cache; warms up
     pipe.encoder.encode_images(images[:1])
 

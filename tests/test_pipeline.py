@@ -69,7 +69,7 @@ def test_classify_probabilities_and_ranking(trained, images):
     for caption, probs in zip(CAPTIONS, results, strict=True):
         assert abs(sum(probs.values()) - 1) < 1e-5
         assert next(iter(probs)) == caption
-    assert len(trained._class_weights) >= 1  # cached per label set
+    assert len(trained.label_weights) >= 1  # kept per label set
     with pytest.raises(ValueError):
         trained.classify(list(images.values()), [" ", ""])
 
@@ -215,3 +215,15 @@ def test_threads_share_one_pipeline_safely(trained, images):
             torch.testing.assert_close(value, expected_pooled)
         else:
             assert len(value[0]) == 2 and abs(sum(value[0].values()) - 1) < 1e-5
+
+
+def test_label_weights_keep_the_label_sets_used_most_recently(trained):
+    from vlm.zeroshot import ClassWeights
+
+    weights = ClassWeights(trained.encoder, trained.device, size=2)
+    first, second = weights(["a red circle"], ["{}"]), weights(["a blue star"], ["{}"])
+    assert weights(["a red circle"], ["{}"]) is first  # kept: not built again
+    weights(["a green cross"], ["{}"])  # a third set: the least recently used one goes
+    assert len(weights) == 2 and weights(["a red circle"], ["{}"]) is first
+    again = weights(["a blue star"], ["{}"])
+    assert again is not second and torch.equal(again, second)  # built again, the same

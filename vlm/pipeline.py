@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,16 +20,13 @@ from safetensors.torch import save_file
 
 from .blip2 import save_blip2
 from .calibration import (
-    ALTERNATIVE_FLOOR,
-    ALTERNATIVES,
     CALIBRATION_NAME,
-    Alternative,
     Calibration,
     WordReading,
 )
 from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
-from .device import PRECISIONS, autocast, autocast_to, decode_dtype, default_device
+from .device import PRECISIONS, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
 from .errors import ConfigError, InputError
 from .explain import GENERIC_REFERENCES, occlusion_map
@@ -42,10 +36,12 @@ from .mapper import PrefixMapper
 from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
 from .prompts import question_prompt
+from .reading import WordReader, finished
 from .search import SearchIndex
 from .sequences import Sequences
-from .streaming import Generated, TextStream, token_ends, word_spans
+from .streaming import Generated, TextStream
 from .tasks import UnsupportedTaskError, task_set
+from .zeroshot import ClassWeights
 
 # A part of an interleaved sequence: an image (its visual prefix goes there) or text.
 Part = ImageInput | str
@@ -81,11 +77,14 @@ class Pipeline:
         self.mapper = _place(mapper, self.device).eval()
         self.config = config
         self.tasks = task_set(config.tasks)
-        self._class_weights: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._class_weights_lock = threading.Lock()
+        # zero-shot: each label set's text embeddings, kept (requests may run in threads)
+        self.label_weights = ClassWeights(self.encoder, self.device, config.template_pooling)
         self._stop_ids = [self.tokenizer.eos_token_id] + [
             ids[0] for s in config.stop if len(ids := self._token_ids(s)) == 1
         ]
+        # how sure it is of a text, word by word (vlm.reading)
+        self.reader = WordReader(self.tokenizer, self.encoder, self._stop_ids,
+                                 self._continuation_logits, self._trim)  # fmt: skip
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -353,72 +352,6 @@ class Pipeline:
             return None
         return self.encoder.encode_pixels(pixels, normalize=True)
 
-    def _alternative_words(self, probs: torch.Tensor, token: int) -> list[tuple[str, float]]:
-        """The words the LM could have begun in a word's place instead of `token`: its
-        likeliest other first tokens there (at least ALTERNATIVE_FLOOR), each a whole word
-        (a word start, as `token` is), with their probabilities."""
-        spaced = self.tokenizer.decode([token])[:1].isspace()
-        top = probs.topk(min(ALTERNATIVES + 1, probs.numel()))
-        words: dict[str, float] = {}
-        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            piece = self.tokenizer.decode([i])
-            word = piece.strip()
-            whole = word and piece[:1].isspace() == spaced and any(c.isalnum() for c in word)
-            if i == token or p < ALTERNATIVE_FLOOR or i in self._stop_ids or not whole:
-                continue
-            words.setdefault(word, p)
-        return list(words.items())[:ALTERNATIVES]
-
-    @torch.inference_mode()
-    def _read(
-        self, sequences: list[torch.Tensor], ids: list[list[int]],
-        embeddings: torch.Tensor | None, trim,
-    ) -> list[tuple[str, list[WordReading], list[tuple[int, float]]]]:  # fmt: skip
-        """For each sequence continued by its token ids (teacher-forced): the text (decoded,
-        then `trim`), how the model reads each of its words, and each token with its
-        probability. With `embeddings` (each image's, normalised), every word that has
-        alternatives gets them, each with the encoder's share for the text with it in the
-        word's place among them all (one batch of texts for every word)."""
-        rows, checks = [], []
-        for row, (token_ids, logits) in enumerate(
-            zip(ids, self._continuation_logits(sequences, ids), strict=True)
-        ):
-            probs = logits.softmax(-1)
-            chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])
-            chosen = chosen[:, 0].tolist()
-            raw = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            text = trim(raw)
-            readings = []
-            for word, start, end, covering in word_spans(
-                text, raw, token_ends(self.tokenizer, token_ids)
-            ):
-                reading = WordReading(word, math.prod(chosen[i] for i in covering))
-                if embeddings is not None and covering:
-                    first = covering[0]
-                    options = self._alternative_words(probs[first], token_ids[first])
-                    if options:
-                        variants = [text[:start] + other + text[end:] for other, _ in options]
-                        checks.append((row, len(readings), [text, *variants]))
-                        alternatives = [(word, chosen[first]), *options]
-                        reading = WordReading(word, reading.probability, tuple(
-                            Alternative(w, p, 0.0) for w, p in alternatives))  # fmt: skip
-                readings.append(reading)
-            rows.append((text, readings, list(zip(token_ids, chosen, strict=True))))
-        if checks:
-            texts = [t for _, _, variants in checks for t in variants]
-            embedded = torch.cat([self.encoder.encode_text(texts[i : i + 256])
-                                  for i in range(0, len(texts), 256)])  # fmt: skip
-            offset = 0
-            for row, index, variants in checks:
-                similarity = embedded[offset : offset + len(variants)] @ embeddings[row].float()
-                offset += len(variants)
-                shares = (self.encoder.logit_scale * similarity).softmax(-1).tolist()
-                reading = rows[row][1][index]
-                rows[row][1][index] = dataclasses.replace(reading, alternatives=tuple(
-                    dataclasses.replace(a, encoder=share)
-                    for a, share in zip(reading.alternatives, shares, strict=True)))  # fmt: skip
-        return rows
-
     def read_text(
         self, images: Sequence[ImageInput], texts: Sequence[str], *, prompt: str | None = None,
         batch_size: int = 32,
@@ -440,42 +373,11 @@ class Pipeline:
             prefixes = self._prefix_from_pixels(pixels, [prompt] * len(pixels))
             sequences = [self.embed([p, prompt]) for p in prefixes]
             ids = [self._token_ids(space + t) for t in texts[start : start + batch_size]]
-            rows = self._read(sequences, ids, self._check_embeddings(pixels, check), str.strip)
+            rows = self.reader.read(
+                sequences, ids, self._check_embeddings(pixels, check), str.strip
+            )
             readings += [words for _, words, _ in rows]
         return readings
-
-    def _generated(self, text, readings, tokens, calibration, kind: str) -> Generated:
-        """A finished text with each word's confidence: calibrated for its `kind` ("caption"
-        or "answer") where there is a calibration, else the LM's probability."""
-        raw = [(r.word, r.probability) for r in readings]
-        if not _calibrates(calibration, kind):
-            return Generated(text, raw, tokens, done=True)
-        if kind == "caption":
-            words = [(r.word, calibration.word(r)) for r in readings]
-        else:
-            words = [(r.word, calibration.answer(r.probability)) for r in readings]
-        return Generated(text, words, tokens, done=True, raw_words=raw, calibrated=True)
-
-    def _confidence(self, sequence, embeddings, calibration, kind: str):
-        """The hook a stream runs on each snapshot (see `TextStream`), or None without a
-        calibration: live words through the calibration's Platt scaling; the last snapshot
-        of a caption read again, teacher-forced, so that its words get both experts."""
-        if not _calibrates(calibration, kind):
-            return None
-
-        def confidence(snapshot: Generated) -> Generated:
-            if kind == "answer":
-                words = [(word, calibration.answer(p)) for word, p in snapshot.words]
-                return dataclasses.replace(snapshot, words=words, raw_words=snapshot.words,
-                                           calibrated=True)  # fmt: skip
-            if not snapshot.done or embeddings is None:  # the experts vote once it is written
-                return snapshot
-            ids = [token for token, _ in snapshot.tokens]
-            _, readings, _ = self._read([sequence], [ids], embeddings, self._trim)[0]
-            final = self._generated(snapshot.text, readings, snapshot.tokens, calibration, kind)
-            return dataclasses.replace(final, raw_words=snapshot.words)
-
-        return confidence
 
     # ------------------------------------------------------------------ tasks
 
@@ -513,9 +415,9 @@ class Pipeline:
                          for p in self._prefix_from_pixels(pixels)]  # fmt: skip
             ids = self._generate_ids(sequences, **decoding)
             embeddings = self._check_embeddings(pixels, calibration)
-            captions += [self._generated(text, readings, tokens, calibration, "caption")
+            captions += [finished(text, readings, tokens, calibration, "caption")
                          for text, readings, tokens
-                         in self._read(sequences, ids, embeddings, self._trim)]  # fmt: skip
+                         in self.reader.read(sequences, ids, embeddings, self._trim)]  # fmt: skip
         return captions
 
     def _caption_prefixes(self, prefixes, batch_size: int = 16, **decoding) -> list[str]:
@@ -536,7 +438,7 @@ class Pipeline:
         sequence = self.embed([self._prefix_from_pixels(pixels)[0],
                                       self.config.caption_prompt])  # fmt: skip
         calibration = self._calibration(OWN)
-        confidence = self._confidence(
+        confidence = self.reader.confidence(
             sequence, self._check_embeddings(pixels, calibration), calibration, "caption"
         )
         return self._stream(sequence, confidence=confidence, **decoding)
@@ -547,7 +449,7 @@ class Pipeline:
         """`answer` (open-ended) of one question about one image, streamed like
         `stream_caption`."""
         sequence = self._question_sequences(self._images(image), [question])[0]
-        confidence = self._confidence(sequence, None, self._calibration(OWN), "answer")
+        confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
         return self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
 
     def stream_continue(
@@ -578,7 +480,7 @@ class Pipeline:
         if not isinstance(talk, Conversation):
             talk = conversation(self, messages, max_new_tokens)
         sequence = self.embed(talk.parts)
-        confidence = self._confidence(sequence, None, self._calibration(OWN), "answer")
+        confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
         return self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
 
     def _question_sequences(self, images, questions) -> list[torch.Tensor]:
@@ -617,9 +519,9 @@ class Pipeline:
         if not choices:
             if return_words:
                 ids = self._generate_ids(sequences, max_new_tokens=max_new_tokens)
-                return [self._generated(text, readings, tokens, calibration, "answer")
+                return [finished(text, readings, tokens, calibration, "answer")
                         for text, readings, tokens
-                        in self._read(sequences, ids, None, self._trim)]  # fmt: skip
+                        in self.reader.read(sequences, ids, None, self._trim)]  # fmt: skip
             answers = self._generate(sequences, max_new_tokens=max_new_tokens)
             return [(a, {}) for a in answers] if return_scores else answers
         choices = list(dict.fromkeys(c.strip() for c in choices if c.strip()))
@@ -714,36 +616,9 @@ class Pipeline:
         return [t("{}") if callable(t) else t for t in templates]
 
     def class_weights(self, labels: Sequence[str], templates: Sequence | None = None):
-        """Normalised class text embeddings, cached per (labels, templates).
-
-        With `template_pooling="mean"` (open_clip's prompt ensemble) one averaged embedding
-        per label, [D, C]; with "sum" one per label and template, [D, C * T]."""
-        key = (tuple(labels), tuple(templates or self.templates()))
-        with self._class_weights_lock:  # requests may run in threads (the app)
-            return self._class_weights_locked(key)
-
-    def _class_weights_locked(self, key: tuple) -> torch.Tensor:
-        if key not in self._class_weights:
-            labels, templates = key
-            with autocast(self.device):
-                if self.config.template_pooling == "sum":
-                    texts = [t.format(label) for label in labels for t in templates]
-                    weights = torch.cat(
-                        [
-                            self.encoder.encode_text(texts[i : i + 512])
-                            for i in range(0, len(texts), 512)
-                        ]
-                    ).T
-                else:
-                    weights = open_clip.build_zero_shot_classifier(
-                        self.encoder.model, self.encoder.tokenizer, labels, templates,
-                        num_classes_per_batch=max(1, 512 // len(templates)), device=self.device,
-                    )  # fmt: skip
-            self._class_weights[key] = weights.float()
-            while len(self._class_weights) > 16:
-                self._class_weights.popitem(last=False)
-        self._class_weights.move_to_end(key)
-        return self._class_weights[key]
+        """Normalised class text embeddings of `labels` in `templates` (default: the
+        model's), kept for the label sets used most recently (see `vlm.zeroshot`)."""
+        return self.label_weights(labels, templates or self.templates())
 
     def classify(
         self,
@@ -779,14 +654,6 @@ class Pipeline:
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
         return occlusion_map(self.encoder, self._images(image)[0], text, references, keep=keep)
-
-
-def _calibrates(calibration: Calibration | None, kind: str) -> bool:
-    """Whether `calibration` turns the LM's probabilities of a `kind` of text into calibrated
-    ones (captions need its word experts; few-shot continuations have none)."""
-    if calibration is None:
-        return False
-    return kind == "answer" or (kind == "caption" and calibration.calibrates_words)
 
 
 def _is_image(part) -> bool:

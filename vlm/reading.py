@@ -1,0 +1,146 @@
+"""How sure a model is of a text: the frozen LM reads it after the prefix, teacher-forced, and
+gives each word its probability, the words it could have put there instead and, where the
+encoder has a text tower, how well the text with each of those in its place matches the image
+(the calibration's second expert, `vlm.calibration`). A finished text's words then get their
+confidence: calibrated where the model has a calibration, else the LM's probability.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from .calibration import ALTERNATIVE_FLOOR, ALTERNATIVES, Alternative, Calibration, WordReading
+from .streaming import Generated, token_ends, word_spans
+
+# (text, how each word reads, each token with its probability) for one sequence
+Reading = tuple[str, list[WordReading], list[tuple[int, float]]]
+
+
+def calibrates(calibration: Calibration | None, kind: str) -> bool:
+    """Whether `calibration` turns the LM's probabilities of a `kind` of text into calibrated
+    ones (captions need its word experts; few-shot continuations have none)."""
+    if calibration is None:
+        return False
+    return kind == "answer" or (kind == "caption" and calibration.calibrates_words)
+
+
+def finished(text: str, readings: list[WordReading], tokens, calibration: Calibration | None,
+             kind: str) -> Generated:  # fmt: skip
+    """A finished text with each word's confidence: calibrated for its `kind` ("caption"
+    or "answer") where there is a calibration, else the LM's probability."""
+    raw = [(r.word, r.probability) for r in readings]
+    if not calibrates(calibration, kind):
+        return Generated(text, raw, tokens, done=True)
+    if kind == "caption":
+        words = [(r.word, calibration.word(r)) for r in readings]
+    else:
+        words = [(r.word, calibration.answer(r.probability)) for r in readings]
+    return Generated(text, words, tokens, done=True, raw_words=raw, calibrated=True)
+
+
+class WordReader:
+    """Reads texts after their sequences for one pipeline: its tokenizer and stop tokens, the
+    LM's logits at given tokens (`continuation_logits`), its encoder (for the second expert)
+    and how a finished text is trimmed (`trim`)."""
+
+    def __init__(self, tokenizer, encoder, stop_ids: list[int],
+                 continuation_logits: Callable, trim: Callable[[str], str]):  # fmt: skip
+        self.tokenizer, self.encoder, self.stop_ids = tokenizer, encoder, stop_ids
+        self.continuation_logits, self.trim = continuation_logits, trim
+
+    def alternatives(self, probs: torch.Tensor, token: int) -> list[tuple[str, float]]:
+        """The words the LM could have begun in a word's place instead of `token`: its
+        likeliest other first tokens there (at least ALTERNATIVE_FLOOR), each a whole word
+        (a word start, as `token` is), with their probabilities."""
+        spaced = self.tokenizer.decode([token])[:1].isspace()
+        top = probs.topk(min(ALTERNATIVES + 1, probs.numel()))
+        words: dict[str, float] = {}
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            piece = self.tokenizer.decode([i])
+            word = piece.strip()
+            whole = word and piece[:1].isspace() == spaced and any(c.isalnum() for c in word)
+            if i == token or p < ALTERNATIVE_FLOOR or i in self.stop_ids or not whole:
+                continue
+            words.setdefault(word, p)
+        return list(words.items())[:ALTERNATIVES]
+
+    @torch.inference_mode()
+    def read(
+        self, sequences: list[torch.Tensor], ids: list[list[int]],
+        embeddings: torch.Tensor | None, trim: Callable[[str], str] | None = None,
+    ) -> list[Reading]:  # fmt: skip
+        """For each sequence continued by its token ids (teacher-forced): the text (decoded,
+        then `trim`, default the pipeline's), how the model reads each of its words, and each
+        token with its probability. With `embeddings` (each image's, normalised), every word
+        that has alternatives gets them, each with the encoder's share for the text with it
+        in the word's place among them all (one batch of texts for every word)."""
+        trim = trim or self.trim
+        rows, checks = [], []
+        for row, (token_ids, logits) in enumerate(
+            zip(ids, self.continuation_logits(sequences, ids), strict=True)
+        ):
+            probs = logits.softmax(-1)
+            chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])
+            chosen = chosen[:, 0].tolist()
+            raw = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            text = trim(raw)
+            readings = []
+            for word, start, end, covering in word_spans(
+                text, raw, token_ends(self.tokenizer, token_ids)
+            ):
+                reading = WordReading(word, math.prod(chosen[i] for i in covering))
+                if embeddings is not None and covering:
+                    first = covering[0]
+                    options = self.alternatives(probs[first], token_ids[first])
+                    if options:
+                        variants = [text[:start] + other + text[end:] for other, _ in options]
+                        checks.append((row, len(readings), [text, *variants]))
+                        alternatives = [(word, chosen[first]), *options]
+                        reading = WordReading(word, reading.probability, tuple(
+                            Alternative(w, p, 0.0) for w, p in alternatives))  # fmt: skip
+                readings.append(reading)
+            rows.append((text, readings, list(zip(token_ids, chosen, strict=True))))
+        if checks:
+            self._vote(rows, checks, embeddings)
+        return rows
+
+    def _vote(self, rows: list[Reading], checks: list, embeddings: torch.Tensor) -> None:
+        """The encoder's share of each checked word's variants, into its alternatives."""
+        texts = [t for _, _, variants in checks for t in variants]
+        embedded = torch.cat([self.encoder.encode_text(texts[i : i + 256])
+                              for i in range(0, len(texts), 256)])  # fmt: skip
+        offset = 0
+        for row, index, variants in checks:
+            similarity = embedded[offset : offset + len(variants)] @ embeddings[row].float()
+            offset += len(variants)
+            shares = (self.encoder.logit_scale * similarity).softmax(-1).tolist()
+            reading = rows[row][1][index]
+            rows[row][1][index] = dataclasses.replace(reading, alternatives=tuple(
+                dataclasses.replace(a, encoder=share)
+                for a, share in zip(reading.alternatives, shares, strict=True)))  # fmt: skip
+
+    def confidence(self, sequence: torch.Tensor, embeddings: torch.Tensor | None,
+                   calibration: Calibration | None, kind: str):  # fmt: skip
+        """The hook a stream runs on each snapshot (see `TextStream`), or None without a
+        calibration: live words through the calibration's Platt scaling; the last snapshot
+        of a caption read again, teacher-forced, so that its words get both experts."""
+        if not calibrates(calibration, kind):
+            return None
+
+        def confidence(snapshot: Generated) -> Generated:
+            if kind == "answer":
+                words = [(word, calibration.answer(p)) for word, p in snapshot.words]
+                return dataclasses.replace(snapshot, words=words, raw_words=snapshot.words,
+                                           calibrated=True)  # fmt: skip
+            if not snapshot.done or embeddings is None:  # the experts vote once it is written
+                return snapshot
+            ids = [token for token, _ in snapshot.tokens]
+            _, readings, _ = self.read([sequence], [ids], embeddings)[0]
+            final = finished(snapshot.text, readings, snapshot.tokens, calibration, kind)
+            return dataclasses.replace(final, raw_words=snapshot.words)
+
+        return confidence
