@@ -23,7 +23,7 @@ from vlm import shapeworld as sw  # noqa: E402
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer  # noqa: E402
 from vlm.sequences import prefix_loss  # noqa: E402
 from vlm.training import SIZES, TrainConfig
-from vlm.training.loop import run_stage  # noqa: E402
+from vlm.training.loop import Stage, run_stage  # noqa: E402
 from vlm.training.text_batches import pack_texts  # noqa: E402
 
 # Three scenes the tiny models learn to tell apart, with their captions and Q/A.
@@ -69,10 +69,9 @@ def trained(tmp_path_factory, images):
         out = model(pixels, tokens)
         return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
-    encoder.model = run_stage(
+    encoder.model = run_stage(Stage(
         "clip", encoder.model.requires_grad_(True), clip_step, lambda s: repeat(None), 60, 3e-3,
-        config, accelerator,
-    ).requires_grad_(False)  # fmt: skip
+    ), config, accelerator).requires_grad_(False)  # fmt: skip
 
     tokenizer = train_tokenizer(texts * 20 + list(sw.corpus(random.Random(0), 300)), 300)
     lm = build_lm(tokenizer, **SIZES["tiny"]["lm"])
@@ -82,10 +81,10 @@ def trained(tmp_path_factory, images):
     ]  # fmt: skip
     random.Random(0).shuffle(documents)
     blocks = pack_texts(tokenizer, documents, 32)
-    lm = run_stage(
+    lm = run_stage(Stage(
         "lm", lm, lambda m, _: m(input_ids=blocks, labels=blocks).loss,
-        lambda s: repeat(None), 400, 3e-3, config, accelerator,
-    ).requires_grad_(False)  # fmt: skip
+        lambda s: repeat(None), 400, 3e-3,
+    ), config, accelerator).requires_grad_(False)  # fmt: skip
 
     pipeline = build_pipeline(
         encoder,
@@ -100,11 +99,11 @@ def trained(tmp_path_factory, images):
     pairs = [(i, t) for i, c in enumerate(CAPTIONS) for t in (caption_text(c), qa_text(c))]
     rows = torch.tensor([i for i, _ in pairs])
     p_tokens, p_labels = pipeline.sequences.training_rows([t for _, t in pairs], device="cpu")
-    pipeline.mapper = run_stage(
+    pipeline.mapper = run_stage(Stage(
         "prefix", pipeline.mapper.requires_grad_(True),
         lambda m, _: prefix_loss(pipeline.lm, m(features[rows]), p_tokens, p_labels),
-        lambda s: repeat(None), 300, 1e-2, config, accelerator,
-    )  # fmt: skip
+        lambda s: repeat(None), 300, 1e-2,
+    ), config, accelerator)  # fmt: skip
     return pipeline
 
 

@@ -23,7 +23,7 @@ from vlm.cli import main as cli
 from vlm.data import FileDataset
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
 from vlm.training import SIZES, TrainConfig
-from vlm.training.loop import run_stage
+from vlm.training.loop import Stage, run_stage
 
 # how this user writes captions: not ShapeWorld's canonical sentence
 STYLES = [
@@ -223,8 +223,8 @@ def linear_stage(tmp_path, steps, validate=None, resume=False, stop_at=None, **o
             yield torch.ones(4, 1)
 
     loss = lambda m, x: (m(x) - 3).pow(2).mean()  # noqa: E731
-    return run_stage("toy", module, loss, batches, steps, 1e-2, config, Accelerator(cpu=True),
-                     validate=validate)  # fmt: skip
+    stage = Stage("toy", module, loss, batches, steps, 1e-2, validate=validate)
+    return run_stage(stage, config, Accelerator(cpu=True))
 
 
 def test_resume_continues_the_bar_and_logs_no_step_twice(tmp_path, monkeypatch):

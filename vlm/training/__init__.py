@@ -18,6 +18,7 @@ _PUBLIC = {
     "SIZES": "config", "STAGES": "config", "TrainConfig": "config",
     "Progress": "progress", "TrainEvent": "progress", "TrainingStopped": "progress",
     "TrainingData": "data", "check_parts": "run", "train": "run",
+    "Stage": "loop", "run_stage": "loop",
 }  # fmt: skip
 __all__ = sorted(_PUBLIC)
 

@@ -3,6 +3,7 @@ on a CPU, a GPU or several (accelerate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -27,31 +28,43 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclasses.dataclass
+class Stage:
+    """One stage as the loop runs it, a recipe of what trains and on what: `module` for
+    `steps` steps of `loss(module, batch)` on `batches(start_step)` at learning rate `lr`.
+    `batch_size` (all processes together) is for the log's samples and samples/s;
+    `validate(module)` gives the held-out loss; `check` runs after each backward pass."""
+
+    name: str
+    module: torch.nn.Module
+    loss: Callable[[torch.nn.Module, object], torch.Tensor]
+    batches: Callable[[int], Iterator]
+    steps: int
+    lr: float
+    batch_size: int = 0
+    validate: Callable[[torch.nn.Module], float] | None = None
+    check: Callable[[], None] | None = None
+
+
 def run_stage(
-    name: str,
-    module: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
-    batches: Callable[[int], Iterator],
-    steps: int,
-    lr: float,
+    stage: Stage,
     config: TrainConfig,
     accelerator: Accelerator,
-    check: Callable[[], None] | None = None,
-    batch_size: int = 0,
-    validate: Callable[[torch.nn.Module], float] | None = None,
+    *,
     until: int | None = None,
     resume: bool | None = None,
     progress: Progress | None = None,
 ) -> torch.nn.Module:
-    """Train `module` for `steps` steps of `loss_fn` on `batches(start_step)`, with AdamW, a
-    cosine schedule, checkpoints and resume. `check` runs after each backward pass;
-    `batch_size` (all processes together) is for the log's samples and samples/s.
-    `validate(module)` gives the held-out loss, logged every `config.val_every` steps; with
-    `config.early_stopping` the stage stops when it has not improved that many times in a row
-    and keeps the weights of its best validation. `until`: stop after that many of the `steps`
-    (a checkpoint there, the schedule still the whole stage's); `resume` overrides
+    """Train `stage.module` as the stage says, with AdamW, a cosine schedule, checkpoints and
+    resume; the trained module. The held-out loss is logged every `config.val_every` steps;
+    with `config.early_stopping` the stage stops when it has not improved that many times in
+    a row and keeps the weights of its best validation. `until`: stop after that many of the
+    steps (a checkpoint there, the schedule still the whole stage's); `resume` overrides
     `config.resume`. `progress` hears of every step, validation, sample and checkpoint, and
     may stop the stage (a checkpoint, then `TrainingStopped`)."""
+    name, module, loss_fn, batches = stage.name, stage.module, stage.loss, stage.batches
+    steps, lr, batch_size = stage.steps, stage.lr, stage.batch_size
+    validate, check = stage.validate, stage.check
     progress = progress or Progress()
     checkpoint = config.out / "checkpoints" / name
     accelerator.free_memory()  # a checkpoint holds this stage's module alone, not earlier ones

@@ -25,7 +25,7 @@ from ..pipeline import PipelineConfig
 from ..prompts import answer_cue
 from ..sequences import prefix_loss, prefixed, scored_ends
 from .config import CAPTION_LAYERS, CLIPCAP_MAPPER, SIZES, TrainConfig
-from .loop import checkpoint_layers, epoch_batches, run_stage
+from .loop import Stage, checkpoint_layers, epoch_batches, run_stage
 from .losses import text_teacher_loss
 from .text_batches import answer_mask, pack_texts, split_prompt
 
@@ -73,9 +73,9 @@ def train_clip(dataset, config: TrainConfig, accelerator: Accelerator, progress=
             total = total + config.clip_caption_weight * caption_loss
         return total
 
-    model = run_stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
-                      config, accelerator, batch_size=config.batch_size,
-                      progress=progress)  # fmt: skip
+    recipe = Stage("clip", model, loss_fn, batches, config.clip_steps, config.clip_lr,
+                   batch_size=config.batch_size)  # fmt: skip
+    model = run_stage(recipe, config, accelerator, progress=progress)
     encoder.model = model["clip"].requires_grad_(False)
     return encoder
 
@@ -131,9 +131,9 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     validate = held_out_loss(dataset.val_texts())
 
     def stage(name: str, module, **kwargs):
-        return run_stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr, config,
-                         accelerator, batch_size=config.lm_batch_size, validate=validate,
-                         progress=progress, **kwargs)  # fmt: skip
+        recipe = Stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr,
+                       batch_size=config.lm_batch_size, validate=validate)  # fmt: skip
+        return run_stage(recipe, config, accelerator, progress=progress, **kwargs)
 
     if config.lm_candidates <= 1:
         return stage("lm", lm), tokenizer
@@ -343,9 +343,9 @@ def train_prefix(
         module = torch.nn.ModuleDict({"mapper": module, "lm": pipeline.lm})
     if progress is not None and progress.sample_every:
         progress = dataclasses.replace(progress, samples=_sampler(dataset, pipeline, config))
-    module = run_stage("prefix", module, loss_fn, batches, steps, config.prefix_lr,
-                       config, accelerator, check, batch_size, validate,
-                       progress=progress)  # fmt: skip
+    recipe = Stage("prefix", module, loss_fn, batches, steps, config.prefix_lr, batch_size,
+                   validate, check)  # fmt: skip
+    module = run_stage(recipe, config, accelerator, progress=progress)
     pipeline.lm, pipeline.mapper = parts(module)
     pipeline.lm.requires_grad_(False)
     return pipeline
