@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import vlm.training.stages
+import vlm.training.prefix
 from vlm.sequences import prefix_loss
 from vlm.training import TrainConfig, train
 
@@ -74,7 +74,7 @@ def test_shapeworld_prefix_stage_trains_on_rows_of_two(tmp_path, monkeypatch):
             tokens.append(tokens_)
         return prefix_loss(lm, prefix, tokens_, labels, context)
 
-    monkeypatch.setattr(vlm.training.stages, "prefix_loss", recording)
+    monkeypatch.setattr(vlm.training.prefix, "prefix_loss", recording)
     config = TrainConfig(
         out=tmp_path, size="tiny", batch_size=16, clip_steps=2, clip_examples=64,
         lm_steps=2, lm_examples=300, lm_batch_size=4, prefix_steps=20, prefix_examples=64,

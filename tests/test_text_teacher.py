@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_prefix_context import tiny_lm
 from torch.nn.utils.rnn import pad_sequence
 
-import vlm.training.stages
+import vlm.training.prefix
 from vlm import shapeworld as sw
 from vlm.training import TrainConfig, train
 from vlm.training.losses import text_teacher_loss
@@ -61,7 +61,7 @@ def test_shapeworld_prefix_stage_teaches_questions_from_the_caption(tmp_path, mo
         seen.append(teacher)
         return text_teacher_loss(lm, logits, prefix_length, teacher)
 
-    monkeypatch.setattr(vlm.training.stages, "text_teacher_loss", recording)
+    monkeypatch.setattr(vlm.training.prefix, "text_teacher_loss", recording)
     config = TrainConfig(
         out=tmp_path, size="tiny", batch_size=16, clip_steps=2, clip_examples=64,
         lm_steps=2, lm_examples=300, lm_batch_size=4, prefix_steps=6, prefix_examples=64,
@@ -111,7 +111,7 @@ def test_a_mapper_that_reads_the_question_is_taught_from_the_object_it_names(tmp
         seen.append(teacher)
         return text_teacher_loss(lm, logits, prefix_length, teacher)
 
-    monkeypatch.setattr(vlm.training.stages, "text_teacher_loss", recording)
+    monkeypatch.setattr(vlm.training.prefix, "text_teacher_loss", recording)
     mapper = dict(kind="transformer", prefix_length=4, num_layers=1, num_heads=2,
                   reads_prompt=True)  # fmt: skip
     config = TrainConfig(

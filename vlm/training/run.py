@@ -22,8 +22,9 @@ from ..errors import ConfigError
 from ..familiarity import profile_from_data
 from ..shapeworld.recipe import DATASETS
 from .config import TrainConfig
+from .prefix import train_prefix
 from .progress import Progress, TrainingStopped
-from .stages import train_clip, train_lm, train_prefix
+from .stages import train_clip, train_lm
 
 
 def _dataset(config: TrainConfig):
