@@ -53,7 +53,7 @@ class Sizes:
     hnsw_up_to: int  # also build HNSW32 for databases up to this size (slow to build)
 
 
-SIZES = {
+BENCH_SIZES = {
     "tiny": Sizes(
         model="tiny", image_size=(160, 120), repeats=1, new_tokens=8, caption_images=4,
         reference_images=2, zeroshot_images=4, labels=100, templates=1, index_images=8,
@@ -112,7 +112,7 @@ class Context:
 
     def __init__(self, mode: str, device: str):
         self.mode = mode
-        self.sizes = SIZES[mode]
+        self.sizes = BENCH_SIZES[mode]
         self.device = torch.device(device)
         self._tmp = tempfile.TemporaryDirectory(prefix="vlm-bench-")
         self.tmp = Path(self._tmp.name)

@@ -33,12 +33,12 @@ from vlm import shapeworld as sw
 from vlm.caption_head import CaptionHead, caption_vocabulary
 from vlm.factory import build_encoder
 from vlm.shapeworld.evaluation import normalize_caption
-from vlm.training.config import CAPTION_LAYERS, SIZES
+from vlm.training.config import CAPTION_LAYERS, MODEL_SIZES
 
 
 def load_caption_head(run: Path, size: str = "small", layers: int = CAPTION_LAYERS):
     """(encoder, head) as the CLIP stage's checkpoint in `run` left them."""
-    encoder = build_encoder(SIZES[size]["clip"])
+    encoder = build_encoder(MODEL_SIZES[size]["clip"])
     state = load_file(run / "checkpoints" / "clip" / "model.safetensors")
     if "caption.vocabulary" in state:
         vocabulary = state["caption.vocabulary"].tolist()

@@ -22,7 +22,7 @@ from accelerate import Accelerator  # noqa: E402
 from vlm import shapeworld as sw  # noqa: E402
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer  # noqa: E402
 from vlm.sequences import prefix_loss  # noqa: E402
-from vlm.training import SIZES, TrainConfig
+from vlm.training import MODEL_SIZES, TrainConfig
 from vlm.training.loop import Stage, run_stage  # noqa: E402
 from vlm.training.text_batches import pack_texts  # noqa: E402
 
@@ -58,7 +58,7 @@ def trained(tmp_path_factory, images):
     accelerator = Accelerator(cpu=True)
     texts = [caption_text(c) for c in CAPTIONS] + [qa_text(c) for c in CAPTIONS]
 
-    encoder = build_encoder(SIZES["tiny"]["clip"])
+    encoder = build_encoder(MODEL_SIZES["tiny"]["clip"])
     pixels = encoder.pixels(list(images.values()))
     tokens = encoder.tokenizer(CAPTIONS)
     from open_clip import ClipLoss
@@ -74,7 +74,7 @@ def trained(tmp_path_factory, images):
     ), config, accelerator).requires_grad_(False)  # fmt: skip
 
     tokenizer = train_tokenizer(texts * 20 + list(sw.corpus(random.Random(0), 300)), 300)
-    lm = build_lm(tokenizer, **SIZES["tiny"]["lm"])
+    lm = build_lm(tokenizer, **MODEL_SIZES["tiny"]["lm"])
     documents = [  # each about one scene, so the LM learns to use its context
         "\n".join(random.Random(i).sample([caption_text(c), qa_text(c)], 2))
         for i in range(40) for c in CAPTIONS

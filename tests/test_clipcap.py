@@ -238,11 +238,11 @@ def random_parts(tmp_path_factory):
 
     from vlm.factory import build_encoder
     from vlm.presets import SHAPEWORLD_DIR
-    from vlm.training import SIZES
+    from vlm.training import MODEL_SIZES
 
     root = tmp_path_factory.mktemp("clipcap-random")
     torch.manual_seed(0)
-    build_encoder(SIZES["tiny"]["clip"]).save(root / "encoder")
+    build_encoder(MODEL_SIZES["tiny"]["clip"]).save(root / "encoder")
     tokenizer = AutoTokenizer.from_pretrained(SHAPEWORLD_DIR / "lm")
     eos = tokenizer.eos_token_id
     GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=E, n_layer=2, n_head=2,

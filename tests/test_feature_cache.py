@@ -100,9 +100,9 @@ def test_a_built_encoder_and_its_saved_copy_share_a_fingerprint(trained, tmp_pat
     loaded one as lists; the fingerprint once told them apart, so a cache filled by one was
     never read by the other)."""
     from vlm.factory import build_encoder
-    from vlm.training import SIZES
+    from vlm.training import MODEL_SIZES
 
-    built = build_encoder(SIZES["tiny"]["clip"])
+    built = build_encoder(MODEL_SIZES["tiny"]["clip"])
     built.save(tmp_path / "encoder")
     loaded = Encoder.load({"model": f"local-dir:{tmp_path / 'encoder'}"})
     assert fingerprint(with_parts(trained, encoder=built)) == fingerprint(

@@ -22,7 +22,7 @@ from vlm import shapeworld as sw
 from vlm.cli import main as cli
 from vlm.data import FileDataset
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
-from vlm.training import SIZES, TrainConfig
+from vlm.training import MODEL_SIZES, TrainConfig
 from vlm.training.loop import Stage, run_stage
 
 # how this user writes captions: not ShapeWorld's canonical sentence
@@ -39,8 +39,8 @@ def save_random_pipeline(folder: Path) -> Path:
     torch.manual_seed(0)
     texts = [c for i, s in enumerate(own_scenes(24)) for c in own_captions(s, i)]
     tokenizer = train_tokenizer(texts * 4, 300)
-    lm = build_lm(tokenizer, **SIZES["tiny"]["lm"])
-    encoder = build_encoder(SIZES["tiny"]["clip"])
+    lm = build_lm(tokenizer, **MODEL_SIZES["tiny"]["lm"])
+    encoder = build_encoder(MODEL_SIZES["tiny"]["clip"])
     build_pipeline(encoder, lm, tokenizer, {"prefix_length": 4}, device="cpu").save_pretrained(
         folder, dtype=torch.float32
     )

@@ -16,7 +16,7 @@ from vlm import shapeworld as sw
 from vlm.errors import ConfigError
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
 from vlm.mapper import RETIRED_OPTIONS, PrefixMapper
-from vlm.training import SIZES
+from vlm.training import MODEL_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def saved_pipeline(tmp_path_factory):
     build, and its greedy captions are as deterministic as a trained one's."""
     torch.manual_seed(0)
     tokenizer = train_tokenizer(sw.corpus(random.Random(0), 200), 300)
-    lm = build_lm(tokenizer, **SIZES["tiny"]["lm"])
+    lm = build_lm(tokenizer, **MODEL_SIZES["tiny"]["lm"])
     mapper = {"kind": "transformer", "prefix_length": 3, "num_layers": 1, "num_heads": 4,
               "clip_length": 2, "reads_prompt": True}  # fmt: skip
-    pipeline = build_pipeline(build_encoder(SIZES["tiny"]["clip"]), lm, tokenizer, mapper,
+    pipeline = build_pipeline(build_encoder(MODEL_SIZES["tiny"]["clip"]), lm, tokenizer, mapper,
                               device="cpu", caption_prompt="Caption:", stop=["\n"])  # fmt: skip
     folder = tmp_path_factory.mktemp("saved") / "tiny-pipeline"
     pipeline.save_pretrained(folder)

@@ -31,7 +31,7 @@ from .device import default_device, requested_precision
 from .tasks import PREFIX_LM_TASKS, UnsupportedTaskError
 
 MODEL_TYPE = "blip-2"
-CONFIG_NAME = "config.json"
+HF_CONFIG = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 # besides the weights, Blip2Processor.from_pretrained reads the tokenizer's config and the
@@ -186,7 +186,7 @@ def is_cached(repo_id: str) -> bool:
         path = try_to_load_from_cache(repo_id, filename)
         return path if isinstance(path, str) else None
 
-    if not (cached(CONFIG_NAME) and cached(TOKENIZER_CONFIG)):
+    if not (cached(HF_CONFIG) and cached(TOKENIZER_CONFIG)):
         return False
     if not any(cached(f) for f in IMAGE_PROCESSOR_CONFIGS):
         return False

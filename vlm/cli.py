@@ -161,7 +161,7 @@ def cmd_profile(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .training import SIZES, STAGES, TrainConfig, train
+    from .training import MODEL_SIZES, STAGES, TrainConfig, train
     from .training.config import CLIPCAP_MAPPER
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -181,7 +181,7 @@ def cmd_train(args) -> None:
     if args.reads_prompt is not None:
         mapper["reads_prompt"] = args.reads_prompt
     if mapper:
-        base = CLIPCAP_MAPPER if args.lm else SIZES[args.size or "small"]["mapper"]
+        base = CLIPCAP_MAPPER if args.lm else MODEL_SIZES[args.size or "small"]["mapper"]
         options["mapper"] = {**base, **mapper}
         if mapper.get("kind") == "mlp":
             options["mapper"] = {k: v for k, v in options["mapper"].items()

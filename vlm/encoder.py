@@ -19,7 +19,7 @@ from .device import autocast, autocast_to
 from .errors import InputError
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
-CONFIG_NAME = "open_clip_config.json"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 class ImageEncoder(Protocol):
@@ -69,7 +69,7 @@ class Encoder:
         )
         tokenizer = open_clip.get_tokenizer(name)
         if name.startswith("local-dir:"):
-            config_path = Path(name.removeprefix("local-dir:")) / CONFIG_NAME
+            config_path = Path(name.removeprefix("local-dir:")) / OPEN_CLIP_CONFIG
             model.model_cfg = json.loads(config_path.read_text())["model_cfg"]
         else:
             model.model_cfg = open_clip.get_model_config(name)
@@ -92,7 +92,7 @@ class Encoder:
         """Write an open_clip folder (config + safetensors) that `local-dir:` loads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_config_for_hf(self.model, directory / CONFIG_NAME, self.model.model_cfg)
+        save_config_for_hf(self.model, directory / OPEN_CLIP_CONFIG, self.model.model_cfg)
         state = self.model.state_dict()
         state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}
         save_file(state, directory / WEIGHTS_NAME)

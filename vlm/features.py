@@ -28,7 +28,7 @@ from .device import available_cores
 from .images import DecodedImages, collate_decoded
 
 
-def features_in_memory(pipeline, images, batch_size: int = 256) -> torch.Tensor:
+def encode_in_memory(pipeline, images, batch_size: int = 256) -> torch.Tensor:
     """What the mapper reads (frozen-encoder features) for every (image, texts) item of an
     in-memory dataset, computed once and kept in fp16: the rendered datasets' counterpart of
     the disk cache below."""

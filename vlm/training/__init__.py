@@ -15,7 +15,7 @@ import importlib
 # where each public name lives; loaded when first asked for (PEP 562), so that a dataset
 # module can declare itself `vlm.training.data.TrainingData` without importing the trainer
 _PUBLIC = {
-    "SIZES": "config", "STAGES": "config", "TrainConfig": "config",
+    "MODEL_SIZES": "config", "STAGES": "config", "TrainConfig": "config",
     "Progress": "progress", "TrainEvent": "progress", "TrainingStopped": "progress",
     "TrainingData": "data", "check_parts": "run", "train": "run",
     "Stage": "loop", "run_stage": "loop",

@@ -13,7 +13,7 @@ CAPTION_LAYERS = 1  # CoCa decoder depth in the CLIP stage (2 layers: 11% more t
 CLIPCAP_MAPPER = dict(kind="transformer", prefix_length=10, clip_length=10, num_layers=8)
 
 # Model sizes: "small" is the bundled ShapeWorld model, "tiny" is for tests and smoke runs.
-SIZES = {
+MODEL_SIZES = {
     "small": dict(
         clip=clip_config(image_size=64, patch_size=8, width=96, layers=4, embed_dim=128,
                          text_width=96, text_layers=2, context_length=24),
@@ -83,7 +83,7 @@ class TrainConfig:
     encoder: str | None = None  # open_clip model name or "local-dir:<folder>"
     encoder_pretrained: str | None = None  # open_clip pretrained tag or weights file
     lm: str | None = None  # a Hugging Face causal LM id or folder
-    mapper: dict | None = None  # PrefixMapper options (default: SIZES or ClipCap's)
+    mapper: dict | None = None  # PrefixMapper options (default: MODEL_SIZES or ClipCap's)
     feature_cache: Path | None = None  # default: <out>/features for file data
     features_in_memory: bool = False  # file data: keep features in memory, not on disk
     gradient_checkpointing: bool = False

@@ -15,9 +15,9 @@ from torch.nn.utils.rnn import pad_sequence
 from ..data import DataError
 from ..encoder import Encoder
 from ..factory import build_pipeline
-from ..features import FeatureCache, features_in_memory
+from ..features import FeatureCache, encode_in_memory
 from ..sequences import prefix_loss, prefixed, scored_ends
-from .config import CLIPCAP_MAPPER, SIZES, TrainConfig
+from .config import CLIPCAP_MAPPER, MODEL_SIZES, TrainConfig
 from .loop import Stage, checkpoint_layers, epoch_batches, run_stage
 from .losses import text_teacher_loss
 from .stages import full_grid_tokens
@@ -34,7 +34,7 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_ou
     `held_out`: the same for the validation examples."""
     if not dataset.from_files:
         data = dataset.prefix_data(config.prefix_examples, config.seed)
-        features = features_in_memory(pipeline, data)
+        features = encode_in_memory(pipeline, data)
         return data.texts, lambda indices: features[indices], data.teacher_lines
     cache = FeatureCache(None if config.features_in_memory else config.feature_cache, pipeline)
     shared = cache.dir is not None  # on disk, each process encodes its share
@@ -211,7 +211,7 @@ def train_prefix(
     """Stage 3: the mapper, trained through the frozen LM from frozen-encoder features; with
     `progress.sample_every`, a few held-out images captioned as it learns."""
     mapper_options = config.mapper or (
-        CLIPCAP_MAPPER if config.lm else SIZES[config.size]["mapper"]
+        CLIPCAP_MAPPER if config.lm else MODEL_SIZES[config.size]["mapper"]
     )
     if mapper_options.get("input") == "tokens" and not mapper_options.get("num_tokens"):
         mapper_options = {**mapper_options, "num_tokens": full_grid_tokens(encoder)}

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..factory import build_encoder, build_lm, train_tokenizer
 from ..pipeline import PipelineConfig
 from ..prompts import answer_cue
-from .config import CAPTION_LAYERS, SIZES, TrainConfig
+from .config import CAPTION_LAYERS, MODEL_SIZES, TrainConfig
 from .loop import Stage, epoch_batches, run_stage
 from .text_batches import answer_mask, pack_texts
 
@@ -26,7 +26,7 @@ from .text_batches import answer_mask, pack_texts
 def train_clip(dataset, config: TrainConfig, accelerator: Accelerator, progress=None) -> Encoder:
     """Stage 1: contrastive image-text training of a small open_clip CLIP, with CoCa's
     captioning loss beside it when `clip_caption_weight` > 0 (its decoder is dropped after)."""
-    encoder = build_encoder(SIZES[config.size]["clip"])
+    encoder = build_encoder(MODEL_SIZES[config.size]["clip"])
     data = dataset.clip_data(config.clip_examples, config.seed)
     loss = open_clip.ClipLoss(
         world_size=accelerator.num_processes, rank=accelerator.process_index,
@@ -82,8 +82,8 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     "is there a green circle?" was answered at chance (0.51); at 10, 0.95
     (experiments/text_answers.py)."""
     texts = dataset.texts(config.lm_examples, config.seed)
-    tokenizer = train_tokenizer(texts[:20000], SIZES[config.size]["vocab_size"])
-    lm = build_lm(tokenizer, **SIZES[config.size]["lm"])
+    tokenizer = train_tokenizer(texts[:20000], MODEL_SIZES[config.size]["vocab_size"])
+    lm = build_lm(tokenizer, **MODEL_SIZES[config.size]["lm"])
     block_size = lm.config.n_positions  # the LM reads text at every position it has
     blocks = pack_texts(tokenizer, texts, block_size)
     template = dataset.pipeline_config().get("question_template", PipelineConfig.question_template)
@@ -139,7 +139,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
 
     def candidate(k: int):  # the first is the LM a run without selection starts from
         torch.manual_seed(config.seed * 1000 + k)
-        return build_lm(tokenizer, **SIZES[config.size]["lm"])
+        return build_lm(tokenizer, **MODEL_SIZES[config.size]["lm"])
 
     losses = []
     for k in range(config.lm_candidates):
