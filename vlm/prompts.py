@@ -19,3 +19,14 @@ def qa_text(question: str, answer: str, template: str = QUESTION_TEMPLATE) -> st
 def answer_cue(template: str = QUESTION_TEMPLATE) -> str:
     """The words a question template ends with, after which the answer comes ("Answer:")."""
     return template.split("{question}")[-1].strip()
+
+
+# A video as the frozen LM reads it (SmolVLM2's layout): each sampled frame's prefix after its
+# timestamp, then the task's prompt; clip narratives in the LM's text use the same lines.
+VIDEO_PROMPT = "What happened:"
+
+
+def frame_prompt(seconds: float) -> str:
+    """The text before a frame's prefix: "Frame at 0:03:" (minutes:seconds, rounded down)."""
+    whole = int(seconds)
+    return f"Frame at {whole // 60}:{whole % 60:02d}:"

@@ -1,0 +1,211 @@
+"""ShapeWorld that moves: short clips in which each object moves left, right, up or down,
+appears, disappears or stays, with their descriptions in time order and questions about them.
+
+A clip is a set of tracks (an object, what it does and when) over `seconds` at `fps`; every
+frame is a ShapeWorld scene (objects apart, left and right obvious), so each frame has its
+caption too. HELD_OUT combinations keep their meaning (never in a training clip), and
+HELD_OUT_MOTIONS are motions never paired with any training clip: the language model reads
+them in text only (`clip_narrative`), as HELD_OUT_FORMS for questions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from ..prompts import VIDEO_PROMPT, frame_prompt, qa_text
+from .world import (
+    BOUND,
+    COLORS,
+    HELD_OUT,
+    MARGIN,
+    MAX_TRIES,
+    MIN_DX,
+    NUMBER_WORDS,
+    PAD,
+    RADIUS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    describe,
+    render,
+)
+
+MOTIONS = ("moves left", "moves right", "moves up", "moves down", "appears", "disappears",
+           "stays")  # fmt: skip
+DIRECTIONS = {"moves left": (-1, 0), "moves right": (1, 0), "moves up": (0, -1),
+              "moves down": (0, 1)}  # fmt: skip
+# motions never shown in a training clip: the LM reads them in clip narratives only
+HELD_OUT_MOTIONS: tuple[str, ...] = ("moves down",)
+CLIP_SPLITS = ("train", "held_out", "held_out_motion", "any")
+TRAVEL = (0.25, 0.4)  # how far a moving object goes over the clip (fraction of the side)
+SECONDS, FPS = 4, 4  # a clip's length and frame rate
+
+
+@dataclass(frozen=True)
+class Track:
+    """One object of a clip: where it starts (`obj`), what it does, and for an object that
+    appears or disappears, the frame where that happens (its first or first missing frame)."""
+
+    obj: Obj
+    motion: str
+    at: int = 0  # the frame of an appearance or disappearance
+    travel: float = 0.0  # how far a moving object goes, over the whole clip
+
+    def where(self, frame: int, frames: int) -> Obj | None:
+        """The object as it is in `frame` (None where it is not there)."""
+        if self.motion == "appears" and frame < self.at:
+            return None
+        if self.motion == "disappears" and frame >= self.at:
+            return None
+        if self.motion not in DIRECTIONS:
+            return self.obj
+        dx, dy = DIRECTIONS[self.motion]
+        done = frame / max(1, frames - 1)
+        return replace(self.obj, x=self.obj.x + dx * self.travel * done,
+                       y=self.obj.y + dy * self.travel * done)  # fmt: skip
+
+    @property
+    def start(self) -> int:
+        """When what it does begins (a move or a stay: from the first frame)."""
+        return self.at if self.motion in ("appears", "disappears") else 0
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A few seconds of ShapeWorld: its tracks, length and frame rate."""
+
+    tracks: tuple[Track, ...]
+    seconds: float = SECONDS
+    fps: float = FPS
+
+    @property
+    def frames(self) -> int:
+        return max(1, round(self.seconds * self.fps))
+
+    def scene(self, frame: int) -> Scene:
+        """The scene of one frame (objects that are not there left out)."""
+        shown = (t.where(frame, self.frames) for t in self.tracks)
+        return Scene(tuple(o for o in shown if o is not None))
+
+    def scenes(self) -> list[Scene]:
+        return [self.scene(i) for i in range(self.frames)]
+
+
+def _frame_ok(objects: list[Obj]) -> bool:
+    """Whether a frame's objects keep inside the image and apart, left and right obvious."""
+    for i, o in enumerate(objects):
+        r = BOUND * RADIUS[o.size]
+        if not (r + PAD <= o.x <= 1 - r - PAD and r + PAD <= o.y <= 1 - r - PAD):
+            return False
+        for p in objects[:i]:
+            gap = math.hypot(o.x - p.x, o.y - p.y) - r - BOUND * RADIUS[p.size]
+            if abs(o.x - p.x) < MIN_DX or gap < MARGIN:
+                return False
+    return True
+
+
+def _motions(rng: random.Random, n: int, split: str) -> list[str]:
+    allowed = [m for m in MOTIONS if m not in HELD_OUT_MOTIONS] if split != "any" else MOTIONS
+    motions = [rng.choice(allowed) for _ in range(n)]
+    if split == "held_out_motion":
+        motions[rng.randrange(n)] = rng.choice(HELD_OUT_MOTIONS)
+    if all(m == "stays" for m in motions):  # something happens in every clip
+        motions[rng.randrange(n)] = rng.choice([m for m in allowed if m != "stays"])
+    return motions
+
+
+def sample_clip(rng: random.Random, split: str = "train", n_objects: int | None = None,
+                seconds: float = SECONDS, fps: float = FPS) -> Clip:  # fmt: skip
+    """A random clip of 1-3 objects, something happening in it, deterministic given the rng.
+
+    `split` "train": no HELD_OUT combination, no HELD_OUT_MOTIONS; "held_out": an object of a
+    HELD_OUT combination that does something (moves, appears or disappears; seen motions);
+    "held_out_motion": seen combinations, an object doing a HELD_OUT_MOTIONS; "any":
+    anything."""
+    if split not in CLIP_SPLITS:
+        raise ValueError(f"split must be one of {CLIP_SPLITS}, got {split!r}")
+    n = rng.randint(1, 3) if n_objects is None else n_objects
+    if not 1 <= n <= 3:
+        raise ValueError(f"n_objects must be in 1..3, got {n}")
+    frames = max(1, round(seconds * fps))
+    every = [(c, s) for c in COLORS for s in SHAPES]
+    seen = [cs for cs in every if cs not in HELD_OUT]
+    for _ in range(MAX_TRIES):
+        motions = _motions(rng, n, split)
+        combos = rng.sample(every if split == "any" else seen, n)  # one name, one object
+        if split == "held_out":
+            active = [i for i, m in enumerate(motions) if m != "stays"]
+            combos[rng.choice(active)] = rng.choice([c for c in HELD_OUT if c not in combos])
+        tracks = []
+        for (colour, shape), motion in zip(combos, motions, strict=True):
+            size = rng.choice(SIZES)
+            r = BOUND * RADIUS[size]
+            obj = Obj(shape, colour, size, rng.uniform(r + PAD, 1 - r - PAD),
+                      rng.uniform(r + PAD, 1 - r - PAD))  # fmt: skip
+            at = rng.randint(1, frames - 1) if motion in ("appears", "disappears") else 0
+            travel = rng.uniform(*TRAVEL) if motion in DIRECTIONS else 0.0
+            tracks.append(Track(obj, motion, at if frames > 1 else 0, travel))
+        clip = Clip(tuple(tracks), seconds, fps)
+        every_frame = [[t.where(i, frames) for t in tracks] for i in range(frames)]
+        if all(_frame_ok([o for o in objects if o is not None]) for objects in every_frame):
+            return clip
+    raise RuntimeError(f"could not place a {n}-object clip in {MAX_TRIES} tries")
+
+
+def render_clip(clip: Clip, size: int = 128) -> list[Image.Image]:
+    """The clip's frames, at `clip.fps`."""
+    return [render(scene, size) for scene in clip.scenes()]
+
+
+def _ordered(clip: Clip) -> list[Track]:
+    """The tracks in time order: when what they do begins, then left to right at the start."""
+    return sorted(clip.tracks, key=lambda t: (t.start, t.obj.x))
+
+
+def describe_clip(clip: Clip) -> str:
+    """The canonical description, one sentence per object in time order ("a small red circle
+    moves right. a large blue star appears.")."""
+    return " ".join(f"{t.obj.phrase} {t.motion}." for t in _ordered(clip))
+
+
+def _names(tracks: list[Track]) -> str:
+    return " and ".join(t.obj.name for t in tracks) or "nothing"
+
+
+def clip_questions(clip: Clip) -> list[tuple[str, str]]:
+    """(question, answer) pairs about the clip: what moved, which way each mover went, what
+    appeared, what disappeared, what is there at the end and how many."""
+    ordered = _ordered(clip)
+    moved = [t for t in ordered if t.motion in DIRECTIONS]
+    last = clip.scene(clip.frames - 1)
+    pairs = [("what moved?", _names(moved))]
+    for track in moved:
+        pairs.append((f"which way did the {track.obj.name} move?", track.motion.split()[1]))
+    pairs += [
+        ("what appeared?", _names([t for t in ordered if t.motion == "appears"])),
+        ("what disappeared?", _names([t for t in ordered if t.motion == "disappears"])),
+        ("what is there at the end?", describe(last) if last.objects else "nothing"),
+        ("how many shapes are there at the end?", NUMBER_WORDS[len(last.objects)]),
+    ]
+    return pairs
+
+
+def clip_narrative(clip: Clip, rng: random.Random | None = None, every: float = 1.0) -> str:
+    """A text for the language model: the clip's frames described one by one, `every`
+    seconds, each after its timestamp (`vlm.prompts.frame_prompt`), then what happened, then
+    (with `rng`) one question about it and its answer."""
+    step = max(1, round(every * clip.fps))
+    lines = []
+    for frame in range(0, clip.frames, step):
+        scene = clip.scene(frame)
+        shown = describe(scene) if scene.objects else "nothing"
+        lines.append(f"{frame_prompt(frame / clip.fps)} {shown}")
+    lines.append(f"{VIDEO_PROMPT} {describe_clip(clip)}")
+    if rng is not None:
+        lines.append(qa_text(*rng.choice(clip_questions(clip))))
+    return "\n".join(lines)
