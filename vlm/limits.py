@@ -45,6 +45,10 @@ class Limits:
     # pixels one request may decode in all ("Caption all", indexing; vlm.images.PixelBudget)
     max_request_pixels: int = _setting(500_000_000, "VLM_MAX_REQUEST_PIXELS")
     max_upload_files: int = _setting(500, "VLM_MAX_UPLOAD_FILES")
+    # videos (also within max_file_size): length, a frame's pixels, frames sampled of one
+    max_video_seconds: float = _setting(600.0, "VLM_MAX_VIDEO_SECONDS", float)
+    max_video_frame_pixels: int = _setting(3840 * 2160, "VLM_MAX_VIDEO_PIXELS")
+    max_video_frames: int = _setting(64, "VLM_MAX_VIDEO_FRAMES")
     # generation and texts, checked before any tokenising
     max_new_tokens: int = _setting(60, "VLM_MAX_NEW_TOKENS")
     max_labels: int = _setting(2000, "VLM_MAX_LABELS")

@@ -35,12 +35,13 @@ from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
-from .prompts import question_prompt
+from .prompts import VIDEO_PROMPT, frame_prompt, question_prompt
 from .reading import WordReader, finished
 from .search import SearchIndex
 from .sequences import Sequences
 from .streaming import Generated, TextStream
 from .tasks import UnsupportedTaskError, task_set
+from .video import Video, VideoText, frames_video, read_video
 from .zeroshot import ClassWeights
 
 # A part of an interleaved sequence: an image (its visual prefix goes there) or text.
@@ -608,6 +609,84 @@ class Pipeline:
             sequences = self.describe_images(sequences, fit=True)
         return [self.embed(parts) for parts in sequences]
 
+    # ------------------------------------------------------------------ video
+
+    def read_video(self, video, *, fps: float = 1.0, max_frames: int = 16,
+                   frame_rate: float | None = None) -> Video:  # fmt: skip
+        """A video's frames sampled `fps` a second (at most `max_frames`, spread evenly over a
+        longer clip; see `vlm.video`): `video` is a file (path or bytes) or a list of frames,
+        `frame_rate` of them a second (default: `fps`, each frame one sample)."""
+        if isinstance(video, (str, os.PathLike, bytes)):
+            return read_video(video, fps=fps, max_frames=max_frames)
+        frames = self._images(list(video))
+        return frames_video(frames, frame_rate or fps, sample_fps=fps, max_frames=max_frames)
+
+    def _video_sequence(self, video: Video, prompt: str, need: int):
+        """The embedded sequence of a video, SmolVLM2's layout: each frame's prefix after its
+        timestamp ("Frame at 0:03:"), a line each, then `prompt`; where the LM's positions
+        leave fewer than `need` tokens after it, frames are left out evenly (the first and
+        the last kept). (sequence, the times of the frames in it)."""
+        prefixes = list(self.prefix(video.frames))
+        count = len(prefixes)
+        while True:
+            keep = _evenly(len(prefixes), count)
+            parts: list = []
+            for i in keep:
+                parts += [("\n" if parts else "") + frame_prompt(video.times[i]), prefixes[i]]
+            sequence = self.embed([*parts, "\n" + prompt])
+            if len(sequence) + need <= self.max_positions or count == 1:
+                self._room(len(sequence), need)
+                return sequence, [video.times[i] for i in keep]
+            count -= 1
+
+    def _video_text(self, video, question, fps, max_frames, frame_rate, max_new_tokens,
+                    timeline: bool) -> VideoText:  # fmt: skip
+        sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
+        stream, times = self._video_stream(sampled, question, max_new_tokens)
+        captions = self.caption(sampled.frames) if timeline and "caption" in self.tasks else []
+        return VideoText(stream.final().text, times,
+                         list(zip(sampled.times, captions, strict=False)),
+                         self.familiarity(sampled.frames))  # fmt: skip
+
+    def _video_stream(self, video: Video, question: str | None, max_new_tokens: int):
+        if question is None:
+            self._require("caption")
+            prompt = VIDEO_PROMPT
+        else:
+            self._require("answer")
+            prompt = question_prompt(question.strip(), self.config.question_template)
+        sequence, times = self._video_sequence(video, prompt, min(max_new_tokens, 8))
+        confidence = None
+        if question is not None:
+            confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
+        stream = self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
+        return stream, times
+
+    def describe_video(self, video, *, fps: float = 1.0, max_frames: int = 16,
+                       frame_rate: float | None = None, max_new_tokens: int = 40,
+                       timeline: bool = True) -> VideoText:  # fmt: skip
+        """What happens in a video (a file, or frames `frame_rate` a second), greedy: its
+        frames sampled by time (`read_video`), each frame's prefix after its timestamp, then
+        "What happened:"; with `timeline`, each sampled frame's own caption too."""
+        return self._video_text(video, None, fps, max_frames, frame_rate, max_new_tokens,
+                                timeline)  # fmt: skip
+
+    def answer_video(self, video, question: str, *, fps: float = 1.0, max_frames: int = 16,
+                     frame_rate: float | None = None, max_new_tokens: int = 10,
+                     timeline: bool = False) -> VideoText:  # fmt: skip
+        """The answer to a question about a video, its frames laid out as `describe_video`
+        lays them, then the question in the model's template."""
+        return self._video_text(video, question, fps, max_frames, frame_rate, max_new_tokens,
+                                timeline)  # fmt: skip
+
+    def stream_video(self, video, question: str | None = None, *, fps: float = 1.0,
+                     max_frames: int = 16, frame_rate: float | None = None,
+                     max_new_tokens: int = 40) -> tuple[TextStream, list[float]]:  # fmt: skip
+        """`describe_video` (or, with a `question`, `answer_video`) streamed like
+        `stream_caption`, and the times of the frames it reads."""
+        sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
+        return self._video_stream(sampled, question, max_new_tokens)
+
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
         80 ImageNet templates (open_clip keeps those as functions; called with "{}" they give
@@ -654,6 +733,15 @@ class Pipeline:
         sets = list(self.config.label_sets.values())
         references = sets[0] if sets else GENERIC_REFERENCES
         return occlusion_map(self.encoder, self._images(image)[0], text, references, keep=keep)
+
+
+def _evenly(total: int, count: int) -> list[int]:
+    """`count` of `total` indices spread evenly, the first and the last among them."""
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [total // 2]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
 def _is_image(part) -> bool:

@@ -147,7 +147,9 @@ def sample_clip(rng: random.Random, split: str = "train", n_objects: int | None 
             r = BOUND * RADIUS[size]
             obj = Obj(shape, colour, size, rng.uniform(r + PAD, 1 - r - PAD),
                       rng.uniform(r + PAD, 1 - r - PAD))  # fmt: skip
-            at = rng.randint(1, frames - 1) if motion in ("appears", "disappears") else 0
+            # by the clip's last second, so that a frame a second shows it happened
+            last = max(1, frames - round(fps))
+            at = rng.randint(1, last) if motion in ("appears", "disappears") else 0
             travel = rng.uniform(*TRAVEL) if motion in DIRECTIONS else 0.0
             tracks.append(Track(obj, motion, at if frames > 1 else 0, travel))
         clip = Clip(tuple(tracks), seconds, fps)

@@ -1,0 +1,215 @@
+"""vlm.video: a clip file sampled by time with PyAV, the frames in memory the same way, and
+every bad video one clear VideoError before (or instead of) decoding."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm.limits import Limits
+from vlm.shapeworld.clips import render_clip, sample_clip
+from vlm.video import VideoError, frames_video, read_video, sample_times
+
+
+def write_video(path: Path, frames: list[Image.Image], fps: int, codec: str = "libx264") -> Path:
+    """The frames as a video file (H.264 in MP4 by default), as a phone or an editor would."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    clip = sample_clip(random.Random("video-test"), "train", n_objects=2)
+    frames = render_clip(clip, 128)
+    path = write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, int(clip.fps))
+    return clip, frames, path
+
+
+def close(a: Image.Image, b: Image.Image) -> bool:
+    """The same picture through a lossy codec: small mean difference."""
+    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return diff.mean() < 6
+
+
+def test_sampling_is_by_time_and_spreads_a_long_clip():
+    assert sample_times(4.0, fps=1.0) == [0.0, 1.0, 2.0, 3.0]
+    assert sample_times(4.0, fps=2.0, max_frames=16) == [k / 2 for k in range(8)]
+    spread = sample_times(100.0, fps=1.0, max_frames=4)
+    assert spread == [12.5, 37.5, 62.5, 87.5]
+    assert sample_times(0.2, fps=1.0) == [0.0]  # a clip shorter than a second: its first frame
+    with pytest.raises(VideoError, match="fps"):
+        sample_times(4.0, fps=0)
+
+
+def test_a_file_gives_the_frames_at_each_second(clip_file):
+    clip, frames, path = clip_file
+    video = read_video(path, fps=1.0)
+    assert video.times == [0.0, 1.0, 2.0, 3.0]
+    assert video.duration == pytest.approx(clip.seconds, abs=0.3)
+    for time, frame in zip(video.times, video.frames, strict=True):
+        assert frame.mode == "RGB" and frame.size == (128, 128)
+        assert close(frame, frames[int(time * clip.fps)]), time
+    # the bytes of the file read the same way; more frames a second, at most max_frames
+    assert [np.asarray(f).tolist() for f in read_video(path.read_bytes()).frames] == [
+        np.asarray(f).tolist() for f in video.frames
+    ]
+    assert len(read_video(path, fps=4.0, max_frames=6).frames) == 6
+
+
+def test_frames_in_memory_are_sampled_as_a_file_is(clip_file):
+    clip, frames, _ = clip_file
+    video = frames_video(frames, clip.fps, sample_fps=1.0)
+    assert video.times == [0.0, 1.0, 2.0, 3.0] and video.duration == clip.seconds
+    assert [np.asarray(f).tolist() for f in video.frames] == [
+        np.asarray(frames[4 * k]).tolist() for k in range(4)
+    ]
+    with pytest.raises(VideoError, match="at least one frame"):
+        frames_video([], 4)
+
+
+def test_bad_videos_get_one_clear_message(clip_file, tmp_path):
+    _, frames, path = clip_file
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video at all\n" * 50)
+    with pytest.raises(VideoError, match=r"notes.mp4: not a video this server can read \(Inv"):
+        read_video(text)  # FFmpeg's reason, never the server's path
+    with pytest.raises(VideoError) as error:
+        read_video(text)
+    assert str(tmp_path) not in str(error.value)
+    with pytest.raises(VideoError, match="empty"):
+        read_video(b"")
+    with pytest.raises(VideoError, match="no such file"):
+        read_video(tmp_path / "missing.mp4")
+    image = tmp_path / "still.png"
+    frames[0].save(image)
+    with pytest.raises(VideoError, match=r"still.png: its length is not in its header"):
+        read_video(image)  # FFmpeg opens a picture as a stream of unknown length
+    audio = tmp_path / "sound.m4a"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 16000), dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(VideoError, match="sound.m4a: no video stream"):
+        read_video(audio)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    try:  # a truncated file: its frames up to the cut, or one clear message
+        video = read_video(cut)
+        assert video.frames and all(f.size == (128, 128) for f in video.frames)
+    except VideoError as error:
+        assert "cut.mp4" in str(error)
+
+
+def test_the_limits_are_checked_from_the_header(clip_file):
+    _, _, path = clip_file
+    with pytest.raises(VideoError, match=r"too long \(4 s; the limit is 2 s\)"):
+        read_video(path, limits=Limits(max_video_seconds=2))
+    with pytest.raises(VideoError, match=r"too large \(128×128; the limit is 10,000 pixels\)"):
+        read_video(path, limits=Limits(max_video_frame_pixels=10_000))
+    with pytest.raises(VideoError, match="too large"):
+        read_video(path, limits=Limits(max_file_size=1000))
+    with pytest.raises(VideoError, match="at most 8 frames"):
+        read_video(path, max_frames=9, limits=Limits(max_video_frames=8))
+
+
+# ---------------------------------------------------------------------------- the tasks
+
+
+def clip_frames(seed: str = "tasks", n_objects: int = 2):
+    clip = sample_clip(random.Random(seed), "train", n_objects=n_objects)
+    return clip, [frame.resize((64, 64)) for frame in render_clip(clip)]
+
+
+def test_a_video_is_read_frame_by_frame_with_its_timestamps(trained, monkeypatch):
+    """The frozen LM reads each sampled frame's prefix after its timestamp, then the prompt;
+    the same video gives the same text, streamed or not, and the timeline is each frame's own
+    caption."""
+    from vlm.prompts import VIDEO_PROMPT, frame_prompt
+
+    clip, frames = clip_frames()
+    embedded = []
+    original = trained.embed
+    monkeypatch.setattr(trained, "embed", lambda parts: embedded.append(parts) or original(parts))
+    result = trained.describe_video(frames, fps=1.0, frame_rate=clip.fps, max_new_tokens=6)
+    video_calls = [p for p in embedded if any(isinstance(x, str) and VIDEO_PROMPT in x for x in p)]
+    parts = video_calls[-1]  # the sequence it read (fewer frames after any that did not fit)
+    texts = [p for p in parts if isinstance(p, str)]
+    assert texts[0] == frame_prompt(result.times[0]) and texts[-1] == "\n" + VIDEO_PROMPT
+    assert texts[1:-1] == ["\n" + frame_prompt(t) for t in result.times[1:]]
+    assert sum(not isinstance(p, str) for p in parts) == len(result.times)
+    monkeypatch.undo()
+    again = trained.describe_video(frames, fps=1.0, frame_rate=clip.fps, max_new_tokens=6)
+    assert again == result
+    stream, times = trained.stream_video(frames, fps=1.0, frame_rate=clip.fps, max_new_tokens=6)
+    assert stream.final().text == result.text and times == result.times
+    assert result.timeline == list(zip([0.0, 1.0, 2.0, 3.0], trained.caption(
+        [frames[4 * k] for k in range(4)]), strict=True))  # fmt: skip
+    assert len(result.familiarity) == 4
+    answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
+    assert isinstance(answer.text, str) and answer.times == result.times and not answer.timeline
+
+
+def test_frames_beyond_the_lms_positions_are_left_out_evenly(trained):
+    """16 frames of a tiny LM's 64 positions: as many as fit, the first and the last kept."""
+    clip, frames = clip_frames("long")
+    result = trained.describe_video(frames, fps=clip.fps, frame_rate=clip.fps, max_frames=16,
+                                    timeline=False, max_new_tokens=4)  # fmt: skip
+    assert 1 < len(result.times) < 16
+    assert result.times[0] == 0.0 and result.times[-1] == 15 / clip.fps
+    assert result.times == sorted(result.times)
+
+
+def test_clipcap_and_blip2_run_the_same_video_path(trained, tmp_path):
+    """The video path on the real presets' architectures (tiny random weights): ClipCap
+    describes (it cannot answer), BLIP-2 describes and answers, both deterministically."""
+    import test_blip2
+    import test_clipcap
+
+    from vlm import Pipeline
+    from vlm.tasks import UnsupportedTaskError
+
+    clip, frames = clip_frames("presets", 1)
+    parts = test_clipcap.parts.__wrapped__(trained, _Factory(tmp_path / "clipcap"))
+    test_clipcap.mlp_checkpoint(tmp_path / "coco.pt", parts["lm"], 32)
+    clipcap = Pipeline.from_clipcap(tmp_path / "coco.pt", device="cpu", **parts)
+    first = clipcap.describe_video(frames, frame_rate=clip.fps, max_new_tokens=4)
+    assert first == clipcap.describe_video(frames, frame_rate=clip.fps, max_new_tokens=4)
+    assert first.times == [0.0, 1.0, 2.0, 3.0] and len(first.timeline) == 4
+    with pytest.raises(UnsupportedTaskError):
+        clipcap.answer_video(frames, "what moved?", frame_rate=clip.fps)
+    request = type("Request", (), {"param": "bos-first"})()
+    folder = test_blip2.blip2_folder.__wrapped__(_Factory(tmp_path / "blip2"), request)
+    blip2 = Pipeline.from_pretrained(folder, device="cpu")
+    described = blip2.describe_video(frames, frame_rate=clip.fps, max_new_tokens=4)
+    assert described == blip2.describe_video(frames, frame_rate=clip.fps, max_new_tokens=4)
+    assert described.times and all(isinstance(c, str) for _, c in described.timeline)
+    answered = blip2.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
+    assert isinstance(answered.text, str)
+
+
+class _Factory:
+    """tmp_path_factory's one method, for a module fixture's body called directly."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True)
+        return path
