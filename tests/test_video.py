@@ -160,7 +160,7 @@ def test_a_video_is_read_frame_by_frame_with_its_timestamps(trained, monkeypatch
     assert stream.final().text == result.text and times == result.times
     assert result.timeline == list(zip([0.0, 1.0, 2.0, 3.0], trained.caption(
         [frames[4 * k] for k in range(4)]), strict=True))  # fmt: skip
-    assert len(result.familiarity) == 4
+    assert [t for t, _ in result.familiarity] == [0.0, 1.0, 2.0, 3.0]
     answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
     assert isinstance(answer.text, str) and answer.times == result.times and not answer.timeline
 
@@ -213,3 +213,33 @@ class _Factory:
         path = self.root / name
         path.mkdir(parents=True)
         return path
+
+
+def test_the_command_line_describes_a_video_file(clip_file, tmp_path, capsys):
+    """`vlm caption clip.mp4` (the bundled model): the description, the frames it read and
+    each sampled frame's caption, which says what that frame shows; `vlm answer` answers;
+    a file that is not a video is one line and exit status 2."""
+    import json
+
+    from vlm import shapeworld as sw
+    from vlm.cli import main
+
+    clip, _, path = clip_file
+    main(["caption", str(path), "--json"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["video"] == str(path) and isinstance(row["text"], str)
+    assert row["frames"] and set(row["frames"]) <= {0.0, 1.0, 2.0, 3.0}
+    times = [t["time"] for t in row["timeline"]]
+    truth = [sw.describe(clip.scene(int(t * clip.fps))) for t in times]
+    right = sum(t["caption"] == true for t, true in zip(row["timeline"], truth, strict=True))
+    assert times == [0.0, 1.0, 2.0, 3.0] and right >= 3, (row["timeline"], truth)
+    main(["answer", str(path), "--question", "what moved?"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}\t") and out.count("\n") == 1
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("no video here")
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(bad)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: bad.mp4: not a video") and "\n" not in error

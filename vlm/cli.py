@@ -19,16 +19,45 @@ def _model(args):
     return Pipeline.from_pretrained(args.model)
 
 
-def _files(paths: list[str]) -> list[Path]:
+def _files(paths: list[str], videos: bool = False):
+    """The image files among `paths` (folders searched); with `videos`, (images, video
+    files) — a video is named as a file."""
     from .images import list_images
+    from .video import is_video_path
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         _fail("no such file or folder: " + ", ".join(missing))
-    files = list_images(paths)
-    if not files:
+    clips = [Path(p) for p in paths if videos and Path(p).is_file() and is_video_path(p)]
+    files = list_images([p for p in paths if Path(p) not in clips])
+    if not files and not clips:
         _fail("no image files found in " + " ".join(paths))
-    return files
+    return (files, clips) if videos else files
+
+
+def _videos(args, pipeline, clips: list[Path], question: str | None = None) -> list[dict]:
+    """Each video described (or its question answered), its frames' familiarity on stderr;
+    a row per video: the text, the times of the frames read, each frame's caption."""
+    rows = []
+    for clip in clips:
+        options = dict(fps=args.fps, max_frames=args.max_frames, timeline=question is None)
+        if question is None:
+            result = pipeline.describe_video(clip, **options)
+        else:
+            result = pipeline.answer_video(clip, question, **options)
+        frames = [f"{clip}@{t:.1f}s" for t, _ in result.familiarity]
+        _warn_unfamiliar(pipeline, frames, [known for _, known in result.familiarity])
+        timeline = [{"time": t, "caption": c} for t, c in result.timeline]
+        rows.append({"video": str(clip), "text": result.text, "frames": result.times,
+                     "timeline": timeline})  # fmt: skip
+    return rows
+
+
+def _video_text(row: dict) -> str:
+    lines = [f"{row['video']}\t{row['text']}"]
+    lines += [f"  {int(t['time']) // 60}:{int(t['time']) % 60:02d}\t{t['caption']}"
+              for t in row["timeline"]]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _emit(args, rows: list[dict], text: callable) -> None:
@@ -39,21 +68,28 @@ def _emit(args, rows: list[dict], text: callable) -> None:
             print(text(row))
 
 
-def _warn_unfamiliar(pipeline, files) -> None:
+def _warn_unfamiliar(pipeline, files, known=None) -> None:
     """On stderr, each image unlike what the model was trained on (its familiarity profile),
-    or that the model cannot tell (no profile): what stdout says of those is a guess."""
+    or that the model cannot tell (no profile): what stdout says of those is a guess.
+    `known`: the images' familiarity where it is known already (a video's frames)."""
     name = pipeline.config.name or "this model"
-    for path, known in zip(files, pipeline.familiarity(files), strict=True):
-        if known.familiar is None:
+    known = pipeline.familiarity(files) if known is None else known
+    for path, one in zip(files, known, strict=True):
+        if one.familiar is None:
             print(f"{path}: {name} has no profile of its training images: familiarity "
                   "unknown", file=sys.stderr)  # fmt: skip
-        elif not known.familiar:
+        elif not one.familiar:
             print(f"{path}: unlike anything {name} was trained on (familiarity "
-                  f"{known.score:.3f}): what follows is a guess", file=sys.stderr)  # fmt: skip
+                  f"{one.score:.3f}): what follows is a guess", file=sys.stderr)  # fmt: skip
 
 
 def cmd_caption(args) -> None:
-    pipeline, files = _model(args), _files(args.images)
+    pipeline, (files, clips) = _model(args), _files(args.images, videos=True)
+    if clips:  # videos: described, each sampled frame captioned
+        rows = _videos(args, pipeline, clips)
+        _emit(args, rows, _video_text)
+        if not files:
+            return
     _warn_unfamiliar(pipeline, files)
     options = dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
@@ -85,7 +121,12 @@ def cmd_classify(args) -> None:
 
 
 def cmd_answer(args) -> None:
-    pipeline, files = _model(args), _files(args.images)
+    pipeline, (files, clips) = _model(args), _files(args.images, videos=True)
+    if clips:
+        rows = _videos(args, pipeline, clips, args.question)
+        _emit(args, rows, lambda r: f"{r['video']}\t{r['text']}")
+        if not files:
+            return
     _warn_unfamiliar(pipeline, files)
     choices = [c for c in args.choices.split(",")] if args.choices else None
     if args.stream and not args.json and not choices:
@@ -301,7 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             sub.add_argument("images", nargs="+", help="image files or folders")
         return sub
 
-    sub = command("caption", cmd_caption, "caption images")
+    def video_flags(sub) -> None:
+        sub.add_argument("--fps", type=float, default=1.0, help="videos: frames read a second")
+        sub.add_argument("--max-frames", type=int, default=16,
+                         help="videos: most frames read (spread over a longer clip)")  # fmt: skip
+
+    sub = command("caption", cmd_caption, "caption images; describe videos (.mp4, .webm, …)")
+    video_flags(sub)
     sub.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
     sub.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
     sub.add_argument("--sample", action="store_true", help="nucleus sampling instead")
@@ -311,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = command("classify", cmd_classify, "zero-shot classification")
     sub.add_argument("--labels", required=True, help="comma-separated labels")
     sub.add_argument("--top", type=int, default=3, help="labels printed per image")
-    sub = command("answer", cmd_answer, "answer a question about images")
+    sub = command("answer", cmd_answer, "answer a question about images or videos")
+    video_flags(sub)
     sub.add_argument("--question", required=True, help="the question, asked of every image")
     sub.add_argument("--choices", help="comma-separated answers to choose from (else free text)")
     sub.add_argument("--stream", action="store_true", help="print each answer as it is written")

@@ -646,7 +646,8 @@ class Pipeline:
         captions = self.caption(sampled.frames) if timeline and "caption" in self.tasks else []
         return VideoText(stream.final().text, times,
                          list(zip(sampled.times, captions, strict=False)),
-                         self.familiarity(sampled.frames))  # fmt: skip
+                         list(zip(sampled.times, self.familiarity(sampled.frames),
+                                  strict=True)))  # fmt: skip
 
     def _video_stream(self, video: Video, question: str | None, max_new_tokens: int):
         if question is None:

@@ -42,12 +42,12 @@ class VideoText:
     """What a model wrote about a video (`Pipeline.describe_video` / `answer_video`): the
     text, the times of the frames it read (all sampled ones, or fewer where the LM's
     positions ran short), each sampled frame's own caption (`timeline`, where the model
-    captions) and each sampled frame's familiarity (`vlm.familiarity`)."""
+    captions) and each sampled frame's familiarity (`vlm.familiarity`), with its time."""
 
     text: str
     times: list[float]
     timeline: list[tuple[float, str]]
-    familiarity: list
+    familiarity: list[tuple[float, object]]
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
