@@ -386,9 +386,36 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
     def show_index(model=None, request: gr.Request = None):
         return _gallery(service.latest(model, session=_session(request)))
 
+    @friendly
+    @gpu
+    def describe_video(video=None, fps=1.0, max_frames=16, model=None):
+        """(notice, what happened, the frames with their captions) of a video."""
+        return _video_outputs(*service.video(video, None, fps, max_frames, model))
+
+    @friendly
+    @gpu
+    def answer_video(video=None, question="", fps=1.0, max_frames=16, model=None):
+        return _video_outputs(*service.video(video, question or "", fps, max_frames, model))
+
     return dict(caption_files=caption_files, classify=classify, explain=explain, search=search,
                 index_add=index_add, show_index=show_index, familiarity=familiarity,
-                familiarity_of_all=familiarity_of_all)  # fmt: skip
+                familiarity_of_all=familiarity_of_all, describe_video=describe_video,
+                answer_video=answer_video)  # fmt: skip
+
+
+def _video_outputs(sampled, result, notice: str):
+    """The Video tab's outputs: the notice, the text, and each sampled frame with its time,
+    its caption and whether the LM read it (frames left out where its positions ran short)."""
+    captions = dict(result.timeline)
+    strip = []
+    for time, frame in zip(sampled.times, sampled.frames, strict=True):
+        label = f"{int(time) // 60}:{int(time) % 60:02d}"
+        if time in captions:
+            label += f" · {captions[time]}"
+        if time not in result.times:
+            label += " (not read: the LM's positions ran short)"
+        strip.append((frame, label))
+    return notice, result.text, strip
 
 
 def _training_handlers(service: Service) -> dict:
@@ -885,6 +912,31 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
 
 
+def video_tab(handlers: dict, model: gr.Dropdown) -> None:
+    """The Video tab: a clip uploaded or recorded, its frames sampled by time, described or
+    asked about; the strip shows each sampled frame with its caption."""
+    most = limits_of(handlers).max_video_frames
+    with gr.Row():
+        with gr.Column():
+            clip = gr.Video(label="Video (upload, or record with the webcam)",
+                            sources=["upload", "webcam"], elem_id="video-input")  # fmt: skip
+            with gr.Row():
+                fps = gr.Slider(0.25, 4, value=1.0, step=0.25, label="Frames a second")
+                frames = gr.Slider(1, most, value=min(16, most), step=1, label="At most frames")
+            describe = gr.Button("Describe what happens", variant="primary")
+            question = gr.Textbox(label="Question about the clip", placeholder="what moved?")
+            ask = gr.Button("Ask")
+        with gr.Column(elem_classes="vlm-result"):
+            notice = gr.Markdown(elem_classes="vlm-familiarity")
+            text = gr.Textbox(label="What the model says", interactive=False)
+            strip = gr.Gallery(label="The frames read, each with its own caption", columns=4,
+                               height="auto")  # fmt: skip
+    describe.click(handlers["describe_video"], [clip, fps, frames, model],
+                   [notice, text, strip], api_name="describe_video")  # fmt: skip
+    ask.click(handlers["answer_video"], [clip, question, fps, frames, model],
+              [notice, text, strip], api_name="answer_video")  # fmt: skip
+
+
 TRAIN_HELP = """Teach the model your images: upload a .zip of images, each with a .txt of
 its captions beside it (one a line) or a `captions.csv` (`image_path`, `caption`), or train on
 generated ShapeWorld scenes. Only the mapper learns (with "an LM learned on your captions", a
@@ -1143,6 +1195,9 @@ def build_demo(settings: argparse.Namespace) -> gr.Blocks:
                 chat_tab(handlers, model)
         with gr.Tab("Explain"):
             explain_tab(handlers, model)
+        if "caption" in pipeline.tasks:
+            with gr.Tab("Video"):
+                video_tab(handlers, model)
         if training:  # browser states live outside the tabs, which mount only when shown
             kept = gr.BrowserState("", storage_key="vlm-train-job")
             browser = gr.BrowserState("", storage_key="vlm-browser")

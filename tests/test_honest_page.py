@@ -160,3 +160,31 @@ def test_search_says_what_it_ran(page):
     plan = page.locator("#search-plan")
     plan.get_by_text("Searched by the text and the image together").wait_for(timeout=30_000)
     assert "50% text, 50% image" in plan.inner_text()
+
+
+def test_the_video_tab_says_its_description_is_a_guess(page, tmp_path):
+    """A clip dropped on the Video tab: the frames it read, each with its time and caption,
+    and the notice that the bundled model was not trained on videos."""
+    import random
+
+    from test_video import write_video
+
+    from vlm.shapeworld.clips import render_clip, sample_clip
+
+    clip = sample_clip(random.Random("page"), "train", n_objects=1)
+    path = write_video(tmp_path / "clip.mp4", render_clip(clip, 128), int(clip.fps))
+    panel = _panel(page, "Video")
+    panel.locator("#video-input input[type=file]").first.set_input_files(str(path))
+    panel.locator("#video-input video").first.wait_for(state="attached", timeout=30_000)
+    panel.get_by_role("button", name="Describe what happens", exact=True).click()
+    notice = panel.locator(".vlm-familiarity").first
+    page.wait_for_function("n => n.innerText.includes('not trained on videos')",
+                           arg=notice.element_handle(), timeout=60_000)  # fmt: skip
+    captions = panel.locator(".vlm-result .caption-label, .vlm-result figcaption")
+    page.wait_for_function("n => n.querySelectorAll('img').length >= 4",
+                           arg=panel.locator(".vlm-result").first.element_handle(),
+                           timeout=30_000)  # fmt: skip
+    page.screenshot(path=str(ARTIFACTS / "video-tab.png"))
+    assert "guess" in notice.inner_text()
+    texts = " ".join(captions.all_inner_texts()) or panel.locator(".vlm-result").inner_text()
+    assert "0:00" in texts and "0:03" in texts, texts

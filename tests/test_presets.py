@@ -15,7 +15,7 @@ from open_clip.transformer import QuickGELU
 
 from vlm import presets
 from vlm.presets import PRESETS, choose_default_model, models_for_task, runnable_presets
-from vlm.tasks import ALL_TASKS, UnsupportedTaskError, task_set
+from vlm.tasks import IMAGE_TASKS, UnsupportedTaskError, task_set
 
 COCO = PRESETS["clipcap-coco"]
 
@@ -79,7 +79,7 @@ def test_clipcap_encoders_build_with_quickgelu_and_no_warning(name):
 
 
 def test_presets_declare_what_they_were_trained_for():
-    assert PRESETS["shapeworld"].tasks == ALL_TASKS
+    assert PRESETS["shapeworld"].tasks == IMAGE_TASKS
     for name in ("clipcap-coco", "clipcap-coco-transformer"):
         assert PRESETS[name].tasks == {"caption", "classify", "search", "explain"}
     for name in ("blip2-opt-2.7b", "blip2-opt-6.7b"):

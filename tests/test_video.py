@@ -163,6 +163,11 @@ def test_a_video_is_read_frame_by_frame_with_its_timestamps(trained, monkeypatch
     assert [t for t, _ in result.familiarity] == [0.0, 1.0, 2.0, 3.0]
     answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
     assert isinstance(answer.text, str) and answer.times == result.times and not answer.timeline
+    # not trained on clips: its text is marked a guess; a model that declares it is not
+    assert result.guess and answer.guess
+    monkeypatch.setattr(trained, "tasks", trained.tasks | {"video"})
+    trusted = trained.describe_video(frames, frame_rate=clip.fps, max_new_tokens=6)
+    assert not trusted.guess and trusted.text == result.text
 
 
 def test_frames_beyond_the_lms_positions_are_left_out_evenly(trained):
@@ -243,3 +248,60 @@ def test_the_command_line_describes_a_video_file(clip_file, tmp_path, capsys):
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: bad.mp4: not a video") and "\n" not in error
+
+
+# ---------------------------------------------------------------------------- the Video tab
+
+
+def test_the_video_tab_describes_a_clip_and_says_it_is_a_guess(clip_file, tmp_path):
+    """The page's handlers (the /describe_video and /answer_video endpoints): the frames
+    strip with each frame's time and caption, the notice that the bundled model was not
+    trained on videos, and every bad request refused with its reason before the model runs."""
+    import shutil
+
+    import gradio as gr
+
+    import app
+    from vlm import shapeworld as sw
+    from vlm.limits import Limits
+
+    clip, _, path = clip_file
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    shutil.copy(path, allowed / "clip.mp4")
+    shutil.copy(path, outside / "secret.mp4")
+    models = app.Models("shapeworld")
+    handlers = app.make_handlers(models, tmp_path / "indexes", [allowed],
+                                 limits=Limits(max_video_seconds=60))  # fmt: skip
+    notice, text, strip = handlers["describe_video"](str(allowed / "clip.mp4"), 1.0, 16)
+    assert "was not trained on videos" in notice and "guess" in notice
+    assert isinstance(text, str) and len(strip) == 4
+    labels = [label for _, label in strip]
+    assert [label.split(" · ")[0] for label in labels] == ["0:00", "0:01", "0:02", "0:03"]
+    truth = [sw.describe(clip.scene(4 * k)) for k in range(4)]
+    assert (
+        sum(label.split(" · ")[1].startswith(t) for label, t in zip(labels, truth, strict=True))
+        >= 3
+    )
+    assert all(frame.size == (128, 128) for frame, _ in strip)
+    _, answer, _ = handlers["answer_video"](str(allowed / "clip.mp4"), "what moved?", 1.0, 4)
+    assert isinstance(answer, str)
+
+    def refused(call, *words):
+        with pytest.raises(gr.Error) as error:
+            call()
+        assert all(w in error.value.message for w in words), error.value.message
+
+    refused(lambda: handlers["describe_video"](None), "Please give a video")
+    refused(lambda: handlers["describe_video"](str(outside / "secret.mp4")), "does not read")
+    refused(lambda: handlers["describe_video"](str(allowed / "clip.mp4"), 9), "Frames a second")
+    refused(lambda: handlers["describe_video"](str(allowed / "clip.mp4"), 1, 65), "Frames")
+    (allowed / "notes.mp4").write_text("not a video")
+    refused(lambda: handlers["describe_video"](str(allowed / "notes.mp4")), "notes.mp4",
+            "not a video")  # fmt: skip
+    short = app.make_handlers(models, tmp_path / "indexes2", [allowed],
+                              limits=Limits(max_video_seconds=2))  # fmt: skip
+    refused(lambda: short["describe_video"](str(allowed / "clip.mp4")), "too long")
+    refused(lambda: handlers["answer_video"](str(allowed / "clip.mp4"), "x" * 600),
+            "too long")  # fmt: skip

@@ -45,6 +45,10 @@ def _videos(args, pipeline, clips: list[Path], question: str | None = None) -> l
             result = pipeline.describe_video(clip, **options)
         else:
             result = pipeline.answer_video(clip, question, **options)
+        if result.guess:
+            name = pipeline.config.name or "this model"
+            print(f"{clip}: {name} was not trained on videos: what it says happened is a guess "
+                  "from frames it reads one at a time", file=sys.stderr)  # fmt: skip
         frames = [f"{clip}@{t:.1f}s" for t, _ in result.familiarity]
         _warn_unfamiliar(pipeline, frames, [known for _, known in result.familiarity])
         timeline = [{"time": t, "caption": c} for t, c in result.timeline]

@@ -616,6 +616,8 @@ class Pipeline:
         """A video's frames sampled `fps` a second (at most `max_frames`, spread evenly over a
         longer clip; see `vlm.video`): `video` is a file (path or bytes) or a list of frames,
         `frame_rate` of them a second (default: `fps`, each frame one sample)."""
+        if isinstance(video, Video):  # sampled already (a server decodes within its limits)
+            return video
         if isinstance(video, (str, os.PathLike, bytes)):
             return read_video(video, fps=fps, max_frames=max_frames)
         frames = self._images(list(video))
@@ -647,7 +649,7 @@ class Pipeline:
         return VideoText(stream.final().text, times,
                          list(zip(sampled.times, captions, strict=False)),
                          list(zip(sampled.times, self.familiarity(sampled.frames),
-                                  strict=True)))  # fmt: skip
+                                  strict=True)), guess="video" not in self.tasks)  # fmt: skip
 
     def _video_stream(self, video: Video, question: str | None, max_new_tokens: int):
         if question is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .blip2 import is_cached as blip2_cached
 from .paths import ASSETS
-from .tasks import ALL_TASKS, CAPTION_TASKS, PREFIX_LM_TASKS
+from .tasks import CAPTION_TASKS, IMAGE_TASKS, PREFIX_LM_TASKS
 
 SHAPEWORLD_DIR = ASSETS / "shapeworld"
 
@@ -29,7 +29,7 @@ class Preset:
 
     name: str
     description: str
-    tasks: frozenset[str] = ALL_TASKS
+    tasks: frozenset[str] = IMAGE_TASKS
     folder: Path | None = None
     repo_id: str | None = None
     filename: str | None = None

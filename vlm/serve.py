@@ -52,6 +52,7 @@ from .uploads import (
     parse_labels,
     parse_templates,
 )
+from .video import Video, VideoText, read_video
 from .visualize import overlay_heatmap
 
 log = logging.getLogger("vlm.serve")
@@ -682,6 +683,37 @@ class Service:
         parts += [self.image(query, "a query image"), (prompt or "").strip()]
         with self.using(model) as pipeline:
             return pipeline.stream_continue(parts, max_new_tokens=length, describe=describe)
+
+    # ------------------------------------------------------------------ videos
+
+    def video(self, file, question: str | None = None, fps=1.0, max_frames=16,
+              model: str | None = None) -> tuple[Video, VideoText, str]:  # fmt: skip
+        """A video file the request gives (through the gate: inside the allowed folders,
+        within the byte limit), its frames decoded within the limits before the model's
+        turn, then described (or, with a `question`, the question answered): (the sampled
+        frames, what the model wrote, the notice for the page: frames unlike the model's
+        training images, or a text that is a guess)."""
+        if not file:
+            raise RequestError("Please give a video (upload one or record it with the webcam).")
+        path = self.files([file])[0]
+        rate = number(fps, "Frames a second", 0.1, 4)
+        most = int(number(max_frames, "Frames", 1, self.limits.max_video_frames))
+        if question is not None:
+            question = clean_question(question, max_chars=self.limits.max_question_chars)
+        sampled = read_video(path, fps=rate, max_frames=most, limits=self.limits,
+                             name=Path(getattr(file, "orig_name", None) or path).name)  # fmt: skip
+        with self.using(model) as pipeline:
+            if question is None:
+                result = pipeline.describe_video(sampled)
+            else:
+                result = pipeline.answer_video(sampled, question)
+        name = pipeline.config.name or str(model)
+        notice = familiarity_notice(name, pipeline.config, [k for _, k in result.familiarity])
+        if result.guess:
+            notice += (f"\n\n⚠️ **The `{name}` model was not trained on videos: what it says "
+                       "happened is a guess from frames it reads one at a time.** Each frame's "
+                       "caption below is what it knows.")  # fmt: skip
+        return sampled, result, notice.strip()
 
     # ------------------------------------------------------------------ CLIP's side
 

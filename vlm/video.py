@@ -42,12 +42,15 @@ class VideoText:
     """What a model wrote about a video (`Pipeline.describe_video` / `answer_video`): the
     text, the times of the frames it read (all sampled ones, or fewer where the LM's
     positions ran short), each sampled frame's own caption (`timeline`, where the model
-    captions) and each sampled frame's familiarity (`vlm.familiarity`), with its time."""
+    captions) and each sampled frame's familiarity (`vlm.familiarity`), with its time.
+    `guess`: the model was not trained on clips (no "video" task), so its text is a guess
+    from frames it learned to read one at a time; its frames' captions are what it knows."""
 
     text: str
     times: list[float]
     timeline: list[tuple[float, str]]
     familiarity: list[tuple[float, object]]
+    guess: bool = True
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
