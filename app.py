@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -397,10 +398,27 @@ def _clip_handlers(service: Service, scratch: ScratchFolder) -> dict:
     def answer_video(video=None, question="", fps=1.0, max_frames=16, model=None):
         return _video_outputs(*service.video(video, question or "", fps, max_frames, model))
 
+    @friendly
+    @gpu
+    def live_caption(frame=None, model=None, seen=None):
+        """(caption, notice and frames a second, the times of the last frames captioned) of
+        the camera's latest frame. A frame that finds the model busy is dropped, not queued
+        (vlm.serve.Service.live_caption), so the caption keeps up with the camera."""
+        captioned = service.live_caption(frame, model) if frame is not None else None
+        if captioned is None:  # no frame, or the model busy: dropped
+            return gr.skip(), gr.skip(), seen
+        caption, notice = captioned
+        now = time.monotonic()
+        seen = [t for t in (seen or []) if now - t < LIVE_WINDOW] + [now]
+        rate = (len(seen) - 1) / (seen[-1] - seen[0]) if len(seen) > 1 else 0.0
+        line = (f"{rate:.1f} frames a second captioned (the camera sends "
+                f"{1 / LIVE_EVERY:.0f}; when the model is slower, frames are dropped)")  # fmt: skip
+        return caption, "\n\n".join(filter(None, [notice, line])), seen
+
     return dict(caption_files=caption_files, classify=classify, explain=explain, search=search,
                 index_add=index_add, show_index=show_index, familiarity=familiarity,
                 familiarity_of_all=familiarity_of_all, describe_video=describe_video,
-                answer_video=answer_video)  # fmt: skip
+                answer_video=answer_video, live_caption=live_caption)  # fmt: skip
 
 
 def _video_outputs(sampled, result, notice: str):
@@ -408,11 +426,11 @@ def _video_outputs(sampled, result, notice: str):
     its caption and whether the LM read it (frames left out where its positions ran short)."""
     captions = dict(result.timeline)
     strip = []
-    for time, frame in zip(sampled.times, sampled.frames, strict=True):
-        label = f"{int(time) // 60}:{int(time) % 60:02d}"
-        if time in captions:
-            label += f" · {captions[time]}"
-        if time not in result.times:
+    for at, frame in zip(sampled.times, sampled.frames, strict=True):
+        label = f"{int(at) // 60}:{int(at) % 60:02d}"
+        if at in captions:
+            label += f" · {captions[at]}"
+        if at not in result.times:
             label += " (not read: the LM's positions ran short)"
         strip.append((frame, label))
     return notice, result.text, strip
@@ -912,6 +930,10 @@ def explain_tab(handlers: dict, model: gr.Dropdown) -> None:
     gr.Examples(explain_examples(), [ex_image, ex_text], label="Examples")
 
 
+LIVE_EVERY = 0.5  # seconds between the frames the camera sends
+LIVE_WINDOW = 5.0  # seconds of captioned frames the rate is counted over
+
+
 def video_tab(handlers: dict, model: gr.Dropdown) -> None:
     """The Video tab: a clip uploaded or recorded, its frames sampled by time, described or
     asked about; the strip shows each sampled frame with its caption."""
@@ -935,6 +957,18 @@ def video_tab(handlers: dict, model: gr.Dropdown) -> None:
                    [notice, text, strip], api_name="describe_video")  # fmt: skip
     ask.click(handlers["answer_video"], [clip, question, fps, frames, model],
               [notice, text, strip], api_name="answer_video")  # fmt: skip
+    with gr.Accordion("Live camera", open=False):
+        with gr.Row():
+            camera = gr.Image(sources=["webcam"], streaming=True, type="pil",
+                              label="Camera", elem_id="live-camera")  # fmt: skip
+            with gr.Column(elem_classes="vlm-result"):
+                live = gr.Textbox(label="What the camera shows", interactive=False,
+                                  elem_id="live-caption")  # fmt: skip
+                rate = gr.Markdown(elem_id="live-rate")
+        seen = gr.State([])
+        camera.stream(handlers["live_caption"], [camera, model, seen], [live, rate, seen],
+                      stream_every=LIVE_EVERY, time_limit=300,
+                      api_name="live_caption")  # fmt: skip
 
 
 TRAIN_HELP = """Teach the model your images: upload a .zip of images, each with a .txt of

@@ -58,6 +58,9 @@ from .visualize import overlay_heatmap
 log = logging.getLogger("vlm.serve")
 
 
+LIVE_TOKENS = 24  # a live caption's length: enough for three objects, short for the camera
+
+
 class RequestError(InputError):
     """A request the server refuses; the message says why, for the user."""
 
@@ -136,17 +139,23 @@ class Models:
             return self._loaded[name]
 
     @contextlib.contextmanager
-    def use(self, name: str | None):
-        """The pipeline, for one request at a time. Gradio runs two requests at once, and a
-        pipeline is not safe to share between threads: the image encoder switches its ViT to
-        also return patch tokens for the length of a call (open_clip's `output_tokens`), and
-        a search index is changed in place. Requests take turns per model; torch spreads each
-        one over every core anyway."""
+    def use(self, name: str | None, wait: bool = True):
+        """The pipeline, for one request at a time (`wait=False`: None at once if another
+        request holds it, for work that is stale when it waits). Gradio runs two requests at
+        once, and a pipeline is not safe to share between threads: the image encoder switches
+        its ViT to also return patch tokens for the length of a call (open_clip's
+        `output_tokens`), and a search index is changed in place. Requests take turns per
+        model; torch spreads each one over every core anyway."""
         pipeline = self.get(name)
         with self._lock:
             turn = self._turns.setdefault(name or self.default, threading.RLock())
-        with turn:
+        if not turn.acquire(blocking=wait):  # busy, and the caller would rather not wait
+            yield None
+            return
+        try:
             yield pipeline
+        finally:
+            turn.release()
 
     def notice(self, name: str | None = None) -> str:
         name = name or self.default
@@ -714,6 +723,19 @@ class Service:
                        "happened is a guess from frames it reads one at a time.** Each frame's "
                        "caption below is what it knows.")  # fmt: skip
         return sampled, result, notice.strip()
+
+    def live_caption(self, frame, model: str | None = None) -> tuple[str, str] | None:
+        """A camera frame's caption (greedy, short: the camera is waiting) and the notice for
+        a frame unlike the model's training images; None when the model is busy with another
+        request: a live frame is dropped rather than queued (the next one will do)."""
+        picture = self.image(frame, "a camera frame")
+        with self.models.use(self.models.pick(model, self.model_dirs), wait=False) as pipeline:
+            if pipeline is None:  # the model is busy: this frame is dropped, not queued
+                return None
+            caption = pipeline.caption([picture], max_new_tokens=LIVE_TOKENS)[0]
+            known = pipeline.familiarity([picture])
+        name = pipeline.config.name or str(model)
+        return caption, familiarity_notice(name, pipeline.config, known)
 
     # ------------------------------------------------------------------ CLIP's side
 
