@@ -22,9 +22,9 @@ names = sorted(d.api_name for d in app.demo.fns.values() if d.api_visibility == 
 print(json.dumps({"on_import": on_import, "after": len(built), "api": names}))
 """
 
-API = ["answer", "answer_words", "caption", "caption_files", "caption_words", "chat",
-       "classify", "explain", "familiarity", "few_shot", "few_shot_words", "index_add",
-       "search"]  # fmt: skip
+API = ["answer", "answer_video", "answer_words", "caption", "caption_files", "caption_words",
+       "chat", "classify", "describe_video", "explain", "familiarity", "few_shot",
+       "few_shot_words", "index_add", "live_caption", "search"]  # fmt: skip
 
 
 def test_importing_app_loads_no_model_and_demo_is_built_on_use(tmp_path):
