@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import caption, index, memory, search, stream, zeroshot
+from . import caption, index, memory, search, stream, video, zeroshot
 from .common import Context, Metric, machine_info, seed_everything
 
 BENCHMARKS = {
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "index": index.run,
     "search": search.run,
     "memory": memory.run,
+    "video": video.run,
 }
 
 
