@@ -305,3 +305,15 @@ def test_the_video_tab_describes_a_clip_and_says_it_is_a_guess(clip_file, tmp_pa
     refused(lambda: short["describe_video"](str(allowed / "clip.mp4")), "too long")
     refused(lambda: handlers["answer_video"](str(allowed / "clip.mp4"), "x" * 600),
             "too long")  # fmt: skip
+
+
+def test_large_frames_are_kept_at_the_work_size(tmp_path):
+    """A 4K clip's sampled frames are held at most WORK_SIDE on their longer side (64 of them
+    at full size would be 1.6 GB), their aspect kept."""
+    from vlm.images import WORK_SIDE
+
+    big = [Image.new("RGB", (3840, 2160), colour) for colour in ("red", "blue")]
+    path = write_video(tmp_path / "big.mp4", big, fps=1)
+    video = read_video(path, fps=1.0)
+    assert [f.size for f in video.frames] == [(WORK_SIDE, 576)] * 2
+    assert video.frames[0].getpixel((500, 300))[0] > 200  # still red

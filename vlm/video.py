@@ -6,6 +6,7 @@ instead of decoding every frame). What the container's header says (a video stre
 duration and frame size) is checked against the limits before any frame is decoded; a file
 that is not a video, has no video stream, or breaks while decoding is one `VideoError` line.
 Frames already in memory (a list of PIL images at a given rate) are sampled the same way.
+A decoded frame is kept at most `vlm.images.WORK_SIDE` pixels on its longer side.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import InputError
+from .images import WORK_SIDE
 from .limits import Limits, current
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -174,5 +176,16 @@ def _decode_at(container, stream, times: list[float]) -> list[Image.Image | None
             except StopIteration:
                 found = last  # past the end: the last frame there is
                 break
-        frames.append(found.to_image().convert("RGB") if found is not None else None)
+        frames.append(_picture(found) if found is not None else None)
     return frames
+
+
+def _picture(frame) -> Image.Image:
+    """A decoded frame as an RGB image whose longer side is at most WORK_SIDE (scaled by
+    FFmpeg as it converts: 64 frames of 4K would otherwise hold 1.6 GB)."""
+    width, height = frame.width, frame.height
+    scale = min(1.0, WORK_SIDE / max(width, height))
+    if scale == 1.0:
+        return frame.to_image().convert("RGB")
+    size = dict(width=max(1, round(width * scale)), height=max(1, round(height * scale)))
+    return frame.to_image(**size).convert("RGB")
