@@ -317,3 +317,38 @@ def test_large_frames_are_kept_at_the_work_size(tmp_path):
     video = read_video(path, fps=1.0)
     assert [f.size for f in video.frames] == [(WORK_SIDE, 576)] * 2
     assert video.frames[0].getpixel((500, 300))[0] > 200  # still red
+
+
+def test_the_video_evaluation_scores_descriptions_and_answers_exactly():
+    """`vlm eval shapeworld --video`: a model that says each clip's truth scores 100%, one
+    that says nothing 0% (and the answer "nothing" only where that is the answer)."""
+    from vlm.shapeworld.clips import clip_questions, describe_clip, sample_clip
+    from vlm.shapeworld.evaluation import VIDEO_SLICES, evaluate_video
+    from vlm.video import VideoText
+
+    rng = random.Random("eval-video-7")  # the evaluation's own draw, as it makes it
+    truths = []
+    for split in VIDEO_SLICES.values():
+        clips = [sample_clip(rng, split) for _ in range(3)]
+        truths += [(describe_clip(c), rng.choice(clip_questions(c))) for c in clips]
+
+    class Oracle:
+        def __init__(self, right: bool):
+            self.right, self.said = right, iter(truths)
+
+        def describe_video(self, frames, **options):
+            self.current = next(self.said)
+            return VideoText(self.current[0] if self.right else "", [], [], [])
+
+        def answer_video(self, frames, question, **options):
+            assert question == self.current[1][0]
+            return VideoText(self.current[1][1] if self.right else "nothing", [], [], [])
+
+    perfect = evaluate_video(Oracle(True), n=3, seed=7, perturbations=("clean",))
+    assert all(scores == {"clean": 1.0} for scores in perfect.values()), perfect
+    silent = evaluate_video(Oracle(False), n=3, seed=7, perturbations=("clean",))
+    assert all(silent[f"{p}video_description_exact"]["clean"] == 0.0 for p in VIDEO_SLICES)
+    nothing = [answer == "nothing" for _, (_, answer) in truths]
+    assert sum(silent[f"{p}video_qa_overall"]["clean"] for p in VIDEO_SLICES) == pytest.approx(
+        sum(nothing) / 3
+    )

@@ -239,9 +239,10 @@ def cmd_eval(args) -> None:
 
     pipeline = _model(args)
     if args.dataset == "shapeworld":
-        from .shapeworld.evaluation import evaluate_shapeworld, format_table
+        from .shapeworld.evaluation import evaluate_shapeworld, evaluate_video, format_table
 
-        results = evaluate_shapeworld(pipeline, n=args.n, seed=args.seed)
+        measure = evaluate_video if args.video else evaluate_shapeworld
+        results = measure(pipeline, n=args.n, seed=args.seed)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2) if args.json else format_table(results))
@@ -503,6 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub.add_argument("--n", type=int, default=1000, help="shapeworld: scenes per measure")
     sub.add_argument("--seed", type=int, default=1234, help="shapeworld: scene seed")
+    sub.add_argument(
+        "--video",
+        action="store_true",
+        help="shapeworld: fresh clips instead (descriptions, questions; --n a slice)",
+    )
     sub.add_argument("--split", help="Karpathy data: its split (default test)")
     sub.add_argument("--data", help="captions/vqa: dataset file or folder; zeroshot: a folder of "
                      "one subfolder per class")  # fmt: skip

@@ -36,6 +36,9 @@ TARGETS = {
     "few_shot_seen_2shot": 0.80, "few_shot_held_out_2shot": 0.70,
     "familiarity_auroc_photos": 0.99, "familiarity_auroc_white_background": 0.95,
     "familiarity_auroc_noise": 0.95,
+    # videos (`evaluate_video`, fresh clips): the held-out motion form is reported, no target
+    "video_description_exact": 0.85, "held_out_video_description_exact": 0.75,
+    "video_qa_overall": 0.85,
 }  # fmt: skip
 # targets that are ceilings: the share of in-world scenes called unfamiliar
 CEILINGS = {"familiarity_false_alarms": 0.02, "familiarity_false_alarms_held_out": 0.02}
@@ -278,6 +281,42 @@ def evaluate_shapeworld(
                 scores |= few_shot  # the text rows (images replaced by words) are the same
         for measure, score in scores.items():
             results[measure][kind] = score
+    return dict(results)
+
+
+VIDEO_SLICES = {"": "train", "held_out_": "held_out", "held_out_motion_": "held_out_motion"}
+
+
+def evaluate_video(
+    pipeline, n: int = 200, seed: int = 1234, perturbations: tuple[str, ...] = ("clean", "jpeg50")
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """{measure: {perturbation: score}} on fresh clips (`vlm.shapeworld.clips`), `n` a slice:
+    seen combinations and motions (no prefix), clips with a HELD_OUT combination that does
+    something (`held_out_`) and clips with a HELD_OUT_MOTIONS (`held_out_motion_`). Each clip
+    is read a frame a second (`Pipeline.describe_video`): its description exactly the
+    canonical one (`video_description_exact`), and one of its questions answered exactly
+    (`video_qa_overall`). A model not trained on clips (no "video" task) is measured all the
+    same: its scores say how far its guesses are from the truth."""
+    from .clips import clip_questions, describe_clip, render_clip, sample_clip
+
+    rng = random.Random(f"eval-video-{seed}")
+    slices = {}
+    for prefix, split in VIDEO_SLICES.items():
+        clips = [sample_clip(rng, split) for _ in range(n)]
+        slices[prefix] = [(clip, rng.choice(clip_questions(clip))) for clip in clips]
+    results: dict[str, dict[str, float]] = defaultdict(dict)
+    for kind in perturbations:
+        for prefix, cases in slices.items():
+            described, answered = [], []
+            for clip, (question, answer) in cases:
+                frames = [perturb(frame, kind) for frame in render_clip(clip)]
+                options = dict(fps=1.0, frame_rate=clip.fps, timeline=False)
+                text = pipeline.describe_video(frames, **options).text
+                described.append(normalize_caption(text) == normalize_caption(describe_clip(clip)))
+                reply = pipeline.answer_video(frames, question, **options).text
+                answered.append(normalize_caption(reply) == answer)
+            results[f"{prefix}video_description_exact"][kind] = float(np.mean(described))
+            results[f"{prefix}video_qa_overall"][kind] = float(np.mean(answered))
     return dict(results)
 
 
