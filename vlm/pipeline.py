@@ -167,7 +167,14 @@ class Pipeline:
         images = self._images(images)
         if self.familiarity_profile is None:
             return [UNKNOWN] * len(images)
-        embeddings = self.encoder.encode_pixels(self.encoder.pixels(images).to(self.device))
+        return self._familiarity_of_pixels(self.encoder.pixels(images))
+
+    @torch.inference_mode()
+    def _familiarity_of_pixels(self, pixels: torch.Tensor) -> list[Familiarity]:
+        """`familiarity` of images already preprocessed into pixels."""
+        if self.familiarity_profile is None:
+            return [UNKNOWN] * len(pixels)
+        embeddings = self.encoder.encode_pixels(pixels.to(self.device))
         return self.familiarity_profile.familiarity(embeddings.cpu().numpy())
 
     @torch.inference_mode()
@@ -623,12 +630,11 @@ class Pipeline:
         frames = self._images(list(video))
         return frames_video(frames, frame_rate or fps, sample_fps=fps, max_frames=max_frames)
 
-    def _video_sequence(self, video: Video, prompt: str, need: int):
+    def _video_sequence(self, video: Video, prefixes: list, prompt: str, need: int):
         """The embedded sequence of a video, SmolVLM2's layout: each frame's prefix after its
         timestamp ("Frame at 0:03:"), a line each, then `prompt`; where the LM's positions
         leave fewer than `need` tokens after it, frames are left out evenly (the first and
         the last kept). (sequence, the times of the frames in it)."""
-        prefixes = list(self.prefix(video.frames))
         count = len(prefixes)
         while True:
             keep = _evenly(len(prefixes), count)
@@ -644,21 +650,27 @@ class Pipeline:
     def _video_text(self, video, question, fps, max_frames, frame_rate, max_new_tokens,
                     timeline: bool) -> VideoText:  # fmt: skip
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
-        stream, times = self._video_stream(sampled, question, max_new_tokens)
-        captions = self.caption(sampled.frames) if timeline and "caption" in self.tasks else []
+        pixels = self.encoder.pixels(sampled.frames)  # each frame encoded once for all three
+        prefixes = list(self._prefix_from_pixels(pixels))
+        stream, times = self._video_stream(sampled, prefixes, question, max_new_tokens)
+        # the frames' prefixes are those `caption` builds (after the caption prompt)
+        captions = []
+        if timeline and "caption" in self.tasks:
+            captions = self._caption_prefixes(prefixes)
         return VideoText(stream.final().text, times,
                          list(zip(sampled.times, captions, strict=False)),
-                         list(zip(sampled.times, self.familiarity(sampled.frames),
+                         list(zip(sampled.times, self._familiarity_of_pixels(pixels),
                                   strict=True)), guess="video" not in self.tasks)  # fmt: skip
 
-    def _video_stream(self, video: Video, question: str | None, max_new_tokens: int):
+    def _video_stream(self, video: Video, prefixes: list, question: str | None,
+                      max_new_tokens: int):  # fmt: skip
         if question is None:
             self._require("caption")
             prompt = VIDEO_PROMPT
         else:
             self._require("answer")
             prompt = question_prompt(question.strip(), self.config.question_template)
-        sequence, times = self._video_sequence(video, prompt, min(max_new_tokens, 8))
+        sequence, times = self._video_sequence(video, prefixes, prompt, min(max_new_tokens, 8))
         confidence = None
         if question is not None:
             confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
@@ -688,7 +700,8 @@ class Pipeline:
         """`describe_video` (or, with a `question`, `answer_video`) streamed like
         `stream_caption`, and the times of the frames it reads."""
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
-        return self._video_stream(sampled, question, max_new_tokens)
+        return self._video_stream(sampled, list(self.prefix(sampled.frames)), question,
+                                  max_new_tokens)  # fmt: skip
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's
