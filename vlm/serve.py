@@ -194,13 +194,12 @@ class Indexes:
     Otherwise (the default, for a public demo) every visitor searches the bundled examples
     plus a private copy of their own: what a session adds is searched and shown in that
     session alone, its files copied under a temporary folder of the server's. A private
-    gallery is forgotten, files and all, `max_age` seconds after its last use, and at most
-    `max_sessions` are kept (the least recently used goes first)."""
+    gallery is forgotten, files and all, `limits.temp_max_age` seconds after its last use,
+    and at most `limits.max_sessions` are kept (the least recently used goes first)."""
 
     def __init__(self, root: Path, shared: bool = False, limits: Limits | None = None):
         self.root, self.shared = Path(root), shared
         self.limits = limits or current()
-        self.max_age, self.max_sessions = self.limits.temp_max_age, self.limits.max_sessions
         self._open: dict[str, SearchIndex] = {}
         self.damaged: dict[str, str] = {}  # model -> why its saved index could not be read
         self._private: OrderedDict[tuple[str, str], _Private] = OrderedDict()
@@ -266,7 +265,7 @@ class Indexes:
             if key not in self._private:
                 folder = self._private_root_unlocked() / uuid.uuid4().hex
                 self._private[key] = _Private(self._open[model].copy(), folder)
-                while len(self._private) > self.max_sessions:
+                while len(self._private) > self.limits.max_sessions:
                     _, oldest = self._private.popitem(last=False)
                     oldest.remove()
             self._private[key].used = time.monotonic()
@@ -279,8 +278,8 @@ class Indexes:
         return self._private_root
 
     def _expire(self) -> None:
-        """Forget the private galleries unused for longer than `max_age` (lock held)."""
-        cutoff = time.monotonic() - self.max_age
+        """Forget the private galleries unused for longer than `temp_max_age` (lock held)."""
+        cutoff = time.monotonic() - self.limits.temp_max_age
         for key in [k for k, p in self._private.items() if p.used < cutoff]:
             self._private.pop(key).remove()
 

@@ -10,7 +10,7 @@ queue, run one at a time in a child process (lowered priority, its own torch thr
 server keeps serving; started ahead, torch imported, so a job's first step comes in seconds,
 and a fresh one for each job), report through an events file the child writes, and stop on
 request (the stage's checkpoint saved). Each job belongs to the session that started it; its folder
-and model are deleted `max_age` seconds after it ends.
+and model are deleted `Limits.train_max_age` seconds after it ends.
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ class TrainingJobs:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or current()
-        self.max_age = self.limits.train_max_age
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
         self._lock = threading.Lock()
@@ -344,9 +343,9 @@ class TrainingJobs:
                 job.events.append(json.loads(line))
 
     def _forget_old(self) -> None:
-        now = time.time()
+        cutoff = time.time() - self.limits.train_max_age
         with self._lock:
-            old = [j for j in self._jobs.values() if j.ended and now - j.ended > self.max_age]
+            old = [j for j in self._jobs.values() if j.ended and j.ended < cutoff]
             for job in old:
                 del self._jobs[job.id]
         for job in old:
