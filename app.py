@@ -953,10 +953,11 @@ def video_tab(handlers: dict, model: gr.Dropdown) -> None:
             text = gr.Textbox(label="What the model says", interactive=False)
             strip = gr.Gallery(label="The frames read, each with its own caption", columns=4,
                                height="auto")  # fmt: skip
+    # decoding a long clip (a seek back to a keyframe, then forward) is heavy work: one at a time
     describe.click(handlers["describe_video"], [clip, fps, frames, model],
-                   [notice, text, strip], api_name="describe_video")  # fmt: skip
+                   [notice, text, strip], api_name="describe_video", **HEAVY)  # fmt: skip
     ask.click(handlers["answer_video"], [clip, question, fps, frames, model],
-              [notice, text, strip], api_name="answer_video")  # fmt: skip
+              [notice, text, strip], api_name="answer_video", **HEAVY)  # fmt: skip
     with gr.Accordion("Live camera", open=False):
         with gr.Row():
             camera = gr.Image(sources=["webcam"], streaming=True, type="pil",
