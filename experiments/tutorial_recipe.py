@@ -25,6 +25,9 @@ object), the encoder stage's time; and reconstructions of a few scenes by the au
     PYTHONPATH=. python experiments/tutorial_recipe.py --out runs/tutorial \\
         --encoder-steps 2000 --prefix-steps 6000 --n 300
 
+An arm measured is kept (`<out>/<arm>/row.json`, with its budget): a rerun with the same
+budget reads it instead of training again, so the full budget can be run in sittings.
+
 Results: docs/tutorial-recipe.md.
 """
 
@@ -342,13 +345,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     rows = {}
+    budget = {k: getattr(args, k) for k in ("size", "encoder_steps", "prefix_steps",
+                                            "batch_size", "examples", "n", "seed")}  # fmt: skip
     for arm in args.arms.split(","):
         out = args.out / arm
+        done = out / "row.json"  # an arm measured at this budget is not rerun
+        if done.is_file() and json.loads(done.read_text())["budget"] == budget:
+            rows[arm] = json.loads(done.read_text())["row"]
+            print(json.dumps({arm: rows[arm]}), "(measured before)", flush=True)
+            continue
         folder, seconds = train_encoder(arm, out, args)
         pipeline = train_prefix(folder, out, args)
         rows[arm] = measure(arm, pipeline, out, seconds, args)
         if arm == "autoencoder":
             reconstructions(pipeline, out, args.reconstructions or out / "reconstructions.png")
+        done.write_text(json.dumps({"budget": budget, "row": rows[arm]}, indent=2))
         print(json.dumps({arm: rows[arm]}), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))

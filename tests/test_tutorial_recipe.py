@@ -50,6 +50,18 @@ def test_the_smallest_setting_fills_the_table(recipe, tmp_path):
     assert picture.height * 3 == picture.width  # two rows of six square scenes
     table = recipe.table(rows)
     assert table.count("\n") == 1 + len(recipe.ARMS) and "| autoencoder | " in table
+    # a rerun at the same budget reads the arms measured before (a long run can go on in
+    # several sittings); at another budget an arm is measured again
+    (out / "clip" / "encoder" / "open_clip_config.json").unlink()
+    assert recipe.main(["--out", str(out), "--size", "tiny", "--encoder-steps", "3",
+                        "--prefix-steps", "3", "--batch-size", "8", "--examples", "64",
+                        "--n", "10"]) == rows  # fmt: skip
+    assert not (out / "clip" / "encoder" / "open_clip_config.json").exists()
+    again = recipe.main(["--out", str(out), "--arms", "clip", "--size", "tiny",
+                         "--encoder-steps", "4", "--prefix-steps", "3", "--batch-size", "8",
+                         "--examples", "64", "--n", "10"])  # fmt: skip
+    assert list(again) == ["clip"]
+    assert (out / "clip" / "encoder" / "open_clip_config.json").is_file()
 
 
 def test_the_word_embedding_loss_ranks_each_scene_by_its_own_words(recipe):
