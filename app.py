@@ -68,9 +68,15 @@ try:  # ZeroGPU on Hugging Face Spaces: GPU work runs inside @spaces.GPU
 
     gpu = spaces.GPU
 except ImportError:
+    spaces = None
 
     def gpu(func):
         return func
+
+
+def zero_gpu():
+    """`spaces.GPU` where the app runs on ZeroGPU (training jobs go through it), else None."""
+    return spaces.GPU if spaces is not None and spaces.config.Config.zero_gpu else None
 
 
 # ---------------------------------------------------------------------------- settings
@@ -546,7 +552,7 @@ def make_handlers(
     indexes = Indexes(index_root, shared_index, limits)
     jobs = None
     if training:
-        jobs = TrainingJobs(Path(tempfile.mkdtemp(prefix="vlm-train-")), limits)
+        jobs = TrainingJobs(Path(tempfile.mkdtemp(prefix="vlm-train-")), limits, zero_gpu())
     service = Service(models, index_root, PathGuard(allowed_dirs),
                       inputs.PathGuard(allowed_dirs), indexes, jobs, limits)  # fmt: skip
     scratch = ScratchFolder("vlm-captions-", limits.temp_max_age)  # the CSVs to download

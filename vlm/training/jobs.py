@@ -11,11 +11,17 @@ server keeps serving; started ahead, torch imported, so a job's first step comes
 and a fresh one for each job), report through an events file the child writes, and stop on
 request (the stage's checkpoint saved). Each job belongs to the session that started it; its folder
 and model are deleted `Limits.train_max_age` seconds after it ends.
+
+On ZeroGPU (Hugging Face Spaces) no process of ours may hold the GPU: a job runs instead
+through `spaces.GPU(duration=…)` (`TrainingJobs(gpu=spaces.GPU)`), which forks a worker with
+a GPU lent for the job's `gpu_seconds`, in the context of the request that started it (so the
+visitor's quota pays for it, not the Space's); its events and stop file work as a child's.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextvars
 import dataclasses
 import json
 import logging
@@ -27,6 +33,7 @@ import time
 import uuid
 import zipfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from ..data import FileDataset
@@ -53,6 +60,18 @@ MAPPERS = {
     ),  # fmt: skip
 }
 STATES = ("queued", "running", "done", "stopped", "failed")
+# What a job holds a ZeroGPU GPU for: start-up (loading the parts, encoding the images once)
+# and each step, an estimate with room (no GPU here to measure one): ZeroGPU charges the
+# seconds used, the duration is the most it lends, and a job past it is aborted.
+GPU_START_SECONDS = 90
+GPU_SECONDS_PER_STEP = 0.25
+
+
+def gpu_seconds(config: dict, most: float) -> int:
+    """How long a job's ZeroGPU call asks for: start-up and its steps (the LM stage's and the
+    prefix stage's), at most `most` (the server's wall limit for a job)."""
+    steps = int(config.get("lm_steps") or 0) + int(config.get("prefix_steps") or 0)
+    return int(min(most, GPU_START_SECONDS + GPU_SECONDS_PER_STEP * steps))
 
 
 class JobError(InputError):
@@ -75,7 +94,10 @@ class Job:
     started: float | None = None
     ended: float | None = None
     events: list[dict] = dataclasses.field(default_factory=list)
-    process: multiprocessing.Process | None = None
+    # what runs it: a child process, or (ZeroGPU) a thread waiting on the GPU call
+    process: multiprocessing.Process | threading.Thread | None = None
+    # the request that started it (ZeroGPU reads the visitor from it)
+    context: contextvars.Context = dataclasses.field(default_factory=contextvars.copy_context)
     _offset: int = 0  # how far the events file has been read
 
     @property
@@ -96,9 +118,11 @@ def _slug(text: str) -> str:
 class TrainingJobs:
     """The server's training jobs (see the module): `start`, `status`, `stop`, the models of
     finished jobs (`models`: name -> folder), deleted `limits.train_max_age` seconds after
-    they end; every request checked against `limits` (the `train_*` ones)."""
+    they end; every request checked against `limits` (the `train_*` ones). `gpu`: ZeroGPU's
+    `spaces.GPU`, to run jobs through it (see the module) instead of in a child process."""
 
-    def __init__(self, root: Path, limits: Limits | None = None):
+    def __init__(self, root: Path, limits: Limits | None = None,
+                 gpu: Callable | None = None):  # fmt: skip
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or current()
@@ -108,7 +132,13 @@ class TrainingJobs:
         self._wake = threading.Event()
         self.on_forget = lambda folder: None  # told of a deleted job's model folder
         self._context = multiprocessing.get_context("spawn")  # no torch state shared with us
-        self._spare = self._new_process()
+        self._on_gpu = None
+        if gpu is not None:
+            seconds = self.limits.train_max_seconds
+            self._on_gpu = gpu(duration=lambda config, *_: gpu_seconds(config, seconds))(
+                run_job_here
+            )
+        self._spare = self._new_process() if self._on_gpu is None else None
         atexit.register(self.close)  # before multiprocessing waits for its children at exit
         self._worker = threading.Thread(target=self._run_queue, daemon=True, name="vlm-train")
         self._worker.start()
@@ -118,6 +148,8 @@ class TrainingJobs:
         for job in list(self._jobs.values()):
             if job.state == "running":
                 (job.folder / "stop").touch()
+        if self._spare is None:
+            return
         process, connection = self._spare
         connection.close()  # the spare's wait for a job ends
         process.join(timeout=5)
@@ -298,13 +330,19 @@ class TrainingJobs:
                 self._run(job)
 
     def _run(self, job: Job) -> None:
-        job.process, connection = self._spare
-        message = (job.config, str(job.folder), self.limits.train_threads)
-        try:
-            connection.send(message)
-        except OSError:  # the spare died: a new one, now
-            job.process, connection = self._new_process()
-            connection.send(message)
+        connection = None
+        if self._on_gpu is None:
+            job.process, connection = self._spare
+            message = (job.config, str(job.folder), self.limits.train_threads)
+            try:
+                connection.send(message)
+            except OSError:  # the spare died: a new one, now
+                job.process, connection = self._new_process()
+                connection.send(message)
+        else:
+            job.process = threading.Thread(target=self._run_on_gpu, args=(job,), daemon=True,
+                                           name=f"vlm-train-{job.id}")  # fmt: skip
+            job.process.start()
         seconds = self.limits.train_max_seconds
         deadline = time.time() + seconds
         while job.process.is_alive():
@@ -312,7 +350,8 @@ class TrainingJobs:
             if time.time() > deadline and not (job.folder / "stop").exists():
                 (job.folder / "stop").touch()  # over its time: stopped as if asked
                 job.error = f"stopped after the server's limit of {seconds:.0f} s"
-            if (job.folder / "stop").exists() and time.time() > deadline + 120:
+            child = isinstance(job.process, multiprocessing.process.BaseProcess)
+            if child and (job.folder / "stop").exists() and time.time() > deadline + 120:
                 job.process.kill()  # it did not stop: not even a checkpoint
         with self._lock:
             self._read_events(job)
@@ -324,11 +363,23 @@ class TrainingJobs:
                 job.state = "stopped"
             else:
                 job.state = "failed"
-                job.error = (failure or {}).get("error") or f"exit code {job.process.exitcode}"
+                exit_code = getattr(job.process, "exitcode", None)
+                job.error = ((failure or {}).get("error") or job.error
+                             or f"exit code {exit_code}")  # fmt: skip
             job.ended = time.time()
-        connection.close()
-        self._spare = self._new_process()  # fresh for the next job: nothing left of this one
+        if connection is not None:
+            connection.close()
+            self._spare = self._new_process()  # fresh for the next job: nothing left of it
         log.info("training job %s %s", job.id, job.state)
+
+    def _run_on_gpu(self, job: Job) -> None:
+        """The ZeroGPU call, in the context of the request that started the job; what it
+        raises (a quota, a duration ZeroGPU will not lend) is the job's error."""
+        try:
+            job.context.run(self._on_gpu, job.config, str(job.folder))
+        except Exception as error:  # noqa: BLE001 (shown to the job's owner)
+            job.error = str(error) or type(error).__name__
+            log.warning("training job %s on the GPU: %s", job.id, job.error)
 
     def _read_events(self, job: Job) -> None:
         path = job.folder / "events.jsonl"
@@ -381,15 +432,23 @@ def _serve_one_job(connection) -> None:
     run_job(config, folder, threads)
 
 
-def run_job(config: dict, folder: str, threads: int = 1) -> None:
-    """The child process: train as `vlm train` does on `threads` CPU threads, its events
-    appended to `<folder>/events.jsonl`, stopping when `<folder>/stop` appears."""
+def run_job_here(config: dict, folder: str) -> None:
+    """A job in the calling process (ZeroGPU's worker): `run_job` at its priority and
+    threads."""
+    run_job(config, folder, threads=None)
+
+
+def run_job(config: dict, folder: str, threads: int | None = 1) -> None:
+    """The child process: train as `vlm train` does on `threads` CPU threads (at a lowered
+    priority; None: as the process is), its events appended to `<folder>/events.jsonl`,
+    stopping when `<folder>/stop` appears."""
     import torch
 
     from . import Progress, TrainConfig, train
 
-    os.nice(10)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        os.nice(10)
+        torch.set_num_threads(threads)
     folder = Path(folder)
     stop = threading.Event()
     parent = os.getppid()
