@@ -12,6 +12,7 @@ import pytest
 from vlm import Pipeline
 from vlm import shapeworld as sw
 from vlm.calibration import (
+    END,
     Alternative,
     Calibration,
     CalibrationExample,
@@ -119,6 +120,46 @@ def test_a_word_the_encoder_does_not_see_loses_its_confidence(bundle):
     calibration = bundle.calibration
     assert calibration.word(wrong[3]) < 0.2 < 0.8 < calibration.word(truth[3])
     assert calibration.word(wrong[2]) > 0.8  # the colour is right in both
+
+
+def test_a_word_is_right_only_when_what_it_depends_on_is():
+    """A word without alternatives ("of" after "left") takes at most the confidence of the
+    word that called for it; after a place where the text could have ended, no word is
+    surer than going on; without word experts every word keeps the LM's probability."""
+    calibration = Calibration(experts=(1.0, 1.0))
+    sure = lambda word: WordReading(word, 0.99)  # noqa: E731  (no alternatives)
+    checked = lambda word, lm, seen: WordReading(
+        word,
+        lm,
+        (  # noqa: E731
+            Alternative(word, lm, seen),
+            Alternative("other", 1 - lm, 1 - seen),
+        ),
+    )
+    ending = WordReading("left", 0.6, (Alternative("left", 0.6, 0.1), Alternative(END, 0.4, 0.9)))
+    words = [sure("a"), checked("large", 0.9, 0.9), sure("green"), ending, sure("of"),
+             sure("a"), checked("small", 0.99, 0.99)]  # fmt: skip
+    shown = calibration.words(words)
+    going_on = calibration.word(ending)
+    assert going_on < 0.2
+    assert shown[0] == 0.99  # nothing before it
+    assert shown[2] == pytest.approx(min(0.99, calibration.word(words[1])))
+    assert shown[3:] == [going_on] * 4  # the clause after "left" is as sure as "left"
+    assert Calibration().words(words) == [w.probability for w in words]
+
+
+def test_an_object_the_image_does_not_show_is_unsure_in_every_word(bundle):
+    """The LM may add an object that is not there ("… left of a small red circle" after one
+    square): the text without it matches the image better, so every word of the added
+    clause is shown unsure; where the image shows it, every word is sure."""
+    one = sw.render(sw.Scene((sw.Obj("square", "green", "large", 0.5, 0.5),)))
+    two = sw.render(sw.Scene((sw.Obj("square", "green", "large", 0.3, 0.5),
+                              sw.Obj("circle", "red", "small", 0.75, 0.5))))  # fmt: skip
+    text = "a large green square left of a small red circle"
+    added, shown = bundle.read_text([one, two], [text] * 2)
+    added, shown = bundle.calibration.words(added), bundle.calibration.words(shown)
+    assert min(added[:4]) > 0.9 and max(added[4:]) < 0.2, added
+    assert min(shown) > 0.9, shown
 
 
 def test_answers_are_calibrated_and_choices_take_the_temperature(bundle, scenes):

@@ -45,6 +45,10 @@ from .errors import InputError
 CALIBRATION_NAME = "calibration.json"
 ALTERNATIVES = 5  # a word's alternatives: the LM's likeliest first tokens there, at most this many
 ALTERNATIVE_FLOOR = 1e-3  # ... each at least this probable
+# The alternative of ending the text before a word (the LM's stop tokens there): a clause the
+# LM was unsure to add ("… left of a small green star" twice) is checked against the text
+# without it
+END = ""
 NO_MATCH_QUANTILE = 0.95  # a search score below this quantile of non-matching pairs: no good match
 UNSURE = 0.5  # below this the page shows a word as unsure
 _EPS = 1e-6
@@ -154,6 +158,27 @@ class Calibration:
         """The chance that a word the model wrote is right (the LM's probability when the
         calibration has no word experts)."""
         return combined(reading, self.experts) if self.experts else reading.probability
+
+    def words(self, readings: Sequence[WordReading]) -> list[float]:
+        """`word` for each word of a text, where (with word experts) a word is right only
+        when what it depends on is: a word the LM had no alternative for (it follows from
+        the words before it: "of" after "left") takes at most the confidence of the last
+        word before it that had alternatives, and no word is surer than the text's going on
+        where it could have ended (an END alternative) before it: an object the image does
+        not show is wrong in every word."""
+        shown, called, going_on = [], None, 1.0
+        for reading in readings:
+            confidence = self.word(reading)
+            if self.experts:
+                if len(reading.alternatives) < 2 and called is not None:
+                    confidence = min(confidence, called)
+                elif len(reading.alternatives) >= 2:
+                    called = confidence
+                if any(a.word == END for a in reading.alternatives[1:]):
+                    going_on = min(going_on, confidence)
+                confidence = min(confidence, going_on)
+            shown.append(confidence)
+        return shown
 
     def answer(self, probability: float) -> float:
         """The chance that an answer the LM gave with this probability is right."""

@@ -13,7 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-from .calibration import ALTERNATIVE_FLOOR, ALTERNATIVES, Alternative, Calibration, WordReading
+from .calibration import (
+    ALTERNATIVE_FLOOR,
+    ALTERNATIVES,
+    END,
+    Alternative,
+    Calibration,
+    WordReading,
+)
 from .streaming import Generated, token_ends, word_spans
 
 # (text, how each word reads, each token with its probability) for one sequence
@@ -36,7 +43,7 @@ def finished(text: str, readings: list[WordReading], tokens, calibration: Calibr
     if not calibrates(calibration, kind):
         return Generated(text, raw, tokens, done=True)
     if kind == "caption":
-        words = [(r.word, calibration.word(r)) for r in readings]
+        words = list(zip([r.word for r in readings], calibration.words(readings), strict=True))
     else:
         words = [(r.word, calibration.answer(r.probability)) for r in readings]
     return Generated(text, words, tokens, done=True, raw_words=raw, calibrated=True)
@@ -52,21 +59,27 @@ class WordReader:
         self.tokenizer, self.encoder, self.stop_ids = tokenizer, encoder, stop_ids
         self.continuation_logits, self.trim = continuation_logits, trim
 
-    def alternatives(self, probs: torch.Tensor, token: int) -> list[tuple[str, float]]:
+    def alternatives(self, probs: torch.Tensor, token: int,
+                     can_end: bool = True) -> list[tuple[str, float]]:  # fmt: skip
         """The words the LM could have begun in a word's place instead of `token`: its
         likeliest other first tokens there (at least ALTERNATIVE_FLOOR), each a whole word
-        (a word start, as `token` is), with their probabilities."""
+        (a word start, as `token` is), with their probabilities; and with `can_end`, ending
+        the text there (END: its stop tokens together)."""
         spaced = self.tokenizer.decode([token])[:1].isspace()
-        top = probs.topk(min(ALTERNATIVES + 1, probs.numel()))
+        top = probs.topk(min(ALTERNATIVES + 1 + len(self.stop_ids), probs.numel()))
         words: dict[str, float] = {}
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if i == token or p < ALTERNATIVE_FLOOR:
+                continue
+            if i in self.stop_ids:
+                if can_end:
+                    words[END] = words.get(END, 0.0) + p
+                continue
             piece = self.tokenizer.decode([i])
             word = piece.strip()
-            whole = word and piece[:1].isspace() == spaced and any(c.isalnum() for c in word)
-            if i == token or p < ALTERNATIVE_FLOOR or i in self.stop_ids or not whole:
-                continue
-            words.setdefault(word, p)
-        return list(words.items())[:ALTERNATIVES]
+            if word and piece[:1].isspace() == spaced and any(c.isalnum() for c in word):
+                words.setdefault(word, p)
+        return sorted(words.items(), key=lambda item: -item[1])[:ALTERNATIVES]
 
     @torch.inference_mode()
     def read(
@@ -95,9 +108,11 @@ class WordReader:
                 reading = WordReading(word, math.prod(chosen[i] for i in covering))
                 if embeddings is not None and covering:
                     first = covering[0]
-                    options = self.alternatives(probs[first], token_ids[first])
+                    options = self.alternatives(probs[first], token_ids[first], start > 0)
                     if options:
-                        variants = [text[:start] + other + text[end:] for other, _ in options]
+                        variants = [text[:start].rstrip() if other == END
+                                    else text[:start] + other + text[end:]
+                                    for other, _ in options]  # fmt: skip
                         checks.append((row, len(readings), [text, *variants]))
                         alternatives = [(word, chosen[first]), *options]
                         reading = WordReading(word, reading.probability, tuple(
