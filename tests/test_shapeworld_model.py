@@ -48,6 +48,7 @@ FLOORS = {
     "familiarity_auroc_photos": 0.99,
     "familiarity_auroc_white_background": 0.95,
     "familiarity_auroc_noise": 0.95,
+    "familiarity_auroc_empty": 0.95,
 }
 # the share of in-world scenes called unfamiliar, clean and under JPEG-50 (measured 0.8-1.2% at
 # n=1000, seed 1234)

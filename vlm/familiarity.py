@@ -129,21 +129,24 @@ def _embed(encoder, images, batch_size: int = 128) -> np.ndarray:
 
 
 def profile_from_data(encoder, dataset, n: int = 3000, seed: int = 0) -> FamiliarityProfile:
-    """The profile of `encoder`'s features of `dataset`'s training images (its `clip_data`):
-    `n` images to fit, a third as many others as the reference. ShapeWorld draws both from
-    their own seeds (`seed` + 7001, + 7002: never an evaluation seed); files take the
-    reference from their held-out part when they have one, else from the last quarter of
-    their training images, which are then not fitted."""
-    fit_items = dataset.clip_data(n, seed=seed + 7001)
+    """The profile of `encoder`'s features of the images `dataset` teaches the mapper from
+    (its `prefix_data`: what the model learned to describe; not the CLIP stage's colourless
+    views, which made an empty frame look familiar): `n` images to fit, a third as many
+    others as the reference. ShapeWorld draws both from their own seeds (`seed` + 7001,
+    + 7002: never an evaluation seed); files take the reference from their held-out part
+    when they have one, else from the last quarter of their training images, which are then
+    not fitted."""
     if dataset.from_files:  # the same images whatever the seed
+        fit_items = dataset.clip_data(n, seed=seed + 7001)
         held = [e.load() for e in itertools.islice(dataset.val_examples(), n // 3)]
         images = [fit_items[i][0] for i in range(min(n, len(fit_items)))]
         if len(held) < 20:
             cut = max(1, len(images) * 3 // 4)
             images, held = images[:cut], images[cut:]
     else:
+        fit_items = dataset.prefix_data(n, seed=seed + 7001)
         images = [fit_items[i][0] for i in range(len(fit_items))]
-        reference = dataset.clip_data(max(n // 3, 1), seed=seed + 7002)
+        reference = dataset.prefix_data(max(n // 3, 1), seed=seed + 7002)
         held = [reference[i][0] for i in range(len(reference))]
     if len(images) < 2 or not held:
         raise InputError("a familiarity profile needs at least 3 training images")

@@ -322,8 +322,9 @@ def evaluate_video(
 
 def outside_world(n: int, seed: int, size: int = 128) -> dict[str, list[Image.Image]]:
     """Images the bundled model never saw, `n` of each: square crops of photos, seen scenes on
-    a white background, uniform noise, and a hexagon or an ellipse (shapes outside the world)
-    in a world colour on black."""
+    a white background, uniform noise, a hexagon or an ellipse (shapes outside the world) in a
+    world colour on black, and empty frames (no shape: a dark grey level with a little sensor
+    noise, as a covered camera gives)."""
     from skimage import data as photos
 
     rng, noise = random.Random(f"outside-{seed}"), np.random.default_rng(seed)
@@ -358,6 +359,9 @@ def outside_world(n: int, seed: int, size: int = 128) -> dict[str, list[Image.Im
                   for _ in range(n)],
         "hexagon": [outside_shape("hexagon") for _ in range(n)],
         "ellipse": [outside_shape("ellipse") for _ in range(n)],
+        "empty": [Image.fromarray(np.clip(rng.uniform(0, 40) + noise.normal(
+            0, rng.uniform(0, 6), (size, size, 3)), 0, 255).astype(np.uint8))
+            for _ in range(n)],
     }  # fmt: skip
 
 
