@@ -13,11 +13,14 @@ import pytest
 from vlm import shapeworld as sw
 from vlm.prompts import VIDEO_PROMPT, frame_prompt
 from vlm.shapeworld.clips import (
+    DIRECTIONS,
     HELD_OUT_MOTIONS,
     MOTIONS,
+    cell,
     clip_narrative,
     clip_questions,
     describe_clip,
+    describe_frame,
     render_clip,
     sample_clip,
 )
@@ -109,7 +112,29 @@ def test_the_narrative_describes_each_second_then_what_happened():
     assert [line.split(": ")[0] + ":" for line in lines[:4]] == [
         frame_prompt(s) for s in range(4)
     ]  # fmt: skip
-    assert lines[0] == f"Frame at 0:00: {sw.describe(clip.scene(0))}"
+    assert lines[0] == f"Frame at 0:00: {describe_frame(clip.scene(0))}"
+    assert lines[0].startswith(f"Frame at 0:00: {clip.scene(0).objects[0].phrase} at x")
     assert lines[4] == f"{VIDEO_PROMPT} {describe_clip(clip)}"
     assert lines[5].startswith("Question: ") and " Answer: " in lines[5]
     assert frame_prompt(75.9) == "Frame at 1:15:"
+
+
+def test_a_frame_a_second_shows_what_happened():
+    """Sampled a frame a second, a clip shows each event: an appearance or disappearance
+    falls on a whole second (so two of them are ordered as the frames show them), and a move
+    changes the moving object's cell in its direction between the first and the last second;
+    the frame line says each object's cell."""
+    for clip in clips("any", 400, seed=7):
+        sampled = [round(t * clip.fps) for t in range(int(clip.seconds))]
+        for track in clip.tracks:
+            if track.motion in ("appears", "disappears"):
+                assert track.at in sampled[1:], (track, sampled)
+            if track.motion in DIRECTIONS:
+                first = track.where(sampled[0], clip.frames)
+                last = track.where(sampled[-1], clip.frames)
+                (c0, r0), (c1, r1) = ([int(v[1:]) for v in cell(o).split()] for o in (first, last))
+                dx, dy = DIRECTIONS[track.motion]
+                assert (c1 - c0) * dx > 0 or (r1 - r0) * dy > 0, (track, cell(first), cell(last))
+        line = describe_frame(clip.scene(0))
+        assert all(f"{o.phrase} at {cell(o)}" in line for o in clip.scene(0).objects)
+    assert describe_frame(sw.Scene(())) == "nothing"

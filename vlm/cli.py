@@ -279,6 +279,7 @@ TRAIN_HELP = {  # the numeric TrainConfig knobs: (flag help); defaults come from
     "seed": "random seed",
     "batch_size": "clip stage: image-text pairs a step",
     "lm_batch_size": "lm stage: blocks of the LM's length (128 tokens) a step",
+    "lm_positions": "lm stage: the LM's positions (default: the size's, small 128)",
     "prefix_batch_size": "prefix stage: (image, text) pairs a step (all processes together)",
     "checkpoint_every": "steps between checkpoints (--resume starts from the last one)",
     "clip_steps": "clip stage: steps",
@@ -478,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
                        "(ClipCap's other variant) instead of keeping it frozen")  # fmt: skip
     knobs = sub.add_argument_group("steps and rates")
     for name, kind in [
-        ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("prefix_batch_size", int),
+        ("seed", int), ("batch_size", int), ("lm_batch_size", int), ("lm_positions", int),
+        ("prefix_batch_size", int),
         ("checkpoint_every", int),
         ("clip_steps", int), ("clip_lr", float), ("clip_examples", int),
         ("clip_caption_weight", float),

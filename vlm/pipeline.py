@@ -630,21 +630,24 @@ class Pipeline:
         frames = self._images(list(video))
         return frames_video(frames, frame_rate or fps, sample_fps=fps, max_frames=max_frames)
 
-    def _video_sequence(self, video: Video, prefixes: list, prompt: str, need: int):
-        """The embedded sequence of a video, SmolVLM2's layout: each frame's prefix after its
-        timestamp ("Frame at 0:03:"), a line each, then `prompt`; where the LM's positions
-        leave fewer than `need` tokens after it, frames are left out evenly (the first and
-        the last kept). (sequence, the times of the frames in it)."""
+    def video_sequence(self, times: Sequence[float], prefixes: Sequence[torch.Tensor],
+                       prompt: str, need: int) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+        """The embedded sequence of a video's frames (their `prefixes`, at `times` seconds),
+        SmolVLM2's layout: each frame's prefix after its timestamp ("Frame at 0:03:"), a
+        line each, then `prompt`; where the LM's positions leave fewer than `need` tokens
+        after it, frames are left out evenly (the first and the last kept; one frame needs
+        room for 8 tokens only). (sequence, the times of the frames in it). What the prefix
+        stage trains clips on, too."""
         count = len(prefixes)
         while True:
             keep = _evenly(len(prefixes), count)
             parts: list = []
             for i in keep:
-                parts += [("\n" if parts else "") + frame_prompt(video.times[i]), prefixes[i]]
+                parts += [("\n" if parts else "") + frame_prompt(times[i]), prefixes[i]]
             sequence = self.embed([*parts, "\n" + prompt])
             if len(sequence) + need <= self.max_positions or count == 1:
-                self._room(len(sequence), need)
-                return sequence, [video.times[i] for i in keep]
+                self._room(len(sequence), need if count > 1 else min(need, 8))
+                return sequence, [times[i] for i in keep]
             count -= 1
 
     def _video_text(self, video, question, fps, max_frames, frame_rate, max_new_tokens,
@@ -670,7 +673,7 @@ class Pipeline:
         else:
             self._require("answer")
             prompt = question_prompt(question.strip(), self.config.question_template)
-        sequence, times = self._video_sequence(video, prefixes, prompt, min(max_new_tokens, 8))
+        sequence, times = self.video_sequence(video.times, prefixes, prompt, max_new_tokens)
         confidence = None
         if question is not None:
             confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")

@@ -3,7 +3,10 @@ appears, disappears or stays, with their descriptions in time order and question
 
 A clip is a set of tracks (an object, what it does and when) over `seconds` at `fps`; every
 frame is a ShapeWorld scene (objects apart, left and right obvious), so each frame has its
-caption too. HELD_OUT combinations keep their meaning (never in a training clip), and
+caption too, and its frame line (`describe_frame`: the caption with where each object is, on
+a grid of GRID × GRID cells), from which what happened can be read: a frame a second shows
+every appearance and disappearance (they happen on whole seconds) and every move (one that
+crosses a cell at least). HELD_OUT combinations keep their meaning (never in a training clip), and
 HELD_OUT_MOTIONS are motions never paired with any training clip: the language model reads
 them in text only (`clip_narrative`), as HELD_OUT_FORMS for questions.
 """
@@ -44,6 +47,9 @@ HELD_OUT_MOTIONS: tuple[str, ...] = ("moves down",)
 CLIP_SPLITS = ("train", "held_out", "held_out_motion", "any")
 TRAVEL = (0.25, 0.4)  # how far a moving object goes over the clip (fraction of the side)
 SECONDS, FPS = 4, 4  # a clip's length and frame rate
+GRID = 5  # cells a side for where an object is in a frame line (x1 … x5 left to right, y1 …
+# y5 top to bottom): a move's shortest travel over three seconds, 0.8 × 0.25 of the side,
+# crosses a cell boundary
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,14 @@ def sample_clip(rng: random.Random, split: str = "train", n_objects: int | None 
             r = BOUND * RADIUS[size]
             obj = Obj(shape, colour, size, rng.uniform(r + PAD, 1 - r - PAD),
                       rng.uniform(r + PAD, 1 - r - PAD))  # fmt: skip
-            # by the clip's last second, so that a frame a second shows it happened
-            last = max(1, frames - round(fps))
-            at = rng.randint(1, last) if motion in ("appears", "disappears") else 0
+            # on a whole second before the last, so that a frame a second shows it happened
+            # and two of them in one clip are in an order the frames show (then left first)
+            seconds_in = max(1, int(seconds) - 1)
+            at = (
+                round(fps) * rng.randint(1, seconds_in)
+                if motion in ("appears", "disappears")
+                else 0
+            )
             travel = rng.uniform(*TRAVEL) if motion in DIRECTIONS else 0.0
             tracks.append(Track(obj, motion, at if frames > 1 else 0, travel))
         clip = Clip(tuple(tracks), seconds, fps)
@@ -197,16 +208,29 @@ def clip_questions(clip: Clip) -> list[tuple[str, str]]:
     return pairs
 
 
+def cell(o: Obj) -> str:
+    """Where an object is on the frame's GRID × GRID cells: "x2 y5"."""
+    column, row = (min(GRID, 1 + int(v * GRID)) for v in (o.x, o.y))
+    return f"x{column} y{row}"
+
+
+def describe_frame(scene: Scene) -> str:
+    """A frame line: the canonical caption with where each object is ("a small red circle at
+    x2 y3 left of a large blue star at x4 y1"), "nothing" for an empty frame."""
+    if not scene.objects:
+        return "nothing"
+    return " left of ".join(f"{o.phrase} at {cell(o)}" for o in scene.objects)
+
+
 def clip_narrative(clip: Clip, rng: random.Random | None = None, every: float = 1.0) -> str:
     """A text for the language model: the clip's frames described one by one, `every`
-    seconds, each after its timestamp (`vlm.prompts.frame_prompt`), then what happened, then
-    (with `rng`) one question about it and its answer."""
+    seconds, each after its timestamp (`vlm.prompts.frame_prompt`) by its frame line
+    (`describe_frame`), then what happened, then (with `rng`) one question about it and its
+    answer."""
     step = max(1, round(every * clip.fps))
     lines = []
     for frame in range(0, clip.frames, step):
-        scene = clip.scene(frame)
-        shown = describe(scene) if scene.objects else "nothing"
-        lines.append(f"{frame_prompt(frame / clip.fps)} {shown}")
+        lines.append(f"{frame_prompt(frame / clip.fps)} {describe_frame(clip.scene(frame))}")
     lines.append(f"{VIDEO_PROMPT} {describe_clip(clip)}")
     if rng is not None:
         lines.append(qa_text(*rng.choice(clip_questions(clip))))

@@ -1,10 +1,11 @@
 """ShapeWorld's training data for the three stages (`ShapeWorld`, a `TrainingData`).
 
 A dataset gives: image-caption pairs for the contrastive CLIP stage (`clip_data`), text
-documents for the LM stage (`texts`), and images with the texts the frozen LM must read after
-their prefix (`prefix_data`: a caption or "Question: … Answer: …"), held-out images for the
-model's calibration (`calibration_examples`), plus what a pipeline trained on it should know
-(`pipeline_config`: prompts, label sets).
+documents for the LM stage (`texts`: scenes, k-shot lists and clip narratives), and images
+with the texts the frozen LM must read after their prefix (`prefix_data`: a caption or
+"Question: … Answer: …"), clips with what it must read after their frames (`video_data`),
+held-out images for the model's calibration (`calibration_examples`), plus what a pipeline
+trained on it should know (`pipeline_config`: prompts, label sets, tasks).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationExample
-from ..prompts import QUESTION_TEMPLATE, qa_text
+from ..prompts import QUESTION_TEMPLATE, VIDEO_PROMPT, qa_text
+from ..tasks import ALL_TASKS, IMAGE_TASKS
 from ..training.data import TrainingData
+from . import clips as moving
 from . import world as sw
 
 # The task is said in text, as for questions: after the prefix, "Caption:" asks for a caption
@@ -124,6 +127,33 @@ class ImagePool(torch.utils.data.Dataset):
         return Image.fromarray(self.images[i].numpy()), self.texts[i]
 
 
+class ClipPool:
+    """Clips for the prefix stage: each clip's frames a second apart (uint8 [N, F, H, W, 3],
+    at `times` seconds), with the (prompt, text) pairs the frozen LM may read after them
+    ("What happened:" and its description, or a question and its answer), one picked at
+    random each time."""
+
+    def __init__(self, frames: torch.Tensor, times: tuple[float, ...],
+                 texts: list[list[tuple[str, str]]]):  # fmt: skip
+        self.frames, self.times, self.texts = frames, times, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def images(self) -> ImagePool:
+        """Every frame of every clip, clip by clip, as an ImagePool (to encode them)."""
+        flat = self.frames.flatten(0, 1)
+        return ImagePool(flat, [[] for _ in range(len(flat))])
+
+
+def clip_texts(clip: moving.Clip) -> list[tuple[str, str]]:
+    """What the frozen LM may read after a clip's frames: its description (as often as all
+    its questions together) or a question and its answer, each as (prompt, text)."""
+    head, _, cue = QUESTION_TEMPLATE.partition("{question}")
+    questions = [(f"{head}{q}{cue}", f" {a}") for q, a in moving.clip_questions(clip)]
+    return [(VIDEO_PROMPT, f" {moving.describe_clip(clip)}")] * len(questions) + questions
+
+
 def _augment(image: Image.Image, rng: random.Random) -> Image.Image:
     """Light photometric noise (JPEG re-encoding, rescaling) so the model is robust to it."""
     roll = rng.random()
@@ -158,6 +188,16 @@ class ShapeWorld(TrainingData):
     # caption alone (`teacher_lines`), so the mapper, which reads the question, learns to show
     # the frozen LM the object asked about ("Questions about one object" in docs/shapeworld.md).
     prefix_text_teacher: float = 1.0
+    # Video (off in the bundle's recipe until it reads clips well: docs/video-lab.md). Of the
+    # LM's documents: clip narratives (`clips.clip_narrative`: each second's frame line, where
+    # the objects are, then what happened), any combination and any motion, so the LM reads
+    # motion from frame lines (HELD_OUT_MOTIONS in text only, as questions' HELD_OUT_FORMS).
+    narrative_share: float = 0.0
+    # Clips paired with their descriptions and questions in the prefix stage, per image of it
+    # (1/15: 4,000 clips beside 60,000 images; 0: none), no HELD_OUT combination and no
+    # HELD_OUT_MOTIONS; and the share of its batches that are clips.
+    clips_per_image: float = 0.0
+    clip_batch_share: float = 0.2
 
     def _pool(
         self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None],
@@ -200,6 +240,10 @@ class ShapeWorld(TrainingData):
         rng = random.Random(f"lm-{seed}")
         documents = []
         for _ in range(n):
+            if self.narrative_share and rng.random() < self.narrative_share:
+                clip = moving.sample_clip(rng, split="any")
+                documents.append(moving.clip_narrative(clip, rng if rng.random() < 0.5 else None))
+                continue
             if rng.random() < self.few_shot_share:
                 documents.append(sw.few_shot_document(rng, CAPTION_PROMPT, split="any"))
                 continue
@@ -219,12 +263,14 @@ class ShapeWorld(TrainingData):
         return self.texts(1000, seed=-1)
 
     def answer_cues(self) -> list[str]:
-        """What comes before a k-shot list's values ("Colour:", "Tag ->"): the LM weighs the
-        value after them as an answer (only the context predicts it)."""
+        """What comes before a k-shot list's values ("Colour:", "Tag ->") and a clip
+        narrative's description ("What happened:"): the LM weighs the text after them as an
+        answer (only the context predicts it)."""
         keys = [k for keys in sw.FEW_SHOT_KEYS.values() for k in keys]
         keys += [*sw.GENERIC_KEYS, *sw.MADE_UP_KEYS]
         separators = sw.SEPARATORS + sw.MADE_UP_SEPARATORS
-        return [f"{key}{separator.rstrip()}" for key in keys for separator in separators]
+        cues = [f"{key}{separator.rstrip()}" for key in keys for separator in separators]
+        return [*cues, VIDEO_PROMPT]  # a clip's description: what its frame lines tell
 
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
@@ -235,6 +281,25 @@ class ShapeWorld(TrainingData):
         texts = [prefix_texts(scene, rng) for scene in scenes]
         teacher = [teacher_lines(s, t) for s, t in zip(scenes, texts, strict=True)]
         return self._pool(scenes, texts, rng, [None] * n, teacher)
+
+    def video_data(self, n: int, seed: int) -> ClipPool | None:
+        """Clips of the training split (no HELD_OUT combination or motion), `clips_per_image`
+        for each of the prefix stage's `n` images, a frame a second rendered and noised as
+        its images are, with their texts."""
+        count = round(n * self.clips_per_image)
+        if not count:
+            return None
+        rng = random.Random(f"video-{seed}")
+        clips = [moving.sample_clip(rng, split="train") for _ in range(count)]
+        seconds = int(moving.SECONDS)
+        frames = torch.stack([
+            torch.stack([torch.from_numpy(np.array(_augment(sw.render(
+                clip.scene(round(t * clip.fps)), self.image_size), rng)))
+                for t in range(seconds)])
+            for clip in tqdm(clips, desc="rendering clips", leave=False, mininterval=5)
+        ])  # fmt: skip
+        return ClipPool(frames, tuple(float(t) for t in range(seconds)),
+                        [clip_texts(clip) for clip in clips])  # fmt: skip
 
     def calibration_examples(self, n: int, seed: int) -> list[CalibrationExample]:
         """Held-out training-distribution scenes for a model's calibration (`vlm.calibration`):
@@ -257,6 +322,7 @@ class ShapeWorld(TrainingData):
             name="shapeworld",
             trained_on="synthetic coloured shapes on black",
             caption_prompt=CAPTION_PROMPT,
+            tasks=sorted(ALL_TASKS if self.clips_per_image else IMAGE_TASKS),
             stop=["\n"],
             templates=["a small {}", "a large {}"],
             template_pooling="sum",

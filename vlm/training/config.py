@@ -51,6 +51,9 @@ class TrainConfig:
     lm_lr: float = 2e-3
     lm_examples: int = 70_000  # 30% are k-shot lists (ShapeWorld.few_shot_share)
     lm_batch_size: int = 32  # blocks of the LM's n_positions tokens (small: 128)
+    # the LM's positions (None: the size's): a clip's four 20-vector frames and its
+    # description, or a narrative of three objects' frame lines, need 256 (docs/video-lab.md)
+    lm_positions: int | None = None
     lm_answer_weight: float = 10.0  # loss weight of answer tokens (after "Answer:") vs the rest
     # LM trainings started from their own initialisations on the same text; the one with the
     # lowest loss on held-out text after lm_select_steps goes on to lm_steps (1: no selection)

@@ -24,6 +24,8 @@ class TrainingData:
     # teacher's weight with a frozen LM, and the share of prefix batches in rows of two
     prefix_text_teacher: float = 0.0
     prefix_context: float = 0.0
+    # the share of prefix batches that are clips (`video_data`), where the data has them
+    clip_batch_share: float = 0.0
 
     # ------------------------------------------------------------------ required
 
@@ -51,6 +53,12 @@ class TrainingData:
     def prefix_data(self, n: int, seed: int):
         """Rendered data: the prefix stage's pool (images, texts and teacher lines)."""
         raise NotImplementedError(f"{type(self).__name__} renders no prefix data")
+
+    def video_data(self, n: int, seed: int):
+        """Clips paired with what the frozen LM should read after their frames (a
+        `vlm.shapeworld.recipe.ClipPool`), for a prefix stage of `n` images; None: the data
+        has none."""
+        return None
 
     def examples(self) -> Iterator:
         """Files: the training examples (`vlm.data.Example`)."""

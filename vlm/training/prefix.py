@@ -14,9 +14,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..data import DataError
 from ..encoder import Encoder
+from ..errors import SequenceTooLong
 from ..factory import build_pipeline
 from ..features import FeatureCache, encode_in_memory
-from ..sequences import prefix_loss, prefixed, scored_ends
+from ..prompts import VIDEO_PROMPT
+from ..sequences import IGNORE, prefix_loss, prefixed, scored_ends
 from .config import CLIPCAP_MAPPER, MODEL_SIZES, TrainConfig
 from .loop import Stage, checkpoint_layers, epoch_batches, run_stage
 from .losses import text_teacher_loss
@@ -24,6 +26,9 @@ from .stages import full_grid_tokens
 from .text_batches import split_prompt
 
 SAMPLES = 4  # held-out images the prefix stage captions as it learns (Progress.sample_every)
+# The room a clip's text is given after its frames, as `describe_video` and `answer_video`
+# give it by default (their max_new_tokens): frames are left out to fit as there
+CLIP_ROOM = {"description": 40, "answer": 10}
 
 
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
@@ -65,9 +70,10 @@ def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_ou
 
 class PrefixRecipe:
     """The prefix stage's recipe for `pipeline` on `dataset`: what a batch is (items of one,
-    or rows of two items where the first is read before the second), the loss (with the text
-    teacher on questions where the config asks), the check that nothing frozen learns and
-    the held-out loss of file data."""
+    rows of two items where the first is read before the second, or clips: each frame's
+    prefix after its timestamp, as `Pipeline.video_sequence` lays them out, then the clip's
+    text), the loss (with the text teacher on questions where the config asks), the check
+    that nothing frozen learns and the held-out loss of file data."""
 
     def __init__(self, dataset, pipeline, config: TrainConfig, accelerator):
         self.pipeline, self.config, self.accelerator = pipeline, config, accelerator
@@ -88,6 +94,13 @@ class PrefixRecipe:
             self.steps = max(1, math.ceil(config.prefix_epochs * pairs / self.batch_size))
         share = config.prefix_context
         self.context_share = dataset.prefix_context if share is None else share
+        self.clips = None if dataset.from_files else dataset.video_data(
+            config.prefix_examples, config.seed)  # fmt: skip
+        self.clip_features = None
+        if self.clips is not None and len(self.clips):
+            frames = encode_in_memory(pipeline, self.clips.images())
+            self.clip_features = frames.view(len(self.clips), -1, *frames.shape[1:])
+        self.clip_share = dataset.clip_batch_share if self.clip_features is not None else 0.0
         self.val_pairs, self.val_lookup = [], None
         if config.val_every and dataset.from_files:
             val_texts, self.val_lookup, _ = prefix_features(dataset, pipeline, config,
@@ -156,12 +169,55 @@ class PrefixRecipe:
         device = tokens.device
         return ids.to(device), torch.tensor(starts, device=device), mask.to(device)
 
+    def clip_items(self, rng) -> tuple:
+        """A batch of clips (a quarter of the batch size: a clip row is about four image
+        rows long): ("clips", features [B, F, ...], (prompt, text) of each)."""
+        count = max(1, self.batch_size // 4)
+        indices = [rng.randrange(len(self.clips)) for _ in range(count)]
+        texts = [rng.choice(self.clips.texts[i]) for i in indices]
+        return "clips", self.clip_features[indices], texts
+
+    def clip_loss(self, lm, mapper, features: torch.Tensor, texts) -> torch.Tensor:
+        """The LM's loss on each clip's text after its frames' prefixes (each frame's made
+        as for a caption: what `describe_video` reads), laid out by `video_sequence`."""
+        pipeline, device = self.pipeline, self.accelerator.device
+        clips, frames = features.shape[:2]
+        prompts = [pipeline.config.caption_prompt] * (clips * frames)
+        prefixes = mapper(*self.mapper_inputs(features.flatten(0, 1), prompts))
+        prefixes = prefixes.view(clips, frames, *prefixes.shape[1:])
+        table = lm.get_input_embeddings()
+        rows, targets = [], []
+        for clip, (prompt, text) in zip(prefixes, texts, strict=True):
+            ids = pipeline.sequences.text_ids(text, after_image=False)
+            ids.append(pipeline.tokenizer.eos_token_id)
+            room = CLIP_ROOM["description" if prompt == VIDEO_PROMPT else "answer"]
+            try:
+                sequence, _ = pipeline.video_sequence(self.clips.times, list(clip), prompt,
+                                                      max(room, len(ids)))  # fmt: skip
+            except SequenceTooLong:
+                continue  # not even one frame and its text fit in the LM's positions
+            if len(sequence) + len(ids) > pipeline.max_positions:
+                continue
+            ids = torch.tensor(ids, device=device)
+            rows.append(torch.cat([sequence, table(ids).to(sequence.dtype)]))
+            targets.append(torch.cat([ids.new_full((len(sequence),), IGNORE), ids]))
+        if not rows:
+            return prefixes.sum() * 0.0
+        inputs = pad_sequence(rows, batch_first=True)
+        labels = pad_sequence(targets, batch_first=True, padding_value=IGNORE)
+        return lm(inputs_embeds=inputs, labels=labels, use_cache=False).loss
+
     def batches(self, start: int):
-        """Endless batches from step `start` on: (items, None), or (items, context items)."""
+        """Endless batches from step `start` on: (items, None), (items, context items) or
+        a batch of clips (`clip_items`)."""
         config, prefix_length = self.config, self.pipeline.mapper.prefix_length
         rng = random.Random(f"prefix-texts-{config.seed}-{start}")
         seed = f"prefix-{config.seed}-{start}"
+        clip_rng = random.Random(f"prefix-clips-{config.seed}-{start}")
         for batch in epoch_batches(len(self.texts), self.batch_size, seed, self.accelerator):
+            if self.clip_share and clip_rng.random() < self.clip_share:
+                yield self.clip_items(clip_rng)
+                continue
             half = len(batch) // 2 if rng.random() < self.context_share else 0
             if half:  # rows of two items: the first half is read before the second
                 main = self.items(batch[half : 2 * half], rng, taught=False)
@@ -173,8 +229,10 @@ class PrefixRecipe:
             yield self.items(batch, rng), None  # (or the two would not fit in the LM's positions)
 
     def loss(self, module, batch) -> torch.Tensor:
-        (inputs, tokens, labels, *teacher), context = batch
         lm, mapper = self.parts(module)
+        if batch[0] == "clips":
+            return self.clip_loss(lm, mapper, batch[1], batch[2])
+        (inputs, tokens, labels, *teacher), context = batch
         if context is not None:
             context = (mapper(*context[0]), *context[1:])
         if not teacher or context is not None:

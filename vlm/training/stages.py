@@ -83,7 +83,10 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     (experiments/text_answers.py)."""
     texts = dataset.texts(config.lm_examples, config.seed)
     tokenizer = train_tokenizer(texts[:20000], MODEL_SIZES[config.size]["vocab_size"])
-    lm = build_lm(tokenizer, **MODEL_SIZES[config.size]["lm"])
+    shape = MODEL_SIZES[config.size]["lm"]
+    lm = build_lm(
+        tokenizer, **{**shape, "n_positions": config.lm_positions or shape["n_positions"]}
+    )
     block_size = lm.config.n_positions  # the LM reads text at every position it has
     blocks = pack_texts(tokenizer, texts, block_size)
     template = dataset.pipeline_config().get("question_template", PipelineConfig.question_template)
@@ -92,9 +95,11 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     marks = answer_mask(tokenizer, blocks, cue, more)
     weights = 1 + (config.lm_answer_weight - 1) * marks.float()
 
+    batch_size = config.lm_batch_size
+
     def batches(start: int):
         seed = f"lm-{config.seed}-{start}"
-        for batch in epoch_batches(len(blocks), config.lm_batch_size, seed, accelerator):
+        for batch in epoch_batches(len(blocks), batch_size, seed, accelerator):
             yield blocks[batch].to(accelerator.device), weights[batch].to(accelerator.device)
 
     def loss_fn(module, batch):
@@ -112,9 +117,9 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
 
         @torch.no_grad()
         def loss(module):
-            chunks = range(0, len(blocks), config.lm_batch_size)
-            losses = [loss_fn(module, (blocks[i : i + config.lm_batch_size].to(
-                accelerator.device), weights[i : i + config.lm_batch_size].to(
+            chunks = range(0, len(blocks), batch_size)
+            losses = [loss_fn(module, (blocks[i : i + batch_size].to(
+                accelerator.device), weights[i : i + batch_size].to(
                 accelerator.device))).item() for i in chunks]  # fmt: skip
             return float(sum(losses) / len(losses))
 
@@ -125,7 +130,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
 
     def stage(name: str, module, **kwargs):
         recipe = Stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr,
-                       batch_size=config.lm_batch_size, validate=validate)  # fmt: skip
+                       batch_size=batch_size, validate=validate)  # fmt: skip
         return run_stage(recipe, config, accelerator, progress=progress, **kwargs)
 
     if config.lm_candidates <= 1:
