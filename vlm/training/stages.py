@@ -95,11 +95,9 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
     marks = answer_mask(tokenizer, blocks, cue, more)
     weights = 1 + (config.lm_answer_weight - 1) * marks.float()
 
-    batch_size = config.lm_batch_size
-
     def batches(start: int):
         seed = f"lm-{config.seed}-{start}"
-        for batch in epoch_batches(len(blocks), batch_size, seed, accelerator):
+        for batch in epoch_batches(len(blocks), config.lm_batch_size, seed, accelerator):
             yield blocks[batch].to(accelerator.device), weights[batch].to(accelerator.device)
 
     def loss_fn(module, batch):
@@ -117,9 +115,9 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
 
         @torch.no_grad()
         def loss(module):
-            chunks = range(0, len(blocks), batch_size)
-            losses = [loss_fn(module, (blocks[i : i + batch_size].to(
-                accelerator.device), weights[i : i + batch_size].to(
+            chunks = range(0, len(blocks), config.lm_batch_size)
+            losses = [loss_fn(module, (blocks[i : i + config.lm_batch_size].to(
+                accelerator.device), weights[i : i + config.lm_batch_size].to(
                 accelerator.device))).item() for i in chunks]  # fmt: skip
             return float(sum(losses) / len(losses))
 
@@ -130,7 +128,7 @@ def train_lm(dataset, config: TrainConfig, accelerator: Accelerator, progress=No
 
     def stage(name: str, module, **kwargs):
         recipe = Stage(name, module, loss_fn, batches, config.lm_steps, config.lm_lr,
-                       batch_size=batch_size, validate=validate)  # fmt: skip
+                       batch_size=config.lm_batch_size, validate=validate)  # fmt: skip
         return run_stage(recipe, config, accelerator, progress=progress, **kwargs)
 
     if config.lm_candidates <= 1:
