@@ -41,7 +41,14 @@ from .search import SearchIndex
 from .sequences import Sequences
 from .streaming import Generated, TextStream
 from .tasks import UnsupportedTaskError, task_set
-from .video import Video, VideoText, frames_video, read_video
+from .video import (
+    ANSWER_TOKENS,
+    DESCRIPTION_TOKENS,
+    Video,
+    VideoText,
+    frames_video,
+    read_video,
+)
 from .zeroshot import ClassWeights
 
 # A part of an interleaved sequence: an image (its visual prefix goes there) or text.
@@ -681,7 +688,8 @@ class Pipeline:
         return stream, times
 
     def describe_video(self, video, *, fps: float = 1.0, max_frames: int = 16,
-                       frame_rate: float | None = None, max_new_tokens: int = 40,
+                       frame_rate: float | None = None,
+                       max_new_tokens: int = DESCRIPTION_TOKENS,
                        timeline: bool = True) -> VideoText:  # fmt: skip
         """What happens in a video (a file, or frames `frame_rate` a second), greedy: its
         frames sampled by time (`read_video`), each frame's prefix after its timestamp, then
@@ -690,7 +698,7 @@ class Pipeline:
                                 timeline)  # fmt: skip
 
     def answer_video(self, video, question: str, *, fps: float = 1.0, max_frames: int = 16,
-                     frame_rate: float | None = None, max_new_tokens: int = 10,
+                     frame_rate: float | None = None, max_new_tokens: int = ANSWER_TOKENS,
                      timeline: bool = False) -> VideoText:  # fmt: skip
         """The answer to a question about a video, its frames laid out as `describe_video`
         lays them, then the question in the model's template."""
@@ -699,7 +707,8 @@ class Pipeline:
 
     def stream_video(self, video, question: str | None = None, *, fps: float = 1.0,
                      max_frames: int = 16, frame_rate: float | None = None,
-                     max_new_tokens: int = 40) -> tuple[TextStream, list[float]]:  # fmt: skip
+                     max_new_tokens: int = DESCRIPTION_TOKENS,
+                     ) -> tuple[TextStream, list[float]]:  # fmt: skip
         """`describe_video` (or, with a `question`, `answer_video`) streamed like
         `stream_caption`, and the times of the frames it reads."""
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)

@@ -24,6 +24,9 @@ from .images import WORK_SIDE
 from .limits import Limits, current
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
+# The most tokens a video's description and an answer about it are given (the default
+# max_new_tokens): the room left after the frames, which are left out to fit it
+DESCRIPTION_TOKENS, ANSWER_TOKENS = 40, 10
 
 
 class VideoError(InputError):

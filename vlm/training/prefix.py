@@ -19,6 +19,7 @@ from ..factory import build_pipeline
 from ..features import FeatureCache, encode_in_memory
 from ..prompts import VIDEO_PROMPT
 from ..sequences import IGNORE, prefix_loss, prefixed, scored_ends
+from ..video import ANSWER_TOKENS, DESCRIPTION_TOKENS
 from .config import CLIPCAP_MAPPER, MODEL_SIZES, TrainConfig
 from .loop import Stage, checkpoint_layers, epoch_batches, run_stage
 from .losses import text_teacher_loss
@@ -26,9 +27,6 @@ from .stages import full_grid_tokens
 from .text_batches import split_prompt
 
 SAMPLES = 4  # held-out images the prefix stage captions as it learns (Progress.sample_every)
-# The room a clip's text is given after its frames, as `describe_video` and `answer_video`
-# give it by default (their max_new_tokens): frames are left out to fit as there
-CLIP_ROOM = {"description": 40, "answer": 10}
 
 
 def prefix_features(dataset, pipeline, config: TrainConfig, accelerator, held_out: bool = False):
@@ -190,7 +188,8 @@ class PrefixRecipe:
         for clip, (prompt, text) in zip(prefixes, texts, strict=True):
             ids = pipeline.sequences.text_ids(text, after_image=False)
             ids.append(pipeline.tokenizer.eos_token_id)
-            room = CLIP_ROOM["description" if prompt == VIDEO_PROMPT else "answer"]
+            # the room `describe_video` and `answer_video` leave it: frames left out as there
+            room = DESCRIPTION_TOKENS if prompt == VIDEO_PROMPT else ANSWER_TOKENS
             try:
                 sequence, _ = pipeline.video_sequence(self.clips.times, list(clip), prompt,
                                                       max(room, len(ids)))  # fmt: skip
