@@ -5,8 +5,10 @@ Hugging Face cache, offline, giving the folder's captions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import threading
 from operator import attrgetter
 
 import pytest
@@ -36,11 +38,41 @@ def finished(stream, pipeline, limit: int):
     return snapshots
 
 
+@contextlib.contextmanager
+def paced(lm):
+    """The LM's forward passes after the first each wait (up to 2 s) until the reader has taken
+    a snapshot (it sets the event yielded): how many snapshots a stream gives then does not
+    hang on how busy the machine is (under load, a reader that lags gets the tokens that came
+    meanwhile in one snapshot, and a tiny model can finish before the reader starts)."""
+    taken, calls = threading.Event(), 0
+
+    def wait(module, args):
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            taken.wait(timeout=2)
+            taken.clear()
+
+    handle = lm.register_forward_pre_hook(wait)
+    try:
+        yield taken
+    finally:
+        handle.remove()
+
+
+def read(stream, taken: threading.Event):
+    for snapshot in stream:
+        taken.set()
+        yield snapshot
+
+
 def test_streamed_captions_end_with_the_caption(blip2, photos):  # noqa: F811
     captions = blip2.caption(photos, max_new_tokens=TOKENS)
     assert len(set(captions)) == len(photos) and all(captions), captions  # not degenerate
     for photo, caption in zip(photos, captions, strict=True):
-        snapshots = finished(blip2.stream_caption(photo, max_new_tokens=TOKENS), blip2, TOKENS)
+        with paced(blip2.lm) as taken:
+            stream = read(blip2.stream_caption(photo, max_new_tokens=TOKENS), taken)
+            snapshots = finished(stream, blip2, TOKENS)
         assert snapshots[-1].text == caption
         assert len(snapshots) > 2  # written a piece at a time, not once at the end
 
