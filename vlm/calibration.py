@@ -13,7 +13,11 @@ fitted on held-out training-distribution data by the trainer (`fit_calibration`)
   `p_lm * p_encoder ** b`, with the encoder's weight b fitted by conditional maximum
   likelihood on reference captions (the LM's own probabilities are what cross-entropy on
   this data made them). A word the LM wrote but the encoder does not see in the image loses
-  most of its confidence; a word without alternatives keeps the LM's probability;
+  most of its confidence; a word without alternatives keeps the LM's probability. The
+  word's confidence is then the mean of that over the image and a few copies of it shifted
+  by a few pixels (`views`; `vlm.reading.shifted_views`): a word the LM wrote at a near tie
+  on the image (a shape copied from the object before, a held-out combination bound wrong)
+  is rarely written on the shifted copies, where a right word stays sure;
 - **search**: the image-text similarity of matching and of non-matching pairs (quantiles),
   so a search score reads as a percentile of true matches, and one below the 95th percentile
   of non-matching pairs or the 5th of true matches as "no good match".
@@ -49,6 +53,7 @@ ALTERNATIVE_FLOOR = 1e-3  # ... each at least this probable
 # LM was unsure to add ("… left of a small green star" twice) is checked against the text
 # without it
 END = ""
+VIEWS = 9  # caption words: read on the image and this many - 1 shifted copies (a new fit's)
 NO_MATCH_QUANTILE = 0.95  # a search score below this quantile of non-matching pairs: no good match
 UNSURE = 0.5  # below this the page shows a word as unsure
 _EPS = 1e-6
@@ -149,6 +154,7 @@ class Calibration:
     matches: tuple[float, ...] = ()  # quantiles of matching pairs' cosine similarity
     mismatches: tuple[float, ...] = ()  # ... and of non-matching pairs'
     fitted_on: str = ""
+    views: int = 1  # caption words: the mean over the image and views - 1 shifted copies
 
     @property
     def calibrates_words(self) -> bool:
@@ -179,6 +185,11 @@ class Calibration:
                 confidence = min(confidence, going_on)
             shown.append(confidence)
         return shown
+
+    def words_over_views(self, views: Sequence[Sequence[WordReading]]) -> list[float]:
+        """`words` of one text read on each view of its image (the image first, then its
+        shifted copies), averaged over the views."""
+        return np.mean([self.words(readings) for readings in views], axis=0).tolist()
 
     def answer(self, probability: float) -> float:
         """The chance that an answer the LM gave with this probability is right."""
@@ -227,6 +238,7 @@ class Calibration:
             matches=tuple(data.get("matches", ())),
             mismatches=tuple(data.get("mismatches", ())),
             fitted_on=data.get("fitted_on", ""),
+            views=int(data.get("views", 1)),
         )
 
 
@@ -311,7 +323,7 @@ def fit_calibration(
         images, references = [e.image for e in captioned], [e.captions[0] for e in captioned]
         taught = pipeline.read_text(images, references, batch_size=batch_size)
         experts = fit_experts([r for words in taught for r in words])
-        calibration = dataclasses.replace(calibration, experts=experts)
+        calibration = dataclasses.replace(calibration, experts=experts, views=VIEWS)
     asked = [(e.image, q, a) for e in examples for q, a in e.questions] if "answer" in tasks else []
     if asked:
         answers = []

@@ -36,7 +36,7 @@ from .mapper import PrefixMapper
 from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
 from .prompts import VIDEO_PROMPT, frame_prompt, question_prompt
-from .reading import WordReader, finished
+from .reading import WordReader, calibrates, finished, shifted_views
 from .search import SearchIndex
 from .sequences import Sequences
 from .streaming import Generated, TextStream
@@ -430,10 +430,27 @@ class Pipeline:
                          for p in self._prefix_from_pixels(pixels)]  # fmt: skip
             ids = self._generate_ids(sequences, **decoding)
             embeddings = self._check_embeddings(pixels, calibration)
-            captions += [finished(text, readings, tokens, calibration, "caption")
-                         for text, readings, tokens
-                         in self.reader.read(sequences, ids, embeddings, self._trim)]  # fmt: skip
+            rows = self.reader.read(sequences, ids, embeddings, self._trim)
+            shifted = [self.reader.read(view_sequences, ids, view_embeddings, self._trim)
+                       for view_sequences, view_embeddings
+                       in self._shifted_reads(pixels, calibration)]  # fmt: skip
+            captions += [finished(text, readings, tokens, calibration, "caption",
+                                  [view[row][1] for view in shifted])
+                         for row, (text, readings, tokens) in enumerate(rows)]  # fmt: skip
         return captions
+
+    def _shifted_reads(self, pixels: torch.Tensor, calibration: Calibration | None):
+        """For a calibration that reads captions on shifted copies of their images (`views` >
+        1, `vlm.reading.shifted_views`): each copy's caption sequences and the embeddings its
+        encoder check reads; none otherwise."""
+        if not calibrates(calibration, "caption") or calibration.views <= 1:
+            return []
+        reads = []
+        for shifted in shifted_views(pixels, calibration.views):
+            sequences = [self.embed([p, self.config.caption_prompt])
+                         for p in self._prefix_from_pixels(shifted)]  # fmt: skip
+            reads.append((sequences, self._check_embeddings(shifted, calibration)))
+        return reads
 
     def _caption_prefixes(self, prefixes, batch_size: int = 16, **decoding) -> list[str]:
         """Captions of ready prefixes ([k, d] each), `batch_size` at a time."""
@@ -453,8 +470,10 @@ class Pipeline:
         sequence = self.embed([self._prefix_from_pixels(pixels)[0],
                                       self.config.caption_prompt])  # fmt: skip
         calibration = self._calibration(OWN)
+        views = [(sequences[0], embeddings)
+                 for sequences, embeddings in self._shifted_reads(pixels, calibration)]  # fmt: skip
         confidence = self.reader.confidence(
-            sequence, self._check_embeddings(pixels, calibration), calibration, "caption"
+            sequence, self._check_embeddings(pixels, calibration), calibration, "caption", views
         )
         return self._stream(sequence, confidence=confidence, **decoding)
 

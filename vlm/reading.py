@@ -2,16 +2,19 @@
 gives each word its probability, the words it could have put there instead and, where the
 encoder has a text tower, how well the text with each of those in its place matches the image
 (the calibration's second expert, `vlm.calibration`). A finished text's words then get their
-confidence: calibrated where the model has a calibration, else the LM's probability.
+confidence: calibrated where the model has a calibration, else the LM's probability. A
+calibration with `views` > 1 has a caption read again on shifted copies of its image
+(`shifted_views`) and its words' confidence averaged over them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .calibration import (
     ALTERNATIVE_FLOOR,
@@ -26,6 +29,23 @@ from .streaming import Generated, token_ends, word_spans
 # (text, how each word reads, each token with its probability) for one sequence
 Reading = tuple[str, list[WordReading], list[tuple[int, float]]]
 
+# The image's shifted copies, in this order: by VIEW_SHIFT of its side along each axis, then
+# diagonally (a calibration's `views` takes the first views - 1)
+VIEW_OFFSETS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+VIEW_SHIFT = 1 / 32  # 2 pixels of a 64-pixel input, 7 of a 224-pixel one
+
+
+def shifted_views(pixels: torch.Tensor, views: int) -> list[torch.Tensor]:
+    """`views - 1` copies of a batch of preprocessed images [B, C, H, W], each shifted by
+    VIEW_SHIFT of its side (edges repeated into the gap): the image seen a few pixels off."""
+    if views - 1 > len(VIEW_OFFSETS):
+        raise ValueError(f"at most {len(VIEW_OFFSETS) + 1} views, not {views}")
+    height, width = pixels.shape[-2:]
+    s = max(1, round(VIEW_SHIFT * min(height, width)))
+    padded = F.pad(pixels, (s, s, s, s), mode="replicate")
+    return [padded[..., s - dy * s : s - dy * s + height, s - dx * s : s - dx * s + width]
+            for dx, dy in VIEW_OFFSETS[: views - 1]]  # fmt: skip
+
 
 def calibrates(calibration: Calibration | None, kind: str) -> bool:
     """Whether `calibration` turns the LM's probabilities of a `kind` of text into calibrated
@@ -36,14 +56,16 @@ def calibrates(calibration: Calibration | None, kind: str) -> bool:
 
 
 def finished(text: str, readings: list[WordReading], tokens, calibration: Calibration | None,
-             kind: str) -> Generated:  # fmt: skip
+             kind: str, views: Sequence[list[WordReading]] = ()) -> Generated:  # fmt: skip
     """A finished text with each word's confidence: calibrated for its `kind` ("caption"
-    or "answer") where there is a calibration, else the LM's probability."""
+    or "answer") where there is a calibration, else the LM's probability. `views`: how the
+    same text reads on the image's shifted copies (a caption's words are averaged over them)."""
     raw = [(r.word, r.probability) for r in readings]
     if not calibrates(calibration, kind):
         return Generated(text, raw, tokens, done=True)
     if kind == "caption":
-        words = list(zip([r.word for r in readings], calibration.words(readings), strict=True))
+        shown = calibration.words_over_views([readings, *views])
+        words = list(zip([r.word for r in readings], shown, strict=True))
     else:
         words = [(r.word, calibration.answer(r.probability)) for r in readings]
     return Generated(text, words, tokens, done=True, raw_words=raw, calibrated=True)
@@ -139,10 +161,12 @@ class WordReader:
                 for a, share in zip(reading.alternatives, shares, strict=True)))  # fmt: skip
 
     def confidence(self, sequence: torch.Tensor, embeddings: torch.Tensor | None,
-                   calibration: Calibration | None, kind: str):  # fmt: skip
+                   calibration: Calibration | None, kind: str,
+                   views: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = ()):  # fmt: skip
         """The hook a stream runs on each snapshot (see `TextStream`), or None without a
         calibration: live words through the calibration's Platt scaling; the last snapshot
-        of a caption read again, teacher-forced, so that its words get both experts."""
+        of a caption read again, teacher-forced, so that its words get both experts, and on
+        each of `views` (the sequence and embeddings of the image's shifted copies)."""
         if not calibrates(calibration, kind):
             return None
 
@@ -155,7 +179,13 @@ class WordReader:
                 return snapshot
             ids = [token for token, _ in snapshot.tokens]
             _, readings, _ = self.read([sequence], [ids], embeddings)[0]
-            final = finished(snapshot.text, readings, snapshot.tokens, calibration, kind)
+            shifted = []
+            if views:  # one batch for every copy
+                copies = [e for _, e in views]
+                embedded = None if copies[0] is None else torch.cat(copies)
+                rows = self.read([s for s, _ in views], [ids] * len(views), embedded)
+                shifted = [words for _, words, _ in rows]
+            final = finished(snapshot.text, readings, snapshot.tokens, calibration, kind, shifted)
             return dataclasses.replace(final, raw_words=snapshot.words)
 
         return confidence
