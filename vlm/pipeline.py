@@ -439,6 +439,7 @@ class Pipeline:
                          for row, (text, readings, tokens) in enumerate(rows)]  # fmt: skip
         return captions
 
+    @torch.inference_mode()
     def _shifted_reads(self, pixels: torch.Tensor, calibration: Calibration | None):
         """For a calibration that reads captions on shifted copies of their images (`views` >
         1, `vlm.reading.shifted_views`): each copy's caption sequences and the embeddings its
@@ -470,8 +471,11 @@ class Pipeline:
         sequence = self.embed([self._prefix_from_pixels(pixels)[0],
                                       self.config.caption_prompt])  # fmt: skip
         calibration = self._calibration(OWN)
-        views = [(sequences[0], embeddings)
-                 for sequences, embeddings in self._shifted_reads(pixels, calibration)]  # fmt: skip
+
+        def views():  # the shifted copies, encoded once the caption is written
+            reads = self._shifted_reads(pixels, calibration)
+            return [(sequences[0], embeddings) for sequences, embeddings in reads]
+
         confidence = self.reader.confidence(
             sequence, self._check_embeddings(pixels, calibration), calibration, "caption", views
         )

@@ -162,11 +162,12 @@ class WordReader:
 
     def confidence(self, sequence: torch.Tensor, embeddings: torch.Tensor | None,
                    calibration: Calibration | None, kind: str,
-                   views: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = ()):  # fmt: skip
+                   views: Callable[[], Sequence[tuple]] | None = None):  # fmt: skip
         """The hook a stream runs on each snapshot (see `TextStream`), or None without a
         calibration: live words through the calibration's Platt scaling; the last snapshot
         of a caption read again, teacher-forced, so that its words get both experts, and on
-        each of `views` (the sequence and embeddings of the image's shifted copies)."""
+        each of the image's shifted copies that `views()` gives then (each its sequence and
+        embeddings: made after the caption is written, not before its first word)."""
         if not calibrates(calibration, kind):
             return None
 
@@ -179,11 +180,10 @@ class WordReader:
                 return snapshot
             ids = [token for token, _ in snapshot.tokens]
             _, readings, _ = self.read([sequence], [ids], embeddings)[0]
-            shifted = []
-            if views:  # one batch for every copy
-                copies = [e for _, e in views]
-                embedded = None if copies[0] is None else torch.cat(copies)
-                rows = self.read([s for s, _ in views], [ids] * len(views), embedded)
+            copies, shifted = views() if views else [], []
+            if copies:  # one batch for every copy
+                embedded = None if copies[0][1] is None else torch.cat([e for _, e in copies])
+                rows = self.read([s for s, _ in copies], [ids] * len(copies), embedded)
                 shifted = [words for _, words, _ in rows]
             final = finished(snapshot.text, readings, snapshot.tokens, calibration, kind, shifted)
             return dataclasses.replace(final, raw_words=snapshot.words)
