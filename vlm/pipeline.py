@@ -431,27 +431,28 @@ class Pipeline:
             ids = self._generate_ids(sequences, **decoding)
             embeddings = self._check_embeddings(pixels, calibration)
             rows = self.reader.read(sequences, ids, embeddings, self._trim)
-            shifted = [self.reader.read(view_sequences, ids, view_embeddings, self._trim)
-                       for view_sequences, view_embeddings
-                       in self._shifted_reads(pixels, calibration)]  # fmt: skip
+            copies, copy_embeddings = self._shifted_copies(pixels, calibration)
+            repeated = ids * (len(copies) // len(ids))  # every copy in one batch
+            shifted = [words for _, words, _
+                       in self.reader.read(copies, repeated, copy_embeddings, self._trim)
+                       ] if copies else []  # fmt: skip
             captions += [finished(text, readings, tokens, calibration, "caption",
-                                  [view[row][1] for view in shifted])
+                                  shifted[row :: len(rows)])
                          for row, (text, readings, tokens) in enumerate(rows)]  # fmt: skip
         return captions
 
     @torch.inference_mode()
-    def _shifted_reads(self, pixels: torch.Tensor, calibration: Calibration | None):
+    def _shifted_copies(self, pixels: torch.Tensor, calibration: Calibration | None):
         """For a calibration that reads captions on shifted copies of their images (`views` >
-        1, `vlm.reading.shifted_views`): each copy's caption sequences and the embeddings its
-        encoder check reads; none otherwise."""
+        1, `vlm.reading.shifted_views`): the copies' caption sequences, copy by copy (each
+        the batch in order), and the embeddings the encoder check reads of them (None
+        without one); ([], None) otherwise. One pass of the encoder for every copy."""
         if not calibrates(calibration, "caption") or calibration.views <= 1:
-            return []
-        reads = []
-        for shifted in shifted_views(pixels, calibration.views):
-            sequences = [self.embed([p, self.config.caption_prompt])
-                         for p in self._prefix_from_pixels(shifted)]  # fmt: skip
-            reads.append((sequences, self._check_embeddings(shifted, calibration)))
-        return reads
+            return [], None
+        shifted = torch.cat(shifted_views(pixels, calibration.views))
+        sequences = [self.embed([p, self.config.caption_prompt])
+                     for p in self._prefix_from_pixels(shifted)]  # fmt: skip
+        return sequences, self._check_embeddings(shifted, calibration)
 
     def _caption_prefixes(self, prefixes, batch_size: int = 16, **decoding) -> list[str]:
         """Captions of ready prefixes ([k, d] each), `batch_size` at a time."""
@@ -473,8 +474,7 @@ class Pipeline:
         calibration = self._calibration(OWN)
 
         def views():  # the shifted copies, encoded once the caption is written
-            reads = self._shifted_reads(pixels, calibration)
-            return [(sequences[0], embeddings) for sequences, embeddings in reads]
+            return self._shifted_copies(pixels, calibration)
 
         confidence = self.reader.confidence(
             sequence, self._check_embeddings(pixels, calibration), calibration, "caption", views

@@ -162,11 +162,12 @@ class WordReader:
 
     def confidence(self, sequence: torch.Tensor, embeddings: torch.Tensor | None,
                    calibration: Calibration | None, kind: str,
-                   views: Callable[[], Sequence[tuple]] | None = None):  # fmt: skip
+                   views: Callable[[], tuple[list, torch.Tensor | None]] | None = None,
+                   ):  # fmt: skip
         """The hook a stream runs on each snapshot (see `TextStream`), or None without a
         calibration: live words through the calibration's Platt scaling; the last snapshot
         of a caption read again, teacher-forced, so that its words get both experts, and on
-        each of the image's shifted copies that `views()` gives then (each its sequence and
+        each of the image's shifted copies that `views()` gives then (their sequences and
         embeddings: made after the caption is written, not before its first word)."""
         if not calibrates(calibration, kind):
             return None
@@ -180,11 +181,9 @@ class WordReader:
                 return snapshot
             ids = [token for token, _ in snapshot.tokens]
             _, readings, _ = self.read([sequence], [ids], embeddings)[0]
-            copies, shifted = views() if views else [], []
-            if copies:  # one batch for every copy
-                embedded = None if copies[0][1] is None else torch.cat([e for _, e in copies])
-                rows = self.read([s for s, _ in copies], [ids] * len(copies), embedded)
-                shifted = [words for _, words, _ in rows]
+            copies, embedded = views() if views else ([], None)
+            rows = self.read(copies, [ids] * len(copies), embedded) if copies else []
+            shifted = [words for _, words, _ in rows]
             final = finished(snapshot.text, readings, snapshot.tokens, calibration, kind, shifted)
             return dataclasses.replace(final, raw_words=snapshot.words)
 
