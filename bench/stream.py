@@ -6,11 +6,19 @@ show the winner when done, so only their overhead is measured). Streaming must n
 full caption by more than 5%. Both sides run in turns, `max(3, repeats)` times each, and the
 fastest of each counts, so the two see the same machine. Random weights never produce the
 stop token, so every caption is `new_tokens` tokens long: equal work.
+
+words: a caption with its words' calibrated confidence (`caption(..., return_words=True)`,
+what the page's last snapshot waits for), read on the image and its VIEWS - 1 shifted copies
+(`Calibration.views`, docs/calibration.md) against read on the image alone: what the copies
+cost, reported (a calibration with the bundle's encoder weight, on the bench's model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
+from vlm.calibration import VIEWS, Calibration
 
 from .common import Context, Metric, ratio_metric
 
@@ -71,4 +79,24 @@ def run(ctx: Context) -> dict:
             ),
         ]  # fmt: skip
         details[name] = {"unstreamed_s": plain, "first_text_s": first, "streamed_s": full}
+    if pipe.can_check_words:
+        metrics.append(_words(ctx, pipe, image, repeats, details))
     return {"metrics": metrics, "details": details}
+
+
+def _words(ctx: Context, pipe, image, repeats: int, details: dict) -> Metric:
+    views = Calibration(experts=(1.0, 1.53), views=VIEWS)
+    alone = dataclasses.replace(views, views=1)
+    options = {"max_new_tokens": ctx.sizes.new_tokens, "return_words": True}
+    times = {"alone": [], "views": []}
+    for _ in range(repeats):  # in turns
+        for name, calibration in (("alone", alone), ("views", views)):
+            caption = lambda c=calibration: pipe.caption([image], calibration=c, **options)  # noqa: E731
+            times[name].append(ctx.time(caption, repeats=1)[0])
+    details["words_s"] = times
+    alone_s, views_s = min(times["alone"]), min(times["views"])
+    return ratio_metric(
+        f"caption with words, read on {VIEWS} views (s)", views_s, alone_s, "s",
+        views_s / alone_s, f"slow-down: {VIEWS} views s / the image alone s",
+        note="reported: the page's last snapshot waits this much longer",
+    )  # fmt: skip
