@@ -92,8 +92,7 @@ class PrefixRecipe:
             self.steps = max(1, math.ceil(config.prefix_epochs * pairs / self.batch_size))
         share = config.prefix_context
         self.context_share = dataset.prefix_context if share is None else share
-        self.clips = None if dataset.from_files else dataset.video_data(
-            config.prefix_examples, config.seed)  # fmt: skip
+        self.clips = dataset.video_data(config.prefix_examples, config.seed)
         self.clip_features = None
         if self.clips is not None and len(self.clips):
             frames = encode_in_memory(pipeline, self.clips.images())
