@@ -73,6 +73,7 @@ COLUMNS = {  # table column -> measure of evaluate_shapeworld (or of this script
     "probe size": "probe_size",
     "probe position": "probe_position",
     "encoder stage (s)": "encoder_seconds",
+    "encoder step (s)": "encoder_step_seconds",
 }
 
 
@@ -299,6 +300,24 @@ def reconstructions(pipeline: Pipeline, out: Path, path: Path, count: int = 6) -
     image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST).save(path)
 
 
+def encoder_pace(out: Path, arm: str) -> float | None:
+    """Seconds an encoder step takes: the median over the stage's logged 10-step windows of
+    its last run (`out/log.jsonl`), which a pause or a burst of other work on the machine
+    moves less than the stage's wall time."""
+    stage = "clip" if arm in ("clip", "clip_coca") else arm
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return None
+    records = [r for r in map(json.loads, log.read_text().splitlines())
+               if r.get("stage") == stage and "seconds" in r]  # fmt: skip
+    starts = [i for i, r in enumerate(records) if r["step"] == 0]
+    records = records[starts[-1] :] if starts else records
+    pairs = zip(records, records[1:], strict=False)
+    paces = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"])
+             for a, b in pairs if b["step"] > a["step"]]  # fmt: skip
+    return float(np.median(paces)) if paces else None
+
+
 def measure(arm: str, pipeline: Pipeline, out: Path, seconds: float, args) -> dict:
     text_tower = arm in ("clip", "clip_coca")
     results = evaluate_shapeworld(pipeline, n=args.n, perturbations=("clean",),
@@ -308,6 +327,7 @@ def measure(arm: str, pipeline: Pipeline, out: Path, seconds: float, args) -> di
         scores |= word_embedding_scores(pipeline, out, args.n, 1234)
     scores |= probes(pipeline, max(50, args.n), 1234)
     scores["encoder_seconds"] = seconds
+    scores["encoder_step_seconds"] = encoder_pace(out, arm)
     return {column: scores.get(key) for column, key in COLUMNS.items()}
 
 
@@ -321,6 +341,8 @@ def table(rows: dict[str, dict]) -> str:
             value = row.get(column)
             if value is None:
                 cells.append("–")
+            elif column == "encoder step (s)":
+                cells.append(f"{value:.2f}")
             elif column.endswith("(s)"):
                 cells.append(f"{value:.0f}")
             else:
@@ -351,7 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         out = args.out / arm
         done = out / "row.json"  # an arm measured at this budget is not rerun
         if done.is_file() and json.loads(done.read_text())["budget"] == budget:
-            rows[arm] = json.loads(done.read_text())["row"]
+            row = json.loads(done.read_text())["row"]  # a column added since: from the log
+            rows[arm] = {column: row.get(column) for column in COLUMNS}
+            rows[arm]["encoder step (s)"] = row.get("encoder step (s)") or encoder_pace(out, arm)
             print(json.dumps({arm: rows[arm]}), "(measured before)", flush=True)
             continue
         folder, seconds = train_encoder(arm, out, args)

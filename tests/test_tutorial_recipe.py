@@ -43,7 +43,7 @@ def test_the_smallest_setting_fills_the_table(recipe, tmp_path):
         for column, value in row.items():
             if value is not None and not column.endswith("(s)"):
                 assert 0.0 <= value <= 1.0, (arm, column, value)
-        assert row["encoder stage (s)"] > 0
+        assert row["encoder stage (s)"] > 0 and row["encoder step (s)"] > 0
         assert (out / arm / "encoder" / "open_clip_config.json").is_file()
     # the autoencoder's reconstructions: the scenes over their rebuilding, one PNG
     picture = Image.open(out / "autoencoder" / "reconstructions.png")
