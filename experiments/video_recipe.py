@@ -102,7 +102,8 @@ def arm(clips: int, lm_dir: Path, out: Path, args) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/video"))
-    parser.add_argument("--clips", default="0,300,4000", help="paired clips, one arm each")
+    parser.add_argument("--clips", default="0,300,4000",
+                        help='paired clips, one arm each ("": the LM alone)')  # fmt: skip
     parser.add_argument("--narrative-share", type=float, default=0.15)
     parser.add_argument("--lm-steps", type=int, default=4500)
     parser.add_argument("--prefix-steps", type=int, default=6000)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm_dir = lm_stage(args.out, args)
     results = {"text_only": text_only(lm_dir, args.n, 777)}
     print(json.dumps(results["text_only"]), flush=True)
-    for clips in (int(c) for c in args.clips.split(",")):
+    for clips in (int(c) for c in args.clips.split(",") if c.strip()):
         done = args.out / f"clips-{clips}" / "row.json"
         if done.is_file():  # measured before at this out folder
             results[str(clips)] = json.loads(done.read_text())
