@@ -8,7 +8,8 @@ once (`<out>/lm`, reused by every arm): the bundle's LM stage with `narrative_sh
 documents narratives and 256 positions (four 20-vector frames and a description need more
 than 128), 16 blocks a step (the tokens of the bundle's 32 blocks of 128). Then each arm's
 prefix stage (the bundle's, `clip_batch_share` of its batches clips where it has any), and
-`evaluate_video` on fresh clips (seed 777: a development seed, not the evaluation's 1234).
+`evaluate_video` on fresh clips and the image captions and answers on fresh scenes (seed 777:
+a development seed, not the evaluation's 1234), since clips must not cost the images.
 The LM alone is measured too: given a narrative's frame lines as text, does it write what
 happened?
 
@@ -33,7 +34,7 @@ from vlm.encoder import Encoder
 from vlm.paths import ASSETS
 from vlm.prompts import VIDEO_PROMPT
 from vlm.shapeworld.clips import clip_narrative, describe_clip, sample_clip
-from vlm.shapeworld.evaluation import VIDEO_SLICES, evaluate_video
+from vlm.shapeworld.evaluation import VIDEO_SLICES, evaluate_shapeworld, evaluate_video
 from vlm.shapeworld.recipe import ShapeWorld
 from vlm.training import TrainConfig
 from vlm.training.prefix import train_prefix
@@ -96,7 +97,10 @@ def arm(clips: int, lm_dir: Path, out: Path, args) -> dict[str, float]:
     seconds = time.time() - tic
     pipeline.save_pretrained(out / f"clips-{clips}" / "pipeline")
     results = evaluate_video(pipeline, n=args.n, seed=777, perturbations=("clean",))
-    return {k: v["clean"] for k, v in results.items()} | {"prefix_seconds": seconds}
+    images = evaluate_shapeworld(pipeline, n=args.image_n, seed=777, perturbations=("clean",),
+                                 extras=False)  # fmt: skip
+    images = {f"image_{k}": v for k, v in images.items() if k.endswith(("exact", "overall"))}
+    return {k: v["clean"] for k, v in (results | images).items()} | {"prefix_seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lm-steps", type=int, default=4500)
     parser.add_argument("--prefix-steps", type=int, default=6000)
     parser.add_argument("--n", type=int, default=60, help="fresh clips a slice")
+    parser.add_argument("--image-n", type=int, default=300,
+                        help="fresh scenes a slice for the image captions and answers")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
