@@ -17,9 +17,10 @@ from vlm.shapeworld.clips import (
     clip_narrative,
     describe_clip,
     frame_lines,
+    render_clip,
     sample_clip,
 )
-from vlm.shapeworld.recipe import ShapeWorld, clip_texts
+from vlm.shapeworld.recipe import CAPTION_PROMPT, ShapeWorld, clip_texts
 from vlm.training import MODEL_SIZES, TrainConfig
 from vlm.training.prefix import PrefixRecipe
 
@@ -132,3 +133,34 @@ def test_the_clip_text_teacher_reads_the_frames_lines_and_matches_the_descriptio
     out = lm(input_ids=torch.tensor([said + text]), use_cache=False)
     assert recipe.clip_teacher(lm, out, [(0, len(said), said + text, len(text))]) < 1e-6
     assert recipe.clip_teacher(lm, out, [(0, len(said) - 1, said + text, len(text))]) > 1e-3
+
+
+def test_frames_trained_on_clips_get_prefixes_of_their_own(tiny_parts, monkeypatch):
+    """With clips, a frame's prefix is made after the video prompt (the mapper reads it), in
+    training and in `describe_video` alike, while the frames' timeline captions, like every
+    image's, keep the caption prompt's prefixes."""
+    encoder, lm, tokenizer = tiny_parts
+    data = ShapeWorld(clips_per_image=0.2)
+    assert data.pipeline_config()["video_frame_prompt"] == VIDEO_PROMPT
+    assert ShapeWorld().pipeline_config()["video_frame_prompt"] is None  # the bundle's
+    # a mapper that reads its prompt (the bundle's kind)
+    reader = dict(kind="transformer", prefix_length=4, num_layers=1, num_heads=2,
+                  reads_prompt=True)  # fmt: skip
+    pipeline = build_pipeline(encoder, lm, tokenizer, reader, device="cpu",
+                              **data.pipeline_config())  # fmt: skip
+    frames = [f.convert("RGB") for f in render_clip(sample_clip(random.Random(1)))[::8]]
+    made = torch.stack(pipeline.frame_prefixes(pipeline.encoder.pixels(frames)))
+    assert torch.allclose(made, pipeline.prefix(frames, [VIDEO_PROMPT] * len(frames)))
+    assert not torch.allclose(made, pipeline.prefix(frames))
+    read = []
+    original = pipeline.prompt_states
+    monkeypatch.setattr(pipeline, "prompt_states", lambda p: read.append(list(p)) or original(p))
+    config = TrainConfig(out=None, size="tiny", prefix_examples=40, prefix_batch_size=8)
+    recipe = PrefixRecipe(data, pipeline, config, Accelerator(cpu=True))
+    read.clear()
+    recipe.loss(pipeline.mapper, recipe.clip_items(random.Random(0)))
+    assert read and all(p == VIDEO_PROMPT for prompts in read for p in prompts)
+    read.clear()
+    out = pipeline.describe_video(frames, fps=1.0, frame_rate=1.0, max_new_tokens=4)
+    assert {p for prompts in read for p in prompts} == {VIDEO_PROMPT, CAPTION_PROMPT}
+    assert [text for _, text in out.timeline] == pipeline.caption(frames)

@@ -325,6 +325,8 @@ class ShapeWorld(TrainingData):
             trained_on="synthetic coloured shapes on black",
             caption_prompt=CAPTION_PROMPT,
             tasks=sorted(ALL_TASKS if self.clips_per_image else IMAGE_TASKS),
+            # frames trained on clips get prefixes of their own, so captions keep theirs
+            video_frame_prompt=VIDEO_PROMPT if self.clips_per_image else None,
             stop=["\n"],
             templates=["a small {}", "a large {}"],
             template_pooling="sum",

@@ -179,13 +179,14 @@ class PrefixRecipe:
         return "clips", self.clip_features[indices], texts, lines
 
     def clip_loss(self, lm, mapper, features: torch.Tensor, texts, lines=None) -> torch.Tensor:
-        """The LM's loss on each clip's text after its frames' prefixes (each frame's made
-        as for a caption: what `describe_video` reads), laid out by `video_sequence`. With
+        """The LM's loss on each clip's text after its frames' prefixes (each made as
+        `Pipeline.frame_prefixes` makes it), laid out by `video_sequence`. With
         `lines`, the text teacher too: on a description, the frozen LM after the frames'
         prefixes is pulled toward the same LM reading the frames' lines as text before it."""
         pipeline, device = self.pipeline, self.accelerator.device
         clips, frames = features.shape[:2]
-        prompts = [pipeline.config.caption_prompt] * (clips * frames)
+        prompt = pipeline.config.video_frame_prompt
+        prompts = [pipeline.config.caption_prompt if prompt is None else prompt] * (clips * frames)
         prefixes = mapper(*self.mapper_inputs(features.flatten(0, 1), prompts))
         prefixes = prefixes.view(clips, frames, *prefixes.shape[1:])
         table = lm.get_input_embeddings()
