@@ -12,15 +12,8 @@ from accelerate import Accelerator
 
 from vlm.factory import build_encoder, build_lm, build_pipeline, train_tokenizer
 from vlm.prompts import VIDEO_PROMPT, frame_prompt
-from vlm.shapeworld.clips import (
-    HELD_OUT_MOTIONS,
-    clip_narrative,
-    describe_clip,
-    frame_lines,
-    render_clip,
-    sample_clip,
-)
-from vlm.shapeworld.recipe import CAPTION_PROMPT, ShapeWorld, clip_texts
+from vlm.shapeworld.clips import HELD_OUT_MOTIONS, describe_clip, sample_clip
+from vlm.shapeworld.recipe import ShapeWorld, clip_texts
 from vlm.training import MODEL_SIZES, TrainConfig
 from vlm.training.prefix import PrefixRecipe
 
@@ -52,9 +45,6 @@ def test_paired_clips_are_training_clips_a_frame_a_second_with_their_texts():
         assert all(p == VIDEO_PROMPT or p.startswith("Question: ") for p in prompts)
     clip = sample_clip(random.Random(0))
     assert (VIDEO_PROMPT, f" {describe_clip(clip)}") in clip_texts(clip)
-    # the text teacher's reading: the frames' lines as a narrative gives them
-    assert len(pool.lines) == 6 and all(line.count("\n") == 3 for line in pool.lines)
-    assert clip_narrative(clip).startswith(frame_lines(clip, pool.times) + "\n")
     assert ShapeWorld(clips_per_image=0).video_data(60, seed=0) is None
     assert "video" in ShapeWorld(**VIDEO).pipeline_config()["tasks"]
     assert "video" not in ShapeWorld().pipeline_config()["tasks"]
@@ -88,79 +78,12 @@ def test_a_clip_batch_teaches_the_mapper_through_the_video_layout(tiny_parts, mo
         return original(times, prefixes, prompt, need)
 
     monkeypatch.setattr(pipeline, "video_sequence", spy)
-    kind, features, texts, lines = recipe.clip_items(random.Random(0))
+    kind, features, texts = recipe.clip_items(random.Random(0))
     assert kind == "clips" and features.shape[:2] == (2, 4) and len(texts) == 2
-    assert lines is None  # no text teacher in this config
-    loss = recipe.loss(pipeline.mapper.requires_grad_(True), (kind, features, texts, lines))
+    loss = recipe.loss(pipeline.mapper.requires_grad_(True), (kind, features, texts))
     assert torch.isfinite(loss) and loss > 0
     assert [(times, frames) for times, frames, _ in laid_out] == [((0, 1, 2, 3), 4)] * 2
     assert [prompt for *_, prompt in laid_out] == [p for p, _ in texts]
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipeline.mapper.parameters())
     recipe.check()  # nothing frozen learnt
-
-
-def test_the_clip_text_teacher_reads_the_frames_lines_and_matches_the_description(tiny_parts):
-    """With the text teacher, a description is also pulled toward the frozen LM reading the
-    clip's frame lines as text: the two readings are compared token for token on the
-    description (the same LM on the same text scores zero), and the gradient reaches the
-    mapper only."""
-    encoder, _, tokenizer = tiny_parts
-    # room for four frame lines in this tokenizer's 300 words as text (the bundle's has 256)
-    lm = build_lm(tokenizer, **{**MODEL_SIZES["tiny"]["lm"], "n_positions": 512})
-    lm.requires_grad_(False)
-    data = ShapeWorld(clips_per_image=0.2)
-    pipeline = build_pipeline(encoder, lm, tokenizer, MODEL_SIZES["tiny"]["mapper"],
-                              device="cpu", **data.pipeline_config())  # fmt: skip
-    config = TrainConfig(out=None, size="tiny", prefix_examples=40, prefix_batch_size=8,
-                         prefix_text_teacher=1.0)  # fmt: skip
-    recipe = PrefixRecipe(data, pipeline, config, Accelerator(cpu=True))
-    _, features, _, lines = recipe.clip_items(random.Random(0))
-    rng = random.Random(0)
-    picked = [rng.randrange(len(recipe.clips)) for _ in range(2)]  # as `clip_items` picks
-    assert lines == [recipe.clips.lines[i] for i in picked]
-    texts = [next(t for t in recipe.clips.texts[i] if t[0] == VIDEO_PROMPT) for i in picked]
-    mapper = pipeline.mapper.requires_grad_(True)
-    plain = recipe.clip_loss(lm, mapper, features, texts)
-    taught = recipe.clip_loss(lm, mapper, features, texts, lines)
-    assert taught > plain  # the KL of an untrained mapper's reading is above zero
-    taught.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mapper.parameters())
-    recipe.check()
-    # the alignment: a student that reads exactly the teacher's text scores zero
-    text = pipeline.sequences.text_ids(texts[0][1], after_image=False)
-    said = tokenizer(f"{lines[0]}\n{VIDEO_PROMPT}", add_special_tokens=False)["input_ids"]
-    out = lm(input_ids=torch.tensor([said + text]), use_cache=False)
-    assert recipe.clip_teacher(lm, out, [(0, len(said), said + text, len(text))]) < 1e-6
-    assert recipe.clip_teacher(lm, out, [(0, len(said) - 1, said + text, len(text))]) > 1e-3
-
-
-def test_frames_trained_on_clips_get_prefixes_of_their_own(tiny_parts, monkeypatch):
-    """With clips, a frame's prefix is made after the video prompt (the mapper reads it), in
-    training and in `describe_video` alike, while the frames' timeline captions, like every
-    image's, keep the caption prompt's prefixes."""
-    encoder, lm, tokenizer = tiny_parts
-    data = ShapeWorld(clips_per_image=0.2)
-    assert data.pipeline_config()["video_frame_prompt"] == VIDEO_PROMPT
-    assert ShapeWorld().pipeline_config()["video_frame_prompt"] is None  # the bundle's
-    # a mapper that reads its prompt (the bundle's kind)
-    reader = dict(kind="transformer", prefix_length=4, num_layers=1, num_heads=2,
-                  reads_prompt=True)  # fmt: skip
-    pipeline = build_pipeline(encoder, lm, tokenizer, reader, device="cpu",
-                              **data.pipeline_config())  # fmt: skip
-    frames = [f.convert("RGB") for f in render_clip(sample_clip(random.Random(1)))[::8]]
-    made = torch.stack(pipeline.frame_prefixes(pipeline.encoder.pixels(frames)))
-    assert torch.allclose(made, pipeline.prefix(frames, [VIDEO_PROMPT] * len(frames)))
-    assert not torch.allclose(made, pipeline.prefix(frames))
-    read = []
-    original = pipeline.prompt_states
-    monkeypatch.setattr(pipeline, "prompt_states", lambda p: read.append(list(p)) or original(p))
-    config = TrainConfig(out=None, size="tiny", prefix_examples=40, prefix_batch_size=8)
-    recipe = PrefixRecipe(data, pipeline, config, Accelerator(cpu=True))
-    read.clear()
-    recipe.loss(pipeline.mapper, recipe.clip_items(random.Random(0)))
-    assert read and all(p == VIDEO_PROMPT for prompts in read for p in prompts)
-    read.clear()
-    out = pipeline.describe_video(frames, fps=1.0, frame_rate=1.0, max_new_tokens=4)
-    assert {p for prompts in read for p in prompts} == {VIDEO_PROMPT, CAPTION_PROMPT}
-    assert [text for _, text in out.timeline] == pipeline.caption(frames)

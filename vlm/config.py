@@ -42,9 +42,6 @@ class PipelineConfig:
     family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
     # what its training images showed, in a few words, for "unlike anything it was trained on"
     trained_on: str = ""
-    # what a mapper that reads its prompt reads for a video frame's prefix (None: the caption
-    # prompt, as for an image), so frames can carry what a clip needs without moving captions
-    video_frame_prompt: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:

@@ -684,25 +684,16 @@ class Pipeline:
                     timeline: bool) -> VideoText:  # fmt: skip
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
         pixels = self.encoder.pixels(sampled.frames)  # each frame encoded once for all three
-        prefixes = self.frame_prefixes(pixels)
+        prefixes = list(self._prefix_from_pixels(pixels))
         stream, times = self._video_stream(sampled, prefixes, question, max_new_tokens)
+        # the frames' prefixes are those `caption` builds (after the caption prompt)
         captions = []
-        if timeline and "caption" in self.tasks:  # each frame captioned as an image is
-            own = self.config.video_frame_prompt is not None
-            captions = self._caption_prefixes(list(self._prefix_from_pixels(pixels)) if own
-                                              else prefixes)  # fmt: skip
+        if timeline and "caption" in self.tasks:
+            captions = self._caption_prefixes(prefixes)
         return VideoText(stream.final().text, times,
                          list(zip(sampled.times, captions, strict=False)),
                          list(zip(sampled.times, self._familiarity_of_pixels(pixels),
                                   strict=True)), guess="video" not in self.tasks)  # fmt: skip
-
-    def frame_prefixes(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """The prefix of each video frame (preprocessed `pixels`) that a clip's sequence
-        holds (`video_sequence`): made after `config.video_frame_prompt` where the mapper
-        reads its prompt, else as an image's caption prefix."""
-        prompt = self.config.video_frame_prompt
-        prompts = None if prompt is None else [prompt] * len(pixels)
-        return list(self._prefix_from_pixels(pixels, prompts))
 
     def _video_stream(self, video: Video, prefixes: list, question: str | None,
                       max_new_tokens: int):  # fmt: skip
@@ -744,8 +735,7 @@ class Pipeline:
         """`describe_video` (or, with a `question`, `answer_video`) streamed like
         `stream_caption`, and the times of the frames it reads."""
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
-        prefixes = self.frame_prefixes(self.encoder.pixels(sampled.frames))
-        return self._video_stream(sampled, prefixes, question,
+        return self._video_stream(sampled, list(self.prefix(sampled.frames)), question,
                                   max_new_tokens)  # fmt: skip
 
     def templates(self) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -223,21 +222,15 @@ def describe_frame(scene: Scene) -> str:
     return " left of ".join(f"{o.phrase} at {cell(o)}" for o in scene.objects)
 
 
-def frame_lines(clip: Clip, times: Sequence[float]) -> str:
-    """The clip's frames at `times` seconds in words: each frame's line (`describe_frame`)
-    after its timestamp (`vlm.prompts.frame_prompt`), a line each."""
-    return "\n".join(
-        f"{frame_prompt(t)} {describe_frame(clip.scene(round(t * clip.fps)))}" for t in times
-    )
-
-
 def clip_narrative(clip: Clip, rng: random.Random | None = None, every: float = 1.0) -> str:
     """A text for the language model: the clip's frames described one by one, `every`
     seconds, each after its timestamp (`vlm.prompts.frame_prompt`) by its frame line
     (`describe_frame`), then what happened, then (with `rng`) one question about it and its
     answer."""
     step = max(1, round(every * clip.fps))
-    lines = [frame_lines(clip, [frame / clip.fps for frame in range(0, clip.frames, step)])]
+    lines = []
+    for frame in range(0, clip.frames, step):
+        lines.append(f"{frame_prompt(frame / clip.fps)} {describe_frame(clip.scene(frame))}")
     lines.append(f"{VIDEO_PROMPT} {describe_clip(clip)}")
     if rng is not None:
         lines.append(qa_text(*rng.choice(clip_questions(clip))))

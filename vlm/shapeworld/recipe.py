@@ -131,12 +131,11 @@ class ClipPool:
     """Clips for the prefix stage: each clip's frames a second apart (uint8 [N, F, H, W, 3],
     at `times` seconds), with the (prompt, text) pairs the frozen LM may read after them
     ("What happened:" and its description, or a question and its answer), one picked at
-    random each time, and (`lines`, for the text teacher) its frames in words: each frame's
-    line after its timestamp, as a narrative has them."""
+    random each time."""
 
     def __init__(self, frames: torch.Tensor, times: tuple[float, ...],
-                 texts: list[list[tuple[str, str]]], lines: list[str] | None = None):  # fmt: skip
-        self.frames, self.times, self.texts, self.lines = frames, times, texts, lines
+                 texts: list[list[tuple[str, str]]]):  # fmt: skip
+        self.frames, self.times, self.texts = frames, times, texts
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -299,9 +298,8 @@ class ShapeWorld(TrainingData):
                 for t in range(seconds)])
             for clip in tqdm(clips, desc="rendering clips", leave=False, mininterval=5)
         ])  # fmt: skip
-        times = tuple(float(t) for t in range(seconds))
-        return ClipPool(frames, times, [clip_texts(clip) for clip in clips],
-                        [moving.frame_lines(clip, times) for clip in clips])  # fmt: skip
+        return ClipPool(frames, tuple(float(t) for t in range(seconds)),
+                        [clip_texts(clip) for clip in clips])  # fmt: skip
 
     def calibration_examples(self, n: int, seed: int) -> list[CalibrationExample]:
         """Held-out training-distribution scenes for a model's calibration (`vlm.calibration`):
@@ -325,8 +323,6 @@ class ShapeWorld(TrainingData):
             trained_on="synthetic coloured shapes on black",
             caption_prompt=CAPTION_PROMPT,
             tasks=sorted(ALL_TASKS if self.clips_per_image else IMAGE_TASKS),
-            # frames trained on clips get prefixes of their own, so captions keep theirs
-            video_frame_prompt=VIDEO_PROMPT if self.clips_per_image else None,
             stop=["\n"],
             templates=["a small {}", "a large {}"],
             template_pooling="sum",

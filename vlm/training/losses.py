@@ -25,11 +25,6 @@ def text_teacher_loss(
         steps = torch.arange(mask.shape[1], device=tokens.device)
         where = (starts[:, None] - 1 + steps).clamp(max=tokens.shape[1] - 1)
         target = read.gather(1, where[..., None].expand(-1, -1, read.shape[-1]))
-    return (token_kl(student, target) * mask).sum() / mask.sum().clamp(min=1)
-
-
-def token_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of each token's next-token distributions, from the two logits
-    [..., V]: [...]."""
-    return F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
-                    log_target=True, reduction="none").sum(-1)  # fmt: skip
+    kl = F.kl_div(student.float().log_softmax(-1), target.float().log_softmax(-1),
+                  log_target=True, reduction="none").sum(-1)  # fmt: skip
+    return (kl * mask).sum() / mask.sum().clamp(min=1)

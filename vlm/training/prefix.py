@@ -22,7 +22,7 @@ from ..sequences import IGNORE, prefix_loss, prefixed, scored_ends
 from ..video import ANSWER_TOKENS, DESCRIPTION_TOKENS
 from .config import CLIPCAP_MAPPER, MODEL_SIZES, TrainConfig
 from .loop import Stage, checkpoint_layers, epoch_batches, run_stage
-from .losses import text_teacher_loss, token_kl
+from .losses import text_teacher_loss
 from .stages import full_grid_tokens
 from .text_batches import split_prompt
 
@@ -168,30 +168,23 @@ class PrefixRecipe:
 
     def clip_items(self, rng) -> tuple:
         """A batch of clips (a quarter of the batch size: a clip row is about four image
-        rows long): ("clips", features [B, F, ...], (prompt, text) of each, and with the
-        text teacher each clip's frames in words (`ClipPool.lines`), else None)."""
+        rows long): ("clips", features [B, F, ...], (prompt, text) of each)."""
         count = max(1, self.batch_size // 4)
         indices = [rng.randrange(len(self.clips)) for _ in range(count)]
         texts = [rng.choice(self.clips.texts[i]) for i in indices]
-        lines = None
-        if self.config.prefix_text_teacher and self.clips.lines is not None:
-            lines = [self.clips.lines[i] for i in indices]
-        return "clips", self.clip_features[indices], texts, lines
+        return "clips", self.clip_features[indices], texts
 
-    def clip_loss(self, lm, mapper, features: torch.Tensor, texts, lines=None) -> torch.Tensor:
-        """The LM's loss on each clip's text after its frames' prefixes (each made as
-        `Pipeline.frame_prefixes` makes it), laid out by `video_sequence`. With
-        `lines`, the text teacher too: on a description, the frozen LM after the frames'
-        prefixes is pulled toward the same LM reading the frames' lines as text before it."""
+    def clip_loss(self, lm, mapper, features: torch.Tensor, texts) -> torch.Tensor:
+        """The LM's loss on each clip's text after its frames' prefixes (each frame's made
+        as for a caption: what `describe_video` reads), laid out by `video_sequence`."""
         pipeline, device = self.pipeline, self.accelerator.device
         clips, frames = features.shape[:2]
-        prompt = pipeline.config.video_frame_prompt
-        prompts = [pipeline.config.caption_prompt if prompt is None else prompt] * (clips * frames)
+        prompts = [pipeline.config.caption_prompt] * (clips * frames)
         prefixes = mapper(*self.mapper_inputs(features.flatten(0, 1), prompts))
         prefixes = prefixes.view(clips, frames, *prefixes.shape[1:])
         table = lm.get_input_embeddings()
-        rows, targets, taught = [], [], []
-        for row, (clip, (prompt, text)) in enumerate(zip(prefixes, texts, strict=True)):
+        rows, targets = [], []
+        for clip, (prompt, text) in zip(prefixes, texts, strict=True):
             ids = pipeline.sequences.text_ids(text, after_image=False)
             ids.append(pipeline.tokenizer.eos_token_id)
             # the room `describe_video` and `answer_video` leave it: frames left out as there
@@ -203,10 +196,6 @@ class PrefixRecipe:
                 continue  # not even one frame and its text fit in the LM's positions
             if len(sequence) + len(ids) > pipeline.max_positions:
                 continue
-            if lines is not None and prompt == VIDEO_PROMPT:
-                said = pipeline.tokenizer(f"{lines[row]}\n{prompt}", add_special_tokens=False)
-                if len(said["input_ids"]) + len(ids) <= pipeline.max_positions:
-                    taught.append((len(rows), len(sequence), said["input_ids"] + ids, len(ids)))
             ids = torch.tensor(ids, device=device)
             rows.append(torch.cat([sequence, table(ids).to(sequence.dtype)]))
             targets.append(torch.cat([ids.new_full((len(sequence),), IGNORE), ids]))
@@ -214,26 +203,7 @@ class PrefixRecipe:
             return prefixes.sum() * 0.0
         inputs = pad_sequence(rows, batch_first=True)
         labels = pad_sequence(targets, batch_first=True, padding_value=IGNORE)
-        out = lm(inputs_embeds=inputs, labels=labels, use_cache=False)
-        if not taught:
-            return out.loss
-        return out.loss + self.config.prefix_text_teacher * self.clip_teacher(lm, out, taught)
-
-    def clip_teacher(self, lm, out, taught: list[tuple[int, int, list[int], int]]):
-        """The mean KL(text reading || frames reading) over the taught descriptions' tokens:
-        `taught` has (row, where its text starts, the teacher's ids (frame lines, prompt,
-        text), the text's length) for each."""
-        eos = self.pipeline.tokenizer.eos_token_id
-        said = pad_sequence([torch.tensor(ids) for _, _, ids, _ in taught], batch_first=True,
-                            padding_value=eos).to(out.logits.device)  # fmt: skip
-        with torch.no_grad():
-            read = lm(input_ids=said, use_cache=False).logits
-        kl = []
-        for j, (row, start, ids, length) in enumerate(taught):
-            heard = len(ids) - length  # the teacher's text starts there
-            student = out.logits[row, start - 1 : start - 1 + length]
-            kl.append(token_kl(student, read[j, heard - 1 : heard - 1 + length]))
-        return torch.cat(kl).mean()
+        return lm(inputs_embeds=inputs, labels=labels, use_cache=False).loss
 
     def batches(self, start: int):
         """Endless batches from step `start` on: (items, None), (items, context items) or
@@ -259,7 +229,7 @@ class PrefixRecipe:
     def loss(self, module, batch) -> torch.Tensor:
         lm, mapper = self.parts(module)
         if batch[0] == "clips":
-            return self.clip_loss(lm, mapper, *batch[1:])
+            return self.clip_loss(lm, mapper, batch[1], batch[2])
         (inputs, tokens, labels, *teacher), context = batch
         if context is not None:
             context = (mapper(*context[0]), *context[1:])
