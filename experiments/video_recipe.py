@@ -33,7 +33,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vlm.encoder import Encoder
 from vlm.paths import ASSETS
 from vlm.prompts import VIDEO_PROMPT
-from vlm.shapeworld.clips import clip_narrative, describe_clip, sample_clip
+from vlm.shapeworld.clips import (
+    clip_narrative,
+    describe_clip,
+    describe_frame,
+    render_clip,
+    sample_clip,
+)
 from vlm.shapeworld.evaluation import VIDEO_SLICES, evaluate_shapeworld, evaluate_video
 from vlm.shapeworld.recipe import ShapeWorld
 from vlm.training import TrainConfig
@@ -81,10 +87,30 @@ def text_only(lm_dir: Path, n: int, seed: int) -> dict[str, float]:
     return scores
 
 
+def frame_line_scores(pipeline, n: int, seed: int) -> dict[str, float]:
+    """Each frame line the model writes (`Pipeline.frame_lines`, a frame a second of fresh
+    clips) against the true one (`describe_frame`): the share exactly right, and the share of
+    clips whose lines are all right."""
+    rng = random.Random(f"frame-lines-{seed}")
+    frames_right, clips_right, frames_seen = 0, 0, 0
+    for _ in range(n):
+        clip = sample_clip(rng, "train")
+        picked = list(range(0, clip.frames, round(clip.fps)))
+        frames = render_clip(clip)
+        lines = pipeline.frame_lines([frames[i] for i in picked], [i / clip.fps for i in picked])
+        truth = [describe_frame(clip.scene(i)) for i in picked]
+        right = [line == true for line, true in zip(lines, truth, strict=True)]
+        frames_right, frames_seen = frames_right + sum(right), frames_seen + len(right)
+        clips_right += all(right)
+    return {"frame_line_exact": frames_right / frames_seen,
+            "frame_lines_all_exact": clips_right / n}  # fmt: skip
+
+
 def arm(clips: int, lm_dir: Path, out: Path, args) -> dict[str, float]:
     """One prefix stage with `clips` paired clips, measured."""
     data = ShapeWorld(narrative_share=args.narrative_share,
-                      clips_per_image=clips / PREFIX_IMAGES)  # fmt: skip
+                      clips_per_image=clips / PREFIX_IMAGES,
+                      frame_line_share=args.frame_line_share)  # fmt: skip
     config = TrainConfig(out=out / f"clips-{clips}", seed=args.seed, stages=("prefix",),
                          prefix_steps=args.prefix_steps, checkpoint_every=10**9,
                          prefix_text_teacher=data.prefix_text_teacher)  # fmt: skip
@@ -100,7 +126,10 @@ def arm(clips: int, lm_dir: Path, out: Path, args) -> dict[str, float]:
     images = evaluate_shapeworld(pipeline, n=args.image_n, seed=777, perturbations=("clean",),
                                  extras=False)  # fmt: skip
     images = {f"image_{k}": v for k, v in images.items() if k.endswith(("exact", "overall"))}
-    return {k: v["clean"] for k, v in (results | images).items()} | {"prefix_seconds": seconds}
+    lines = frame_line_scores(pipeline, args.n, 777) if args.frame_line_share else {}
+    return (
+        {k: v["clean"] for k, v in (results | images).items()} | lines | {"prefix_seconds": seconds}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--narrative-share", type=float, default=0.15)
     parser.add_argument("--lm-steps", type=int, default=4500)
     parser.add_argument("--prefix-steps", type=int, default=6000)
+    parser.add_argument("--frame-line-share", type=float, default=0.0,
+                        help="the share of an image's texts that are frame lines")  # fmt: skip
     parser.add_argument("--n", type=int, default=60, help="fresh clips a slice")
     parser.add_argument("--image-n", type=int, default=300,
                         help="fresh scenes a slice for the image captions and answers")  # fmt: skip

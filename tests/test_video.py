@@ -170,6 +170,47 @@ def test_a_video_is_read_frame_by_frame_with_its_timestamps(trained, monkeypatch
     assert not trusted.guess and trusted.text == result.text
 
 
+def test_a_model_that_reads_frame_lines_reads_its_own_lines_as_text(trained, monkeypatch):
+    """With `video_frame_lines`, each sampled frame's line is written after its prefix and
+    timestamp (the prefix made for that timestamp), then the LM reads the lines as one text,
+    as in its narratives; a question comes after what happened; the timeline is the lines."""
+    from vlm.prompts import VIDEO_PROMPT, frame_prompt
+
+    clip, frames = clip_frames()
+    monkeypatch.setattr(trained.config, "video_frame_lines", True)
+    for short in ("FRAME_LINE_TOKENS", "DESCRIPTION_TOKENS"):  # the tiny LM reads 64 positions
+        monkeypatch.setattr(f"vlm.pipeline.{short}", 3)
+    picked = [frames[4 * k] for k in range(4)]
+    lines = trained.frame_lines(picked, [0.0, 1.0, 2.0, 3.0])
+    prompts = []
+    original_prefix = trained._prefix_from_pixels
+    monkeypatch.setattr(
+        trained,
+        "_prefix_from_pixels",
+        lambda pixels, p=None: prompts.append(p) or original_prefix(pixels, p),
+    )
+    embedded = []
+    original = trained.embed
+    monkeypatch.setattr(trained, "embed", lambda parts: embedded.append(parts) or original(parts))
+    result = trained.describe_video(frames, fps=1.0, frame_rate=clip.fps, max_new_tokens=6)
+    assert prompts == [[frame_prompt(t) for t in (0.0, 1.0, 2.0, 3.0)]]
+    assert result.timeline == list(zip([0.0, 1.0, 2.0, 3.0], lines, strict=True))
+    read = [p for p in embedded if len(p) == 1 and isinstance(p[0], str)][-1][0]
+    kept = [lines[int(t)] for t in result.times]
+    assert read == "\n".join(f"{frame_prompt(t)} {line}"
+                             for t, line in zip(result.times, kept, strict=True)
+                             ) + f"\n{VIDEO_PROMPT}"  # fmt: skip
+    assert result.text == trained.continue_sequence([read], max_new_tokens=6)
+    embedded.clear()
+    answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
+    asked = [p[0] for p in embedded if len(p) == 1 and isinstance(p[0], str)][-1]
+    happened = trained.describe_video(frames, frame_rate=clip.fps, max_new_tokens=3).text
+    assert asked.endswith(f"{VIDEO_PROMPT} {happened}\nQuestion: what moved? Answer:")
+    stream, times = trained.stream_video(frames, "what moved?", frame_rate=clip.fps,
+                                         max_new_tokens=3)  # fmt: skip
+    assert stream.final().text == answer.text and times == answer.times
+
+
 def test_frames_beyond_the_lms_positions_are_left_out_evenly(trained):
     """16 frames of a tiny LM's 64 positions: as many as fit, the first and the last kept."""
     clip, frames = clip_frames("long")

@@ -16,6 +16,7 @@ from vlm.shapeworld.clips import HELD_OUT_MOTIONS, describe_clip, sample_clip
 from vlm.shapeworld.recipe import ShapeWorld, clip_texts
 from vlm.training import MODEL_SIZES, TrainConfig
 from vlm.training.prefix import PrefixRecipe
+from vlm.training.text_batches import split_prompt
 
 VIDEO = dict(narrative_share=0.15, clips_per_image=1 / 15)  # docs/video-lab.md's recipe
 
@@ -87,3 +88,52 @@ def test_a_clip_batch_teaches_the_mapper_through_the_video_layout(tiny_parts, mo
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipeline.mapper.parameters())
     recipe.check()  # nothing frozen learnt
+
+
+def test_frame_lines_are_a_share_of_the_prefix_stages_texts_after_a_timestamp():
+    """With `frame_line_share`, an image's texts gain its frame line (where each object is)
+    after a second's timestamp, split there as the prompt; the bundle's recipe (0) keeps its
+    texts draw for draw, and frame lines are not taught from a caption (they say where)."""
+    import re
+
+    from vlm.config import PipelineConfig
+    from vlm.prompts import FRAME_PROMPT
+
+    data = ShapeWorld(frame_line_share=0.2)
+    pool = data.prefix_data(50, seed=4)
+    lines = [t for texts in pool.texts for t in texts if FRAME_PROMPT.match(t)]
+    picked = sum(len([t for t in texts if FRAME_PROMPT.match(t)]) / len(texts)
+                 for texts in pool.texts) / len(pool.texts)  # fmt: skip
+    assert 0.15 < picked < 0.3
+    assert {FRAME_PROMPT.match(t).group() for t in lines} <= {frame_prompt(s) for s in range(4)}
+    config = PipelineConfig(encoder={}, mapper={}, **data.pipeline_config())
+    prompt, target = split_prompt(lines[0], config)
+    assert prompt == FRAME_PROMPT.match(lines[0]).group()
+    one = r"a (small|large) [a-z]+ [a-z]+ at x[1-5] y[1-5]"
+    targets = [split_prompt(t, config)[1] for t in lines]
+    assert all(re.fullmatch(rf" {one}( left of {one})*| nothing", t) for t in targets)
+    assert 0 < targets.count(" nothing") < len(targets) / 5  # empty frames' lines too
+    assert config.video_frame_lines and "video" in config.tasks
+    assert ShapeWorld().prefix_data(50, 4).texts == ShapeWorld(frame_line_share=0).prefix_data(
+        50, 4).texts  # fmt: skip
+    assert not ShapeWorld().pipeline_config().get("video_frame_lines")
+
+
+def test_a_frame_line_is_not_taught_from_the_caption(tiny_parts):
+    encoder, lm, tokenizer = tiny_parts
+    data = ShapeWorld(frame_line_share=0.5)
+    pipeline = build_pipeline(encoder, lm, tokenizer, MODEL_SIZES["tiny"]["mapper"],
+                              device="cpu", **data.pipeline_config())  # fmt: skip
+    config = TrainConfig(out=None, size="tiny", prefix_examples=8, prefix_batch_size=8,
+                         prefix_text_teacher=1.0)  # fmt: skip
+    recipe = PrefixRecipe(data, pipeline, config, Accelerator(cpu=True))
+    item = next(i for i, texts in enumerate(recipe.texts) if "Question: " in " ".join(texts))
+    split = [split_prompt(t, pipeline.config) for t in recipe.texts[item]]
+    framed = [pair for pair in split if pair[0].startswith("Frame at")][:1]
+    asked = [pair for pair in split if pair[0].startswith("Question:")][:1]
+    for pairs, taught in ((framed, False), (asked, True)):
+        prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+        tokens, labels = pipeline.sequences.training_rows(targets, prompts, eos=True,
+                                                          device="cpu")  # fmt: skip
+        _, _, mask = recipe.teacher_rows([item], prompts, tokens, labels)
+        assert bool(mask.any()) is taught  # a question is taught from the caption

@@ -42,6 +42,10 @@ class PipelineConfig:
     family: str = "vlm"  # "vlm": this folder layout; "blip2": transformers' BLIP-2 layout
     # what its training images showed, in a few words, for "unlike anything it was trained on"
     trained_on: str = ""
+    # a video as frame lines: the model writes each sampled frame's line after the frame's
+    # prefix and timestamp (its objects and where they are), then reads the lines as text
+    # to say what happened (docs/video-lab.md); False: the frames' prefixes themselves
+    video_frame_lines: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:

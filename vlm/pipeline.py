@@ -28,7 +28,7 @@ from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, SequenceTooLong
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
@@ -44,6 +44,7 @@ from .tasks import UnsupportedTaskError, task_set
 from .video import (
     ANSWER_TOKENS,
     DESCRIPTION_TOKENS,
+    FRAME_LINE_TOKENS,
     Video,
     VideoText,
     frames_video,
@@ -660,50 +661,91 @@ class Pipeline:
         frames = self._images(list(video))
         return frames_video(frames, frame_rate or fps, sample_fps=fps, max_frames=max_frames)
 
-    def video_sequence(self, times: Sequence[float], prefixes: Sequence[torch.Tensor],
-                       prompt: str, need: int) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    def video_sequence(
+        self, times: Sequence[float], prefixes: Sequence[torch.Tensor] | None, prompt: str,
+        need: int, lines: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
         """The embedded sequence of a video's frames (their `prefixes`, at `times` seconds),
         SmolVLM2's layout: each frame's prefix after its timestamp ("Frame at 0:03:"), a
         line each, then `prompt`; where the LM's positions leave fewer than `need` tokens
         after it, frames are left out evenly (the first and the last kept; one frame needs
         room for 8 tokens only). (sequence, the times of the frames in it). What the prefix
-        stage trains clips on, too."""
-        count = len(prefixes)
+        stage trains clips on, too. With `lines` (each frame's line, `frame_lines`), each
+        frame is its line as text after its timestamp instead, as in the LM's narratives."""
+        count = len(times)
         while True:
-            keep = _evenly(len(prefixes), count)
-            parts: list = []
-            for i in keep:
-                parts += [("\n" if parts else "") + frame_prompt(times[i]), prefixes[i]]
-            sequence = self.embed([*parts, "\n" + prompt])
+            keep = _evenly(len(times), count)
+            if lines is not None:  # one text, tokenized as the LM read its narratives
+                text = "\n".join(f"{frame_prompt(times[i])} {lines[i]}" for i in keep)
+                sequence = self.embed([f"{text}\n{prompt}"])
+            else:
+                parts: list = []
+                for i in keep:
+                    parts += [("\n" if parts else "") + frame_prompt(times[i]), prefixes[i]]
+                sequence = self.embed([*parts, "\n" + prompt])
             if len(sequence) + need <= self.max_positions or count == 1:
                 self._room(len(sequence), need if count > 1 else min(need, 8))
                 return sequence, [times[i] for i in keep]
             count -= 1
 
+    @torch.inference_mode()
+    def frame_lines(self, frames: Sequence[ImageInput], times: Sequence[float]) -> list[str]:
+        """Each video frame's line, greedy: what the model writes after the frame's prefix
+        and its timestamp ("Frame at 0:02:"): its objects and where they are, for a model
+        trained to (`PipelineConfig.video_frame_lines`)."""
+        return self._frame_lines(self.encoder.pixels(self._images(frames)), times)
+
+    def _frame_lines(self, pixels: torch.Tensor, times: Sequence[float]) -> list[str]:
+        prompts = [frame_prompt(t) for t in times]
+        prefixes = self._prefix_from_pixels(pixels, prompts)
+        sequences = [self.embed([p, prompt]) for p, prompt in zip(prefixes, prompts, strict=True)]
+        return self._generate(sequences, max_new_tokens=FRAME_LINE_TOKENS)
+
+    def _video_inputs(self, video: Video) -> tuple[torch.Tensor, list | None, list | None]:
+        """(pixels, prefixes, lines) of a video's sampled frames: each frame's line where the
+        model reads videos as frame lines, else each frame's prefix (made as for a caption)."""
+        pixels = self.encoder.pixels(video.frames)  # each frame encoded once for all
+        if self.config.video_frame_lines:
+            return pixels, None, self._frame_lines(pixels, video.times)
+        return pixels, list(self._prefix_from_pixels(pixels)), None
+
     def _video_text(self, video, question, fps, max_frames, frame_rate, max_new_tokens,
                     timeline: bool) -> VideoText:  # fmt: skip
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
-        pixels = self.encoder.pixels(sampled.frames)  # each frame encoded once for all three
-        prefixes = list(self._prefix_from_pixels(pixels))
-        stream, times = self._video_stream(sampled, prefixes, question, max_new_tokens)
+        pixels, prefixes, lines = self._video_inputs(sampled)
+        stream, times = self._video_stream(sampled, prefixes, question, max_new_tokens, lines)
         # the frames' prefixes are those `caption` builds (after the caption prompt)
-        captions = []
-        if timeline and "caption" in self.tasks:
+        captions = lines or []
+        if timeline and not lines and "caption" in self.tasks:
             captions = self._caption_prefixes(prefixes)
         return VideoText(stream.final().text, times,
                          list(zip(sampled.times, captions, strict=False)),
                          list(zip(sampled.times, self._familiarity_of_pixels(pixels),
                                   strict=True)), guess="video" not in self.tasks)  # fmt: skip
 
-    def _video_stream(self, video: Video, prefixes: list, question: str | None,
-                      max_new_tokens: int):  # fmt: skip
+    def _video_stream(self, video: Video, prefixes: list | None, question: str | None,
+                      max_new_tokens: int, lines: list | None = None):  # fmt: skip
         if question is None:
             self._require("caption")
             prompt = VIDEO_PROMPT
         else:
             self._require("answer")
             prompt = question_prompt(question.strip(), self.config.question_template)
-        sequence, times = self.video_sequence(video.times, prefixes, prompt, max_new_tokens)
+        asked = prompt
+        if question is not None and lines is not None:
+            # asked after what happened, as in the LM's narratives (where that fits)
+            sequence, _ = self.video_sequence(video.times, None, VIDEO_PROMPT,
+                                              DESCRIPTION_TOKENS, lines)  # fmt: skip
+            happened = self._generate([sequence], max_new_tokens=DESCRIPTION_TOKENS)[0]
+            asked = f"{VIDEO_PROMPT} {happened}\n{prompt}"
+        try:
+            sequence, times = self.video_sequence(video.times, prefixes, asked, max_new_tokens,
+                                                  lines)  # fmt: skip
+        except SequenceTooLong:
+            if asked == prompt:
+                raise
+            sequence, times = self.video_sequence(video.times, prefixes, prompt,
+                                                  max_new_tokens, lines)  # fmt: skip
         confidence = None
         if question is not None:
             confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
@@ -735,8 +777,8 @@ class Pipeline:
         """`describe_video` (or, with a `question`, `answer_video`) streamed like
         `stream_caption`, and the times of the frames it reads."""
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
-        return self._video_stream(sampled, list(self.prefix(sampled.frames)), question,
-                                  max_new_tokens)  # fmt: skip
+        _, prefixes, lines = self._video_inputs(sampled)
+        return self._video_stream(sampled, prefixes, question, max_new_tokens, lines)
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's

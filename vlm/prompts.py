@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 # A question and its answer, Frozen/BLIP-2 style; the answer follows the cue ("Answer:").
 QUESTION_TEMPLATE = "Question: {question} Answer:"
 
@@ -24,6 +26,10 @@ def answer_cue(template: str = QUESTION_TEMPLATE) -> str:
 # A video as the frozen LM reads it (SmolVLM2's layout): each sampled frame's prefix after its
 # timestamp, then the task's prompt; clip narratives in the LM's text use the same lines.
 VIDEO_PROMPT = "What happened:"
+
+
+# what a frame's prompt looks like at the start of a text ("Frame at 0:03:")
+FRAME_PROMPT = re.compile(r"Frame at \d+:\d\d:")
 
 
 def frame_prompt(seconds: float) -> str:

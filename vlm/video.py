@@ -27,6 +27,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
 # The most tokens a video's description and an answer about it are given (the default
 # max_new_tokens): the room left after the frames, which are left out to fit it
 DESCRIPTION_TOKENS, ANSWER_TOKENS = 40, 10
+FRAME_LINE_TOKENS = 40  # the most tokens of a frame's line (`PipelineConfig.video_frame_lines`)
 
 
 class VideoError(InputError):

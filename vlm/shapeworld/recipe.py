@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationExample
-from ..prompts import QUESTION_TEMPLATE, VIDEO_PROMPT, qa_text
+from ..prompts import QUESTION_TEMPLATE, VIDEO_PROMPT, frame_prompt, qa_text
 from ..tasks import ALL_TASKS, IMAGE_TASKS
 from ..training.data import TrainingData
 from . import clips as moving
@@ -86,6 +86,24 @@ def prefix_texts(scene: sw.Scene, rng: random.Random) -> list[str]:
     asked in a random one of the *seen* forms (never a HELD_OUT_FORMS one)."""
     qa = [qa_text(q, a) for q, a in sw.questions(scene, rng, forms="seen")]
     return [f"{CAPTION_PROMPT} {sw.describe(scene)}"] * len(qa) + qa
+
+
+# Empty frames ("nothing") added to the prefix stage's images where it trains frame lines, per
+# image: a clip shows them before its only object appears or after it disappears (13% of
+# training clips' frames a second), and without them the model wrote an object into every
+# empty frame. 2% of the images is a tenth of the frame lines at a frame_line_share of 0.2.
+EMPTY_FRAMES = 0.02
+
+
+def with_frame_lines(texts: list[str], scene: sw.Scene, rng: random.Random,
+                     share: float) -> list[str]:  # fmt: skip
+    """A scene's texts and its frame line (`clips.describe_frame`: the caption with where each
+    object is), each copy after a random second's timestamp, as many copies as make the
+    frame line `share` of the texts picked (1: the frame line alone)."""
+    copies = max(1, round(len(texts) * share / (1 - share))) if share < 1 else 1
+    seconds = int(moving.SECONDS)
+    line = moving.describe_frame(scene)
+    return texts + [f"{frame_prompt(rng.randrange(seconds))} {line}" for _ in range(copies)]
 
 
 def teacher_lines(scene: sw.Scene, texts: list[str]) -> dict[str, str]:
@@ -198,6 +216,11 @@ class ShapeWorld(TrainingData):
     # HELD_OUT_MOTIONS; and the share of its batches that are clips.
     clips_per_image: float = 0.0
     clip_batch_share: float = 0.2
+    # Of the texts the prefix stage picks for an image: its frame line after a second's
+    # timestamp ("Frame at 0:02: a small red circle at x2 y3"), so the model writes each
+    # sampled frame's line and reads what happened from the lines, as the LM learnt to from
+    # narratives (`PipelineConfig.video_frame_lines`; 0: none).
+    frame_line_share: float = 0.0
 
     def _pool(
         self, scenes: list[sw.Scene], texts: list[list[str]], rng, greys: list[int | None],
@@ -275,12 +298,22 @@ class ShapeWorld(TrainingData):
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
         caption half of the time, else one of the scene's Q/A pairs (seen forms only), with
-        the text teacher's line for each question about one object (`teacher_lines`)."""
+        the text teacher's line for each question about one object (`teacher_lines`); with
+        `frame_line_share`, frame lines too (`with_frame_lines`), and empty frames."""
         rng = random.Random(f"prefix-{seed}")
         scenes = [sw.sample_scene(rng) for _ in range(n)]
         texts = [prefix_texts(scene, rng) for scene in scenes]
         teacher = [teacher_lines(s, t) for s, t in zip(scenes, texts, strict=True)]
-        return self._pool(scenes, texts, rng, [None] * n, teacher)
+        if self.frame_line_share:
+            texts = [with_frame_lines(t, s, rng, self.frame_line_share)
+                     for s, t in zip(scenes, texts, strict=True)]  # fmt: skip
+            # and empty frames (an object yet to appear, or gone), whose line is "nothing"
+            empty = sw.Scene(())
+            count = round(n * EMPTY_FRAMES)
+            scenes += [empty] * count
+            texts += [with_frame_lines([], empty, rng, 1.0) for _ in range(count)]
+            teacher += [{} for _ in range(count)]
+        return self._pool(scenes, texts, rng, [None] * len(scenes), teacher)
 
     def video_data(self, n: int, seed: int) -> ClipPool | None:
         """Clips of the training split (no HELD_OUT combination or motion), `clips_per_image`
@@ -316,13 +349,19 @@ class ShapeWorld(TrainingData):
             examples.append(CalibrationExample(image, [sw.describe(scene)], asked))
         return examples
 
+    @property
+    def reads_video(self) -> bool:
+        """Whether the prefix stage trains for clips (paired clips or frame lines)."""
+        return bool(self.clips_per_image or self.frame_line_share)
+
     def pipeline_config(self) -> dict:
         """What a pipeline trained on this data should know (prompts, label sets)."""
         return dict(
             name="shapeworld",
             trained_on="synthetic coloured shapes on black",
             caption_prompt=CAPTION_PROMPT,
-            tasks=sorted(ALL_TASKS if self.clips_per_image else IMAGE_TASKS),
+            tasks=sorted(ALL_TASKS if self.reads_video else IMAGE_TASKS),
+            video_frame_lines=bool(self.frame_line_share),
             stop=["\n"],
             templates=["a small {}", "a large {}"],
             template_pooling="sum",

@@ -17,7 +17,7 @@ from ..encoder import Encoder
 from ..errors import SequenceTooLong
 from ..factory import build_pipeline
 from ..features import FeatureCache, encode_in_memory
-from ..prompts import VIDEO_PROMPT
+from ..prompts import VIDEO_PROMPT, answer_cue
 from ..sequences import IGNORE, prefix_loss, prefixed, scored_ends
 from ..video import ANSWER_TOKENS, DESCRIPTION_TOKENS
 from .config import CLIPCAP_MAPPER, MODEL_SIZES, TrainConfig
@@ -143,9 +143,11 @@ class PrefixRecipe:
     def teacher_rows(self, indices: list[int], prompts: list[str], tokens, labels):
         """The text teacher's input for each item: the line the data gives for its question
         (`teacher_lines`) or the image's caption line, as text, then the item's own tokens.
-        Only questions are taught: a caption has no caption to read first."""
+        Only questions are taught: a caption has no caption to read first, and a frame line
+        says where objects are, which a caption does not."""
         pipeline, tokenizer = self.pipeline, self.pipeline.tokenizer
         caption_prompt = pipeline.config.caption_prompt
+        cue = answer_cue(pipeline.config.question_template)
         rows, starts = [], []
         mask = torch.zeros(tokens.shape)
         on_cpu = tokens.cpu()  # one copy from the device, not one per row
@@ -153,7 +155,7 @@ class PrefixRecipe:
         for row, (i, prompt, length) in enumerate(zip(indices, prompts, lengths, strict=True)):
             captions = [t for t in self.texts[i] if t.startswith(caption_prompt)]
             first = []
-            if captions and prompt and prompt != caption_prompt:  # a question
+            if captions and prompt and prompt != caption_prompt and prompt.endswith(cue):
                 lines = self.teacher_lines
                 line = lines[i].get(prompt, captions[0]) if lines else captions[0]
                 first = tokenizer(line + "\n", add_special_tokens=False)["input_ids"]

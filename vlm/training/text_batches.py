@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..prompts import answer_cue
+from ..prompts import FRAME_PROMPT, answer_cue
 
 
 def split_prompt(text: str, config) -> tuple[str, str]:
@@ -17,6 +17,8 @@ def split_prompt(text: str, config) -> tuple[str, str]:
     cue = answer_cue(config.question_template)
     if config.caption_prompt and text.startswith(config.caption_prompt):
         return config.caption_prompt, text[len(config.caption_prompt) :]
+    if frame := FRAME_PROMPT.match(text):  # a frame line, after the frame's timestamp
+        return frame.group(), text[frame.end() :]
     if cue and cue in text:
         cut = text.rindex(cue) + len(cue)
         return text[:cut], text[cut:]
