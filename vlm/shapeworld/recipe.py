@@ -99,7 +99,7 @@ def with_frame_lines(texts: list[str], scene: sw.Scene, rng: random.Random,
                      share: float) -> list[str]:  # fmt: skip
     """A scene's texts and its frame line (`clips.describe_frame`: the caption with where each
     object is), each copy after a random second's timestamp, as many copies as make the
-    frame line `share` of the texts picked (1: the frame line alone)."""
+    frame line `share` of the texts picked (at least one; one where `share` is 1)."""
     copies = max(1, round(len(texts) * share / (1 - share))) if share < 1 else 1
     seconds = int(moving.SECONDS)
     line = moving.describe_frame(scene)
