@@ -32,9 +32,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlm.encoder import Encoder
 from vlm.paths import ASSETS
-from vlm.prompts import VIDEO_PROMPT
+from vlm.prompts import TRACKS_PROMPT, VIDEO_PROMPT
 from vlm.shapeworld.clips import (
     clip_narrative,
+    clip_tracks,
     describe_clip,
     describe_frame,
     render_clip,
@@ -45,6 +46,7 @@ from vlm.shapeworld.recipe import ShapeWorld
 from vlm.training import TrainConfig
 from vlm.training.prefix import train_prefix
 from vlm.training.stages import train_lm
+from vlm.video import DESCRIPTION_TOKENS, TRACK_TOKENS
 
 ENCODER = ASSETS / "shapeworld" / "encoder"
 PREFIX_IMAGES = 60_000  # the bundle's prefix stage: TrainConfig.prefix_examples
@@ -56,8 +58,8 @@ def lm_stage(out: Path, args) -> Path:
     if (folder / "done").is_file():
         return folder
     data = ShapeWorld(narrative_share=args.narrative_share)
-    config = TrainConfig(out=out, seed=args.seed, lm_positions=256, lm_batch_size=16,
-                         lm_steps=args.lm_steps)  # fmt: skip
+    config = TrainConfig(out=out, seed=args.seed, lm_positions=args.lm_positions,
+                         lm_batch_size=args.lm_batch_size, lm_steps=args.lm_steps)  # fmt: skip
     lm, tokenizer = train_lm(data, config, Accelerator(cpu=not torch.cuda.is_available()))
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -66,24 +68,32 @@ def lm_stage(out: Path, args) -> Path:
 
 
 def text_only(lm_dir: Path, n: int, seed: int) -> dict[str, float]:
-    """The LM alone: each fresh clip's frame lines as text, then "What happened:"; the share
-    it continues with the clip's description, by slice."""
+    """The LM alone: each fresh clip's frame lines as text, then "Tracks:", what it writes
+    there, then "What happened:" (as the pipeline reads frame lines); the share it writes
+    each clip's tracks and description exactly, by slice."""
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+
+    def written(prompt: str, most: int) -> str:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = lm.generate(ids, max_new_tokens=most, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+
     rng = random.Random(f"text-only-{seed}")
     scores = {}
     for prefix, split in VIDEO_SLICES.items():
-        right = 0
+        right = tracks_right = 0
         for _ in range(n):
             clip = sample_clip(rng, split)
             text = clip_narrative(clip)
-            prompt = text[: text.index(VIDEO_PROMPT) + len(VIDEO_PROMPT)]
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = lm.generate(ids, max_new_tokens=60, do_sample=False,
-                              pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-            written = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            right += written.split("\n")[0].strip() == describe_clip(clip)
+            lines = text[: text.index(TRACKS_PROMPT) + len(TRACKS_PROMPT)]
+            tracks = written(lines, TRACK_TOKENS).strip()
+            tracks_right += tracks == clip_tracks(clip)
+            happened = written(f"{lines} {tracks}\n{VIDEO_PROMPT}", DESCRIPTION_TOKENS)
+            right += happened.strip() == describe_clip(clip)
         scores[f"{prefix}text_only_description_exact"] = right / n
+        scores[f"{prefix}text_only_tracks_exact"] = tracks_right / n
     return scores
 
 
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help='paired clips, one arm each ("": the LM alone)')  # fmt: skip
     parser.add_argument("--narrative-share", type=float, default=0.15)
     parser.add_argument("--lm-steps", type=int, default=4500)
+    parser.add_argument("--lm-positions", type=int, default=256)
+    parser.add_argument("--lm-batch-size", type=int, default=16, help="blocks of positions")
     parser.add_argument("--prefix-steps", type=int, default=6000)
     parser.add_argument("--frame-line-share", type=float, default=0.0,
                         help="the share of an image's texts that are frame lines")  # fmt: skip

@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
 
 from vlm import shapeworld as sw
-from vlm.prompts import VIDEO_PROMPT, frame_prompt
+from vlm.prompts import TRACKS_PROMPT, VIDEO_PROMPT, frame_prompt
 from vlm.shapeworld.clips import (
     DIRECTIONS,
     HELD_OUT_MOTIONS,
     MOTIONS,
+    Clip,
+    Track,
     cell,
     clip_narrative,
     clip_questions,
+    clip_tracks,
     describe_clip,
     describe_frame,
     render_clip,
     sample_clip,
 )
+from vlm.shapeworld.world import Obj
 
 
 def clips(split: str, n: int = 300, seed: int = 0):
@@ -106,7 +111,7 @@ def test_frames_render_at_the_clip_rate_and_change_where_something_happens():
     assert np.array_equal(pixels[0], np.asarray(sw.render(clip.scene(0), 64), dtype=np.int16))
 
 
-def test_the_narrative_describes_each_second_then_what_happened():
+def test_the_narrative_describes_each_second_then_the_tracks_then_what_happened():
     clip = clips("train", 1, seed=4)[0]
     lines = clip_narrative(clip, random.Random(0)).split("\n")
     assert [line.split(": ")[0] + ":" for line in lines[:4]] == [
@@ -114,8 +119,9 @@ def test_the_narrative_describes_each_second_then_what_happened():
     ]  # fmt: skip
     assert lines[0] == f"Frame at 0:00: {describe_frame(clip.scene(0))}"
     assert lines[0].startswith(f"Frame at 0:00: {clip.scene(0).objects[0].phrase} at x")
-    assert lines[4] == f"{VIDEO_PROMPT} {describe_clip(clip)}"
-    assert lines[5].startswith("Question: ") and " Answer: " in lines[5]
+    assert lines[4] == f"{TRACKS_PROMPT} {clip_tracks(clip)}"
+    assert lines[5] == f"{VIDEO_PROMPT} {describe_clip(clip)}"
+    assert lines[6].startswith("Question: ") and " Answer: " in lines[6]
     assert frame_prompt(75.9) == "Frame at 1:15:"
 
 
@@ -138,3 +144,39 @@ def test_a_frame_a_second_shows_what_happened():
         line = describe_frame(clip.scene(0))
         assert all(f"{o.phrase} at {cell(o)}" in line for o in clip.scene(0).objects)
     assert describe_frame(sw.Scene(())) == "nothing"
+
+
+def test_the_tracks_follow_each_object_through_the_lines_in_the_order_they_show_it():
+    """Each object once, in the order the lines first show it (the first frame left to right,
+    then what appears), its cell in each line ("-" where it is not there) and what it does;
+    what it does is read off its own cells (the first and last there, the way it went)."""
+    mover = Track(Obj("circle", "red", "small", 0.7, 0.5), "moves left", travel=0.3)
+    staying = Track(Obj("star", "blue", "large", 0.2, 0.2), "stays")
+    coming = Track(Obj("square", "green", "small", 0.3, 0.8), "appears", at=8)
+    clip = Clip((mover, staying, coming))
+    assert clip_tracks(clip) == (
+        "a large blue star x2 y2 x2 y2 x2 y2 x2 y2 stays; "
+        "a small red circle x4 y3 x4 y3 x3 y3 x3 y3 moves left; "
+        "a small green square - - x2 y5 x2 y5 appears"
+    )
+    for clip in clips("any", 200, seed=11):
+        tracks = clip_tracks(clip).split("; ")
+        assert len(tracks) == len(clip.tracks)
+        for text in tracks:
+            track = next(t for t in clip.tracks if text.startswith(t.obj.phrase + " "))
+            assert text.endswith(" " + track.motion)
+            middle = text[len(track.obj.phrase) + 1 : -len(track.motion) - 1]
+            cells = [None if c == "-" else (int(c[1]), int(c[4])) for c in
+                     re.findall(r"x\d y\d|-", middle)]  # fmt: skip
+            assert len(cells) == int(clip.seconds)
+            there = [c for c in cells if c is not None]
+            if track.motion == "appears":
+                assert cells[0] is None and cells[-1] is not None
+            elif track.motion == "disappears":
+                assert cells[0] is not None and cells[-1] is None
+            elif track.motion == "stays":
+                assert None not in cells and len(set(cells)) == 1
+            else:
+                dx, dy = DIRECTIONS[track.motion]
+                moved = (there[-1][0] - there[0][0]) * dx + (there[-1][1] - there[0][1]) * dy
+                assert None not in cells and moved > 0

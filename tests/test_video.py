@@ -173,13 +173,14 @@ def test_a_video_is_read_frame_by_frame_with_its_timestamps(trained, monkeypatch
 def test_a_model_that_reads_frame_lines_reads_its_own_lines_as_text(trained, monkeypatch):
     """With `video_frame_lines`, each sampled frame's line is written after its prefix and
     timestamp (the prefix made for that timestamp), then the LM reads the lines as one text,
-    as in its narratives; a question comes after what happened; the timeline is the lines."""
-    from vlm.prompts import VIDEO_PROMPT, frame_prompt
+    as in its narratives: it writes the tracks, then what happened after them; a question
+    comes after what happened; the timeline is the lines."""
+    from vlm.prompts import TRACKS_PROMPT, VIDEO_PROMPT, frame_prompt
 
     clip, frames = clip_frames()
     monkeypatch.setattr(trained.config, "video_frame_lines", True)
-    for short in ("FRAME_LINE_TOKENS", "DESCRIPTION_TOKENS"):  # the tiny LM reads 64 positions
-        monkeypatch.setattr(f"vlm.pipeline.{short}", 3)
+    for short in ("FRAME_LINE_TOKENS", "DESCRIPTION_TOKENS", "TRACK_TOKENS"):
+        monkeypatch.setattr(f"vlm.pipeline.{short}", 3)  # the tiny LM reads 64 positions
     picked = [frames[4 * k] for k in range(4)]
     lines = trained.frame_lines(picked, [0.0, 1.0, 2.0, 3.0])
     prompts = []
@@ -195,20 +196,67 @@ def test_a_model_that_reads_frame_lines_reads_its_own_lines_as_text(trained, mon
     result = trained.describe_video(frames, fps=1.0, frame_rate=clip.fps, max_new_tokens=6)
     assert prompts == [[frame_prompt(t) for t in (0.0, 1.0, 2.0, 3.0)]]
     assert result.timeline == list(zip([0.0, 1.0, 2.0, 3.0], lines, strict=True))
-    read = [p for p in embedded if len(p) == 1 and isinstance(p[0], str)][-1][0]
+    texts = [p[0] for p in embedded if len(p) == 1 and isinstance(p[0], str)]
     kept = [lines[int(t)] for t in result.times]
-    assert read == "\n".join(f"{frame_prompt(t)} {line}"
-                             for t, line in zip(result.times, kept, strict=True)
-                             ) + f"\n{VIDEO_PROMPT}"  # fmt: skip
-    assert result.text == trained.continue_sequence([read], max_new_tokens=6)
+    text = "\n".join(
+        f"{frame_prompt(t)} {line}" for t, line in zip(result.times, kept, strict=True)
+    )
+    tracks = trained.continue_sequence([f"{text}\n{TRACKS_PROMPT}"], max_new_tokens=3)
+    assert texts[-1] == f"{text}\n{TRACKS_PROMPT} {tracks}\n{VIDEO_PROMPT}"
+    assert result.text == trained.continue_sequence([texts[-1]], max_new_tokens=6)
     embedded.clear()
     answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
     asked = [p[0] for p in embedded if len(p) == 1 and isinstance(p[0], str)][-1]
-    happened = trained.describe_video(frames, frame_rate=clip.fps, max_new_tokens=3).text
-    assert asked.endswith(f"{VIDEO_PROMPT} {happened}\nQuestion: what moved? Answer:")
+    text = "\n".join(f"{frame_prompt(t)} {lines[int(t)]}" for t in answer.times)
+    tracks = trained.continue_sequence([f"{text}\n{TRACKS_PROMPT}"], max_new_tokens=3)
+    read = f"{text}\n{TRACKS_PROMPT} {tracks}\n{VIDEO_PROMPT}"
+    happened = trained.continue_sequence([read], max_new_tokens=3)
+    assert asked == f"{read} {happened}\nQuestion: what moved? Answer:"
     stream, times = trained.stream_video(frames, "what moved?", frame_rate=clip.fps,
                                          max_new_tokens=3)  # fmt: skip
     assert stream.final().text == answer.text and times == answer.times
+
+
+def test_a_model_trained_on_videos_says_how_likely_its_text_is_right(trained, monkeypatch,
+                                                                      tmp_path):  # fmt: skip
+    """Its probability is the LM's for all it wrote; a calibration fitted on held-out clips
+    turns it into the chance the text is right (Platt), kept with the model's folder; the
+    page says a guess, no calibration, unsure or the chance, whichever holds."""
+    import dataclasses
+    import math
+
+    from vlm.calibration import Calibration, CalibrationClip, Platt, fit_video_calibration
+    from vlm.serve import video_notice
+
+    clip, frames = clip_frames()
+    result = trained.describe_video(frames, frame_rate=clip.fps, max_new_tokens=6)
+    stream, _ = trained.stream_video(frames, frame_rate=clip.fps, max_new_tokens=6)
+    assert result.probability == math.prod(p for _, p in stream.final().tokens)
+    assert 0 < result.probability <= 1 and result.confidence is None
+    assert "not trained on videos" in video_notice("tiny", result, True)
+    held_out = [CalibrationClip([f.resize((64, 64)) for f in render_clip(c)[::4]], 1.0,
+                                "a small red circle moves right.", [("what moved?", "nothing")])
+                for c in (sample_clip(random.Random(k), "train") for k in range(6))]  # fmt: skip
+    untouched = fit_video_calibration(trained, held_out, Calibration())
+    assert untouched.descriptions is None  # a model not trained on videos is not calibrated
+    monkeypatch.setattr(trained, "tasks", trained.tasks | {"video"})
+    fitted = fit_video_calibration(trained, held_out, Calibration())
+    assert isinstance(fitted.descriptions, Platt) and isinstance(fitted.video_answers, Platt)
+    assert fitted.descriptions.slope <= 1  # never sharper than the LM (none of them right)
+    assert Calibration.load(fitted.save(tmp_path).parent) == fitted
+    monkeypatch.setattr(trained, "calibration", fitted)
+    known = trained.describe_video(frames, frame_rate=clip.fps, max_new_tokens=6)
+    assert known.text == result.text and not known.guess
+    assert known.confidence == fitted.descriptions(known.probability)
+    answer = trained.answer_video(frames, "what moved?", frame_rate=clip.fps, max_new_tokens=3)
+    assert answer.confidence == fitted.video_answers(answer.probability)
+    unknown = dataclasses.replace(known, confidence=None)
+    assert "no calibration for videos" in video_notice("tiny", unknown, True)
+    unsure = dataclasses.replace(known, confidence=0.3)
+    assert "Unsure" in video_notice("tiny", unsure, True) and "30%" in video_notice(
+        "tiny", unsure, True)  # fmt: skip
+    sure = video_notice("tiny", dataclasses.replace(known, confidence=0.9), False)
+    assert sure.startswith("Chance its answer is right: 90%")
 
 
 def test_frames_beyond_the_lms_positions_are_left_out_evenly(trained):

@@ -137,3 +137,23 @@ def test_a_frame_line_is_not_taught_from_the_caption(tiny_parts):
                                                           device="cpu")  # fmt: skip
         _, _, mask = recipe.teacher_rows([item], prompts, tokens, labels)
         assert bool(mask.any()) is taught  # a question is taught from the caption
+
+
+def test_calibration_clips_are_fresh_training_clips_a_frame_a_second():
+    """Held-out clips for a video model's calibration: of the training split (no held-out
+    combination or motion), a frame a second, deterministic from a seed of their own, each
+    with its description and a question."""
+    from vlm import shapeworld as sw
+
+    data = ShapeWorld(frame_line_share=0.2)
+    held_out = data.calibration_clips(30, seed=0)
+    again = data.calibration_clips(30, seed=0)
+    assert [c.description for c in held_out] == [c.description for c in again]
+    assert [c.description for c in data.calibration_clips(30, seed=1)] != [
+        c.description for c in held_out]  # fmt: skip
+    assert all(len(c.frames) == 4 and c.fps == 1.0 for c in held_out)
+    assert all(c.frames[0].size == (data.image_size, data.image_size) for c in held_out)
+    for c in held_out:
+        assert len(c.questions) == 1 and c.description.endswith(".")
+        assert not any(m in c.description for m in HELD_OUT_MOTIONS)
+        assert not any(f"{colour} {shape}" in c.description for colour, shape in sw.HELD_OUT)

@@ -18,6 +18,10 @@ fitted on held-out training-distribution data by the trainer (`fit_calibration`)
   by a few pixels (`views`; `vlm.reading.shifted_views`): a word the LM wrote at a near tie
   on the image (a shape copied from the object before, a held-out combination bound wrong)
   is rarely written on the shifted copies, where a right word stays sure;
+- **videos** (a model trained on them): Platt scaling of the chance that a video's
+  description, or an answer about it, is right, from the LM's probability of all it wrote
+  for it (its tracks and the text), fitted on held-out clips (`CalibrationClip`); the whole
+  text's chance, since one wrong word makes a description wrong;
 - **search**: the image-text similarity of matching and of non-matching pairs (quantiles),
   so a search score reads as a percentile of true matches, and one below the 95th percentile
   of non-matching pairs or the 5th of true matches as "no good match".
@@ -56,6 +60,7 @@ END = ""
 VIEWS = 9  # caption words: read on the image and this many - 1 shifted copies (a new fit's)
 NO_MATCH_QUANTILE = 0.95  # a search score below this quantile of non-matching pairs: no good match
 UNSURE = 0.5  # below this the page shows a word as unsure
+VIDEO_CLIPS = 200  # held-out clips a model trained on videos is calibrated on
 _EPS = 1e-6
 
 
@@ -155,6 +160,8 @@ class Calibration:
     mismatches: tuple[float, ...] = ()  # ... and of non-matching pairs'
     fitted_on: str = ""
     views: int = 1  # caption words: the mean over the image and views - 1 shifted copies
+    descriptions: Platt | None = None  # videos' descriptions (None: not calibrated)
+    video_answers: Platt | None = None  # answers about videos (None: not calibrated)
 
     @property
     def calibrates_words(self) -> bool:
@@ -239,6 +246,8 @@ class Calibration:
             mismatches=tuple(data.get("mismatches", ())),
             fitted_on=data.get("fitted_on", ""),
             views=int(data.get("views", 1)),
+            descriptions=Platt(**data["descriptions"]) if data.get("descriptions") else None,
+            video_answers=Platt(**data["video_answers"]) if data.get("video_answers") else None,
         )
 
 
@@ -251,6 +260,17 @@ class CalibrationExample:
 
     image: Image.Image
     captions: list[str]
+    questions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CalibrationClip:
+    """A held-out training-distribution clip: its frames (`fps` a second), its description
+    and Q/A pairs."""
+
+    frames: list[Image.Image]
+    fps: float
+    description: str
     questions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
@@ -343,6 +363,29 @@ def fit_calibration(
     return calibration
 
 
+def fit_video_calibration(pipeline, clips: Sequence[CalibrationClip],
+                          calibration: Calibration) -> Calibration:  # fmt: skip
+    """`calibration` with its video parts fitted on held-out `clips`: each clip described and
+    each of its questions answered (`Pipeline.describe_video` / `answer_video`), the LM's
+    probability of what it wrote (`VideoText.probability`) against exact rightness."""
+    if not clips or "video" not in pipeline.tasks:
+        return calibration
+    written, right = [], []
+    for clip in clips:
+        text = pipeline.describe_video(clip.frames, frame_rate=clip.fps, timeline=False)
+        written.append(text.probability)
+        right.append(normalize(text.text) == normalize(clip.description))
+    fitted = dataclasses.replace(calibration, descriptions=Platt.fit(written, right))
+    asked = [(clip, q, a) for clip in clips for q, a in clip.questions]
+    if asked and "answer" in pipeline.tasks:
+        answers = [pipeline.answer_video(c.frames, q, frame_rate=c.fps) for c, q, _ in asked]
+        right = [normalize(g.text) == normalize(a)
+                 for g, (_, _, a) in zip(answers, asked, strict=True)]  # fmt: skip
+        platt = Platt.fit([g.probability for g in answers], right)
+        fitted = dataclasses.replace(fitted, video_answers=platt)
+    return fitted
+
+
 def calibration_from_data(pipeline, dataset, n: int = 2000, seed: int = 0) -> Calibration | None:
     """The calibration of `pipeline` fitted on `dataset`'s held-out examples for it
     (`calibration_examples`: ShapeWorld draws fresh scenes of seen combinations from a seed of
@@ -350,8 +393,12 @@ def calibration_from_data(pipeline, dataset, n: int = 2000, seed: int = 0) -> Ca
     examples = dataset.calibration_examples(n, seed)
     if not examples:
         return None
+    clips = dataset.calibration_clips(VIDEO_CLIPS, seed) if "video" in pipeline.tasks else []
     what = f"{len(examples)} held-out {type(dataset).__name__} examples (seed {seed})"
-    return fit_calibration(pipeline, examples, seed=seed, fitted_on=what)
+    if clips:
+        what += f" and {len(clips)} held-out clips"
+    calibration = fit_calibration(pipeline, examples, seed=seed, fitted_on=what)
+    return fit_video_calibration(pipeline, clips, calibration)
 
 
 def _fit_temperature(pipeline, asked, rng: random.Random, most: int = 200) -> float:

@@ -53,12 +53,13 @@ def _videos(args, pipeline, clips: list[Path], question: str | None = None) -> l
         _warn_unfamiliar(pipeline, frames, [known for _, known in result.familiarity])
         timeline = [{"time": t, "caption": c} for t, c in result.timeline]
         rows.append({"video": str(clip), "text": result.text, "frames": result.times,
-                     "timeline": timeline})  # fmt: skip
+                     "timeline": timeline, "confidence": result.confidence})  # fmt: skip
     return rows
 
 
 def _video_text(row: dict) -> str:
-    lines = [f"{row['video']}\t{row['text']}"]
+    sure = row.get("confidence")  # calibrated (None: the model has no calibration for videos)
+    lines = [f"{row['video']}\t{row['text']}" + ("" if sure is None else f"\t({sure:.0%} sure)")]
     lines += [f"  {int(t['time']) // 60}:{int(t['time']) % 60:02d}\t{t['caption']}"
               for t in row["timeline"]]  # fmt: skip
     return "\n".join(lines)

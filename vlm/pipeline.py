@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,14 +29,14 @@ from .chat import Conversation, conversation
 from .config import CONFIG_NAME, MAPPER_WEIGHTS, Parts, PipelineConfig
 from .device import PRECISIONS, autocast_to, decode_dtype, default_device
 from .encoder import Encoder, ImageEncoder
-from .errors import ConfigError, InputError, SequenceTooLong
+from .errors import ConfigError, InputError
 from .explain import GENERIC_REFERENCES, occlusion_map
 from .familiarity import PROFILE_NAME, UNKNOWN, Familiarity, FamiliarityProfile
 from .images import ImageInput, load_image
 from .mapper import PrefixMapper
 from .presets import models_for
 from .pretrained import clipcap_parts, load_parts
-from .prompts import VIDEO_PROMPT, frame_prompt, question_prompt
+from .prompts import TRACKS_PROMPT, VIDEO_PROMPT, frame_prompt, question_prompt
 from .reading import WordReader, calibrates, finished, shifted_views
 from .search import SearchIndex
 from .sequences import Sequences
@@ -45,6 +46,7 @@ from .video import (
     ANSWER_TOKENS,
     DESCRIPTION_TOKENS,
     FRAME_LINE_TOKENS,
+    TRACK_TOKENS,
     Video,
     VideoText,
     frames_video,
@@ -713,44 +715,69 @@ class Pipeline:
                     timeline: bool) -> VideoText:  # fmt: skip
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
         pixels, prefixes, lines = self._video_inputs(sampled)
-        stream, times = self._video_stream(sampled, prefixes, question, max_new_tokens, lines)
+        stream, times, before = self._video_stream(sampled, prefixes, question, max_new_tokens,
+                                                   lines)  # fmt: skip
+        final = stream.final()
+        probability = before * math.prod(p for _, p in final.tokens)
+        calibration = self._calibration(OWN)
+        platt = calibration and (calibration.descriptions if question is None
+                                 else calibration.video_answers)  # fmt: skip
         # the frames' prefixes are those `caption` builds (after the caption prompt)
         captions = lines or []
         if timeline and not lines and "caption" in self.tasks:
             captions = self._caption_prefixes(prefixes)
-        return VideoText(stream.final().text, times,
-                         list(zip(sampled.times, captions, strict=False)),
+        return VideoText(final.text, times, list(zip(sampled.times, captions, strict=False)),
                          list(zip(sampled.times, self._familiarity_of_pixels(pixels),
-                                  strict=True)), guess="video" not in self.tasks)  # fmt: skip
+                                  strict=True)), guess="video" not in self.tasks,
+                         probability=probability,
+                         confidence=platt(probability) if platt else None)  # fmt: skip
 
     def _video_stream(self, video: Video, prefixes: list | None, question: str | None,
                       max_new_tokens: int, lines: list | None = None):  # fmt: skip
+        """(the stream of the task's text, the times of the frames read, the LM's probability
+        of what it wrote before that text: its tracks and description, from frame lines)."""
         if question is None:
             self._require("caption")
             prompt = VIDEO_PROMPT
         else:
             self._require("answer")
             prompt = question_prompt(question.strip(), self.config.question_template)
-        asked = prompt
-        if question is not None and lines is not None:
-            # asked after what happened, as in the LM's narratives (where that fits)
-            sequence, _ = self.video_sequence(video.times, None, VIDEO_PROMPT,
-                                              DESCRIPTION_TOKENS, lines)  # fmt: skip
-            happened = self._generate([sequence], max_new_tokens=DESCRIPTION_TOKENS)[0]
-            asked = f"{VIDEO_PROMPT} {happened}\n{prompt}"
-        try:
-            sequence, times = self.video_sequence(video.times, prefixes, asked, max_new_tokens,
-                                                  lines)  # fmt: skip
-        except SequenceTooLong:
-            if asked == prompt:
-                raise
-            sequence, times = self.video_sequence(video.times, prefixes, prompt,
-                                                  max_new_tokens, lines)  # fmt: skip
+        times, before = video.times, 1.0
+        if lines is not None:  # the LM's own steps first, as in its narratives
+            times, lines, read, before = self._read_lines(times, lines, question is not None,
+                                                          max_new_tokens)  # fmt: skip
+            prompt = f"{read}\n{prompt}"
+        sequence, times = self.video_sequence(times, prefixes, prompt, max_new_tokens, lines)
         confidence = None
         if question is not None:
             confidence = self.reader.confidence(sequence, None, self._calibration(OWN), "answer")
         stream = self._stream(sequence, max_new_tokens=max_new_tokens, confidence=confidence)
-        return stream, times
+        return stream, times, before
+
+    def _written(self, sequence: torch.Tensor, max_new_tokens: int) -> tuple[str, float]:
+        """What the LM writes after `sequence` (greedy) and its probability."""
+        final = self._stream(sequence, max_new_tokens=max_new_tokens).final()
+        return final.text, math.prod(p for _, p in final.tokens)
+
+    def _read_lines(self, times: Sequence[float], lines: Sequence[str], asking: bool,
+                    max_new_tokens: int) -> tuple[list[float], list[str], str, float]:  # fmt: skip
+        """What the LM writes from frame lines before the task's text, as in its narratives:
+        each object's track ("Tracks: …"), and before a question, what happened too. The
+        frames are those that leave room for all of it (`video_sequence`: left out evenly).
+        (the frames' times, their lines, the text written, its probability)."""
+        # the prompts' own tokens too ("What happened:", the question's cue)
+        need = TRACK_TOKENS + DESCRIPTION_TOKENS + (max_new_tokens if asking else 0) + 8
+        _, kept = self.video_sequence(times, None, TRACKS_PROMPT, need, lines)
+        lines = [lines[list(times).index(t)] for t in kept]
+        sequence, _ = self.video_sequence(kept, None, TRACKS_PROMPT, TRACK_TOKENS, lines)
+        tracks, probability = self._written(sequence, TRACK_TOKENS)
+        read = f"{TRACKS_PROMPT} {tracks}"
+        if asking:
+            sequence, _ = self.video_sequence(kept, None, f"{read}\n{VIDEO_PROMPT}",
+                                              DESCRIPTION_TOKENS, lines)  # fmt: skip
+            happened, sure = self._written(sequence, DESCRIPTION_TOKENS)
+            read, probability = f"{read}\n{VIDEO_PROMPT} {happened}", probability * sure
+        return kept, lines, read, probability
 
     def describe_video(self, video, *, fps: float = 1.0, max_frames: int = 16,
                        frame_rate: float | None = None,
@@ -778,7 +805,8 @@ class Pipeline:
         `stream_caption`, and the times of the frames it reads."""
         sampled = self.read_video(video, fps=fps, max_frames=max_frames, frame_rate=frame_rate)
         _, prefixes, lines = self._video_inputs(sampled)
-        return self._video_stream(sampled, prefixes, question, max_new_tokens, lines)
+        stream, times, _ = self._video_stream(sampled, prefixes, question, max_new_tokens, lines)
+        return stream, times
 
     def templates(self) -> list[str]:
         """Zero-shot prompt templates ("{}" marks the label): the preset's own, else OpenAI's

@@ -26,6 +26,9 @@ def answer_cue(template: str = QUESTION_TEMPLATE) -> str:
 # A video as the frozen LM reads it (SmolVLM2's layout): each sampled frame's prefix after its
 # timestamp, then the task's prompt; clip narratives in the LM's text use the same lines.
 VIDEO_PROMPT = "What happened:"
+# Where a model reads frames as lines (`PipelineConfig.video_frame_lines`), the LM first writes
+# each object's track after this (its cell in every line, then what it does), then what happened
+TRACKS_PROMPT = "Tracks:"
 
 
 # what a frame's prompt looks like at the start of a text ("Frame at 0:03:")

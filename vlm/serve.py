@@ -461,6 +461,25 @@ def familiarity_notice(name: str, config, known: Sequence) -> str:
     return ""
 
 
+def video_notice(name: str, result: VideoText, described: bool) -> str:
+    """What the page says of a video's text (`described`: a description, else an answer): a
+    guess where the model was not trained on videos, else the calibrated chance it is right
+    (unsure below `vlm.calibration.UNSURE`), or that it has none."""
+    what = "what it says happened" if described else "its answer"
+    if result.guess:
+        return (f"⚠️ **The `{name}` model was not trained on videos: {what} is a guess from "
+                "frames it reads one at a time.** Each frame's caption below is what it "
+                "knows.")  # fmt: skip
+    if result.confidence is None:
+        return (f"ℹ️ The `{name}` model has no calibration for videos: how likely {what} is "
+                "to be right is unknown.")  # fmt: skip
+    if result.confidence < UNSURE:
+        return (f"⚠️ **Unsure: texts it writes this sure are right {result.confidence:.0%} of "
+                f"the time** (calibrated on held-out clips).{GUESS_MARK}")  # fmt: skip
+    return (f"Chance {what} is right: {result.confidence:.0%} (calibrated on held-out "
+            "clips).")  # fmt: skip
+
+
 def _count(files, most: int, what: str, none: str) -> None:
     if not files:
         raise RequestError(none)
@@ -717,10 +736,7 @@ class Service:
                 result = pipeline.answer_video(sampled, question)
         name = pipeline.config.name or str(model)
         notice = familiarity_notice(name, pipeline.config, [k for _, k in result.familiarity])
-        if result.guess:
-            notice += (f"\n\n⚠️ **The `{name}` model was not trained on videos: what it says "
-                       "happened is a guess from frames it reads one at a time.** Each frame's "
-                       "caption below is what it knows.")  # fmt: skip
+        notice += "\n\n" + video_notice(name, result, question is None)
         return sampled, result, notice.strip()
 
     def live_caption(self, frame, model: str | None = None) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
 # max_new_tokens): the room left after the frames, which are left out to fit it
 DESCRIPTION_TOKENS, ANSWER_TOKENS = 40, 10
 FRAME_LINE_TOKENS = 40  # the most tokens of a frame's line (`PipelineConfig.video_frame_lines`)
+TRACK_TOKENS = 72  # the most tokens of the tracks the LM writes from frame lines (three objects)
 
 
 class VideoError(InputError):
@@ -50,13 +51,18 @@ class VideoText:
     positions ran short), each sampled frame's own caption (`timeline`, where the model
     captions) and each sampled frame's familiarity (`vlm.familiarity`), with its time.
     `guess`: the model was not trained on clips (no "video" task), so its text is a guess
-    from frames it learned to read one at a time; its frames' captions are what it knows."""
+    from frames it learned to read one at a time; its frames' captions are what it knows.
+    `probability`: the LM's, of all it wrote for the text (from frame lines: the tracks and,
+    before an answer, the description too); `confidence`: the chance the text is right,
+    where the model's calibration has videos (`vlm.calibration`), else None."""
 
     text: str
     times: list[float]
     timeline: list[tuple[float, str]]
     familiarity: list[tuple[float, object]]
     guess: bool = True
+    probability: float | None = None
+    confidence: float | None = None
 
 
 def is_video_path(path: str | os.PathLike) -> bool:

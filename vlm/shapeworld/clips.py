@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from ..prompts import VIDEO_PROMPT, frame_prompt, qa_text
+from ..prompts import TRACKS_PROMPT, VIDEO_PROMPT, frame_prompt, qa_text
 from .world import (
     BOUND,
     COLORS,
@@ -222,15 +222,39 @@ def describe_frame(scene: Scene) -> str:
     return " left of ".join(f"{o.phrase} at {cell(o)}" for o in scene.objects)
 
 
+def _sampled(clip: Clip, every: float) -> list[int]:
+    """The frames a narrative describes: one `every` seconds from the first."""
+    return list(range(0, clip.frames, max(1, round(every * clip.fps))))
+
+
+def clip_tracks(clip: Clip, every: float = 1.0) -> str:
+    """Each object's track as read from the frame lines, `every` seconds: in the order the
+    lines first show them (the first frame left to right, then those that appear), its
+    phrase, its cell in each line ("-" where it is not there) and what it does ("a small red
+    circle x2 y3 x3 y3 x3 y3 x4 y3 moves right; a large blue star - - x4 y1 x4 y1 appears").
+    The step between the lines and what happened, each part of it read off one place: a
+    3-layer LM reading what happened straight from the lines bound objects and moves wrong."""
+    picked = _sampled(clip, every)
+    seen: list[Track] = []
+    for frame in picked:
+        here = [t for t in clip.tracks if t.where(frame, clip.frames) is not None]
+        here.sort(key=lambda t: t.where(frame, clip.frames).x)
+        seen += [t for t in here if t not in seen]
+    tracks = []
+    for track in seen:
+        cells = [cell(o) if (o := track.where(f, clip.frames)) else "-" for f in picked]
+        tracks.append(f"{track.obj.phrase} {' '.join(cells)} {track.motion}")
+    return "; ".join(tracks)
+
+
 def clip_narrative(clip: Clip, rng: random.Random | None = None, every: float = 1.0) -> str:
     """A text for the language model: the clip's frames described one by one, `every`
     seconds, each after its timestamp (`vlm.prompts.frame_prompt`) by its frame line
-    (`describe_frame`), then what happened, then (with `rng`) one question about it and its
-    answer."""
-    step = max(1, round(every * clip.fps))
-    lines = []
-    for frame in range(0, clip.frames, step):
-        lines.append(f"{frame_prompt(frame / clip.fps)} {describe_frame(clip.scene(frame))}")
+    (`describe_frame`), then each object's track (`clip_tracks`), then what happened, then
+    (with `rng`) one question about it and its answer."""
+    lines = [f"{frame_prompt(f / clip.fps)} {describe_frame(clip.scene(f))}"
+             for f in _sampled(clip, every)]  # fmt: skip
+    lines.append(f"{TRACKS_PROMPT} {clip_tracks(clip, every)}")
     lines.append(f"{VIDEO_PROMPT} {describe_clip(clip)}")
     if rng is not None:
         lines.append(qa_text(*rng.choice(clip_questions(clip))))

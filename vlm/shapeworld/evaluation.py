@@ -307,16 +307,24 @@ def evaluate_video(
     results: dict[str, dict[str, float]] = defaultdict(dict)
     for kind in perturbations:
         for prefix, cases in slices.items():
-            described, answered = [], []
+            # {task: (whether each text is right, its calibrated chance of it)}
+            scored: dict[str, tuple[list, list]] = {"description": ([], []), "qa": ([], [])}
             for clip, (question, answer) in cases:
                 frames = [perturb(frame, kind) for frame in render_clip(clip)]
                 options = dict(fps=1.0, frame_rate=clip.fps, timeline=False)
-                text = pipeline.describe_video(frames, **options).text
-                described.append(normalize_caption(text) == normalize_caption(describe_clip(clip)))
-                reply = pipeline.answer_video(frames, question, **options).text
-                answered.append(normalize_caption(reply) == answer)
-            results[f"{prefix}video_description_exact"][kind] = float(np.mean(described))
-            results[f"{prefix}video_qa_overall"][kind] = float(np.mean(answered))
+                text = pipeline.describe_video(frames, **options)
+                truth = normalize_caption(describe_clip(clip))
+                reply = pipeline.answer_video(frames, question, **options)
+                for task, result, right in (("description", text, truth), ("qa", reply, answer)):
+                    scored[task][0].append(normalize_caption(result.text) == right)
+                    scored[task][1].append(result.confidence)
+            for task, (right, sure) in scored.items():
+                score = "description_exact" if task == "description" else "qa_overall"
+                results[f"{prefix}video_{score}"][kind] = float(np.mean(right))
+                if None not in sure:  # a model calibrated for videos: does its chance hold?
+                    results[f"{prefix}video_{task}_confidence"][kind] = float(np.mean(sure))
+                    results[f"{prefix}video_{task}_ece"][kind] = expected_calibration_error(
+                        sure, right)  # fmt: skip
     return dict(results)
 
 

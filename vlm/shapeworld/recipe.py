@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationExample
-from ..prompts import QUESTION_TEMPLATE, VIDEO_PROMPT, frame_prompt, qa_text
+from ..calibration import CalibrationClip, CalibrationExample
+from ..prompts import QUESTION_TEMPLATE, TRACKS_PROMPT, VIDEO_PROMPT, frame_prompt, qa_text
 from ..tasks import ALL_TASKS, IMAGE_TASKS
 from ..training.data import TrainingData
 from . import clips as moving
@@ -208,8 +208,9 @@ class ShapeWorld(TrainingData):
     prefix_text_teacher: float = 1.0
     # Video (off in the bundle's recipe until it reads clips well: docs/video-lab.md). Of the
     # LM's documents: clip narratives (`clips.clip_narrative`: each second's frame line, where
-    # the objects are, then what happened), any combination and any motion, so the LM reads
-    # motion from frame lines (HELD_OUT_MOTIONS in text only, as questions' HELD_OUT_FORMS).
+    # the objects are, each object's track, then what happened), any combination and any
+    # motion, so the LM reads motion from frame lines (HELD_OUT_MOTIONS in text only, as
+    # questions' HELD_OUT_FORMS).
     narrative_share: float = 0.0
     # Clips paired with their descriptions and questions in the prefix stage, per image of it
     # (1/15: 4,000 clips beside 60,000 images; 0: none), no HELD_OUT combination and no
@@ -293,7 +294,8 @@ class ShapeWorld(TrainingData):
         keys += [*sw.GENERIC_KEYS, *sw.MADE_UP_KEYS]
         separators = sw.SEPARATORS + sw.MADE_UP_SEPARATORS
         cues = [f"{key}{separator.rstrip()}" for key in keys for separator in separators]
-        return [*cues, VIDEO_PROMPT]  # a clip's description: what its frame lines tell
+        # a clip's tracks and description: what its frame lines tell
+        return [*cues, TRACKS_PROMPT, VIDEO_PROMPT]
 
     def prefix_data(self, n: int, seed: int) -> ImagePool:
         """Images with what the frozen LM should read after their prefix: the canonical
@@ -348,6 +350,20 @@ class ShapeWorld(TrainingData):
             asked = [rng.choice(questions)] if questions else []
             examples.append(CalibrationExample(image, [sw.describe(scene)], asked))
         return examples
+
+    def calibration_clips(self, n: int, seed: int) -> list[CalibrationClip]:
+        """Held-out clips of the training split for a model trained on videos: a frame a
+        second, rendered and noised as the prefix stage's images are, with the clip's
+        description and one of its questions, from a seed of their own (`seed` + 7013)."""
+        rng = random.Random(f"calibration-clips-{seed + 7013}")
+        clips = []
+        for _ in range(n):
+            clip = moving.sample_clip(rng, split="train")
+            frames = [_augment(sw.render(clip.scene(round(t * clip.fps)), self.image_size), rng)
+                      for t in range(int(clip.seconds))]  # fmt: skip
+            asked = [rng.choice(moving.clip_questions(clip))]
+            clips.append(CalibrationClip(frames, 1.0, moving.describe_clip(clip), asked))
+        return clips
 
     @property
     def reads_video(self) -> bool:

@@ -52,7 +52,8 @@ class TrainConfig:
     lm_examples: int = 70_000  # 30% are k-shot lists (ShapeWorld.few_shot_share)
     lm_batch_size: int = 32  # blocks of the LM's n_positions tokens (small: 128)
     # the LM's positions (None: the size's): a clip's four 20-vector frames and its
-    # description, or a narrative of three objects' frame lines, need 256 (docs/video-lab.md)
+    # description need 256, a narrative of three objects' frame lines, tracks, description
+    # and a question 320 (docs/video-lab.md)
     lm_positions: int | None = None
     lm_answer_weight: float = 10.0  # loss weight of answer tokens (after "Answer:") vs the rest
     # LM trainings started from their own initialisations on the same text; the one with the

@@ -60,6 +60,11 @@ class TrainingData:
         has none."""
         return None
 
+    def calibration_clips(self, n: int, seed: int) -> list:
+        """Held-out `vlm.calibration.CalibrationClip`s, to calibrate what a model trained on
+        videos says of them (none: [])."""
+        return []
+
     def examples(self) -> Iterator:
         """Files: the training examples (`vlm.data.Example`)."""
         raise NotImplementedError(f"{type(self).__name__} has no example files")
