@@ -76,6 +76,9 @@ def text_only(lm_dir: Path, n: int, seed: int) -> dict[str, float]:
 
     def written(prompt: str, most: int) -> str:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
+        most = min(most, lm.config.n_positions - ids.shape[1])  # no room: written cut short
+        if most < 1:
+            return ""
         out = lm.generate(ids, max_new_tokens=most, do_sample=False,
                           pad_token_id=tokenizer.eos_token_id)  # fmt: skip
         return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
