@@ -317,6 +317,12 @@ class ShapeWorld(TrainingData):
             teacher += [{} for _ in range(count)]
         return self._pool(scenes, texts, rng, [None] * len(scenes), teacher)
 
+    def _seconds(self, clip: moving.Clip, rng: random.Random) -> list[Image.Image]:
+        """A clip's frames a second (as a video is sampled), rendered and noised as the prefix
+        stage's images are."""
+        return [_augment(sw.render(clip.scene(round(t * clip.fps)), self.image_size), rng)
+                for t in range(int(clip.seconds))]  # fmt: skip
+
     def video_data(self, n: int, seed: int) -> ClipPool | None:
         """Clips of the training split (no HELD_OUT combination or motion), `clips_per_image`
         for each of the prefix stage's `n` images, a frame a second rendered and noised as
@@ -328,9 +334,7 @@ class ShapeWorld(TrainingData):
         clips = [moving.sample_clip(rng, split="train") for _ in range(count)]
         seconds = int(moving.SECONDS)
         frames = torch.stack([
-            torch.stack([torch.from_numpy(np.array(_augment(sw.render(
-                clip.scene(round(t * clip.fps)), self.image_size), rng)))
-                for t in range(seconds)])
+            torch.stack([torch.from_numpy(np.array(f)) for f in self._seconds(clip, rng)])
             for clip in tqdm(clips, desc="rendering clips", leave=False, mininterval=5)
         ])  # fmt: skip
         return ClipPool(frames, tuple(float(t) for t in range(seconds)),
@@ -359,8 +363,7 @@ class ShapeWorld(TrainingData):
         clips = []
         for _ in range(n):
             clip = moving.sample_clip(rng, split="train")
-            frames = [_augment(sw.render(clip.scene(round(t * clip.fps)), self.image_size), rng)
-                      for t in range(int(clip.seconds))]  # fmt: skip
+            frames = self._seconds(clip, rng)
             asked = [rng.choice(moving.clip_questions(clip))]
             clips.append(CalibrationClip(frames, 1.0, moving.describe_clip(clip), asked))
         return clips
